@@ -17,3 +17,6 @@ pub use types::{Account, AccountBalance, AccountFlags, PendingStatus, Transfer, 
 
 /// The most events one request may carry (as in TigerBeetle: 8,190 × 128 bytes fits a 1 MiB message).
 pub const BATCH_EVENTS_MAX: usize = 8190;
+
+pub mod state_machine;
+pub use state_machine::{Ledger, LedgerConfig, LedgerTotals};
