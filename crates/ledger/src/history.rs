@@ -13,6 +13,8 @@
 
 use std::collections::BTreeMap;
 
+use rustc_hash::FxHashMap;
+
 use crate::query::AccountFilter;
 use crate::types::{Account, AccountBalance, PendingStatus, Transfer};
 
@@ -51,7 +53,8 @@ pub struct CheckpointDelta {
 #[derive(Clone, Debug, Default)]
 pub struct MemoryHistory {
     pub accounts: BTreeMap<u128, Account>,
-    pub transfers: BTreeMap<u128, Transfer>,
+    /// By id; hashed, since point lookups dominate and nothing iterates it.
+    pub transfers: FxHashMap<u128, Transfer>,
     pub pending_statuses: BTreeMap<u128, PendingStatus>,
     /// (account id, timestamp) → transfer id.
     account_transfers: BTreeMap<(u128, u64), u128>,

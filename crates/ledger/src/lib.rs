@@ -4,6 +4,7 @@
 //! randomness and no threads. Its time comes from the caller (later: consensus)
 //! with every batch; iteration over hash maps never reaches a result.
 
+mod accounts;
 pub mod history;
 pub mod id;
 pub mod query;

@@ -20,8 +20,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashMap;
 
+use crate::accounts::AccountTable;
 use crate::history::{CheckpointDelta, History};
 use crate::query::{AccountFilter, FilterError};
 use crate::result::{CreateAccountResult, CreateTransferResult};
@@ -100,7 +101,7 @@ enum Undo {
 #[derive(Clone, Debug)]
 pub struct Ledger {
     config: LedgerConfig,
-    accounts: FxHashMap<u128, Account>,
+    accounts: AccountTable,
     totals: BTreeMap<u32, LedgerTotals>,
     /// Open pending transfers (status Pending), by id.
     pending_open: FxHashMap<u128, Transfer>,
@@ -109,7 +110,6 @@ pub struct Ledger {
     timestamp_last: u64,
 
     // Applied since the last checkpoint.
-    accounts_dirty: FxHashSet<u128>,
     transfers_new: Vec<Transfer>,
     transfers_new_index: FxHashMap<u128, u32>,
     pending_statuses_new: FxHashMap<u128, PendingStatus>,
@@ -124,12 +124,11 @@ impl Ledger {
     pub fn new(config: LedgerConfig) -> Ledger {
         Ledger {
             config,
-            accounts: FxHashMap::default(),
+            accounts: AccountTable::default(),
             totals: BTreeMap::new(),
             pending_open: FxHashMap::default(),
             expiries: BTreeSet::new(),
             timestamp_last: 0,
-            accounts_dirty: FxHashSet::default(),
             transfers_new: Vec::new(),
             transfers_new_index: FxHashMap::default(),
             pending_statuses_new: FxHashMap::default(),
@@ -152,8 +151,7 @@ impl Ledger {
         for account in accounts {
             assert!(account.timestamp <= timestamp_last, "account {} is newer than the checkpoint", account.id);
             ledger.totals.entry(account.ledger).or_default().add(&account);
-            let previous = ledger.accounts.insert(account.id, account);
-            assert!(previous.is_none(), "account {} restored twice", account.id);
+            ledger.accounts.insert_new(account);
         }
         for pending in pending_open {
             assert!(pending.flags.contains(TransferFlags::PENDING));
@@ -295,6 +293,10 @@ impl Ledger {
     ) -> Vec<CreateTransferResult> {
         assert!(events.len() <= BATCH_EVENTS_MAX, "batch over the limit: the caller must refuse it");
         let base = self.batch_timestamp(timestamp);
+        for t in events {
+            self.accounts.prefetch(&t.debit_account_id);
+            self.accounts.prefetch(&t.credit_account_id);
+        }
         let expired = self.expire(base);
         let first = base + expired;
         let linked = |t: &Transfer| t.flags.contains(TransferFlags::LINKED);
@@ -375,7 +377,8 @@ impl Ledger {
         if let Some(existing) = self.transfer_get(t.id, history) {
             return transfer_exists(t, &existing);
         }
-        if t.flags.contains(TransferFlags::POST_PENDING_TRANSFER) || t.flags.contains(TransferFlags::VOID_PENDING_TRANSFER)
+        if t.flags.contains(TransferFlags::POST_PENDING_TRANSFER)
+            || t.flags.contains(TransferFlags::VOID_PENDING_TRANSFER)
         {
             self.post_or_void(t, timestamp, history)
         } else {
@@ -514,8 +517,8 @@ impl Ledger {
         if p.expires_at().is_some_and(|at| at <= timestamp) {
             return R::PendingTransferExpired;
         }
-        let mut dr = self.accounts[&p.debit_account_id];
-        let mut cr = self.accounts[&p.credit_account_id];
+        let mut dr = *self.accounts.get(&p.debit_account_id).expect("pending debit account exists");
+        let mut cr = *self.accounts.get(&p.credit_account_id).expect("pending credit account exists");
         if dr.flags.contains(AccountFlags::CLOSED) && !p.flags.contains(TransferFlags::CLOSING_DEBIT) {
             return R::DebitAccountAlreadyClosed;
         }
@@ -571,8 +574,8 @@ impl Ledger {
                 break;
             }
             let p = self.pending_open[&id];
-            let mut dr = self.accounts[&p.debit_account_id];
-            let mut cr = self.accounts[&p.credit_account_id];
+            let mut dr = *self.accounts.get(&p.debit_account_id).expect("pending debit account exists");
+            let mut cr = *self.accounts.get(&p.credit_account_id).expect("pending credit account exists");
             assert!(dr.debits_pending >= p.amount && cr.credits_pending >= p.amount);
             dr.debits_pending -= p.amount;
             cr.credits_pending -= p.amount;
@@ -597,8 +600,7 @@ impl Ledger {
 
     fn account_insert(&mut self, account: Account) {
         self.totals.entry(account.ledger).or_default().add(&account);
-        self.accounts.insert(account.id, account);
-        self.accounts_dirty.insert(account.id);
+        self.accounts.insert_new(account);
         if self.chain_open {
             self.undo.push(Undo::AccountCreated(account.id));
         }
@@ -607,12 +609,11 @@ impl Ledger {
     /// Replaces an account's value; `timestamp` is the transfer (or expiry) that changed it.
     fn account_update(&mut self, account: Account, timestamp: u64) {
         assert!(account.limits_hold(), "balance limit violated on account {}", account.id);
-        let previous = self.accounts.insert(account.id, account).expect("account exists");
+        let previous = self.accounts.replace(account);
         assert_eq!(previous.ledger, account.ledger);
         let totals = self.totals.get_mut(&account.ledger).expect("ledger has totals");
         totals.sub(&previous);
         totals.add(&account);
-        self.accounts_dirty.insert(account.id);
         if self.chain_open {
             self.undo.push(Undo::Account(previous));
         }
@@ -681,15 +682,14 @@ impl Ledger {
         while let Some(step) = self.undo.pop() {
             match step {
                 Undo::Account(previous) => {
-                    let current = self.accounts.insert(previous.id, previous).expect("account exists");
+                    let current = self.accounts.replace(previous);
                     let totals = self.totals.get_mut(&previous.ledger).expect("ledger has totals");
                     totals.sub(&current);
                     totals.add(&previous);
                 }
                 Undo::AccountCreated(id) => {
-                    let current = self.accounts.remove(&id).expect("account exists");
+                    let current = self.accounts.remove_newest(id);
                     self.totals.get_mut(&current.ledger).expect("ledger has totals").sub(&current);
-                    self.accounts_dirty.remove(&id);
                 }
                 Undo::TransferCreated(id) => {
                     let last = self.transfers_new.pop().expect("transfer was appended");
@@ -805,15 +805,15 @@ impl Ledger {
     /// anything else: from now on, the ledger reads these from the store.
     pub fn checkpoint(&mut self) -> CheckpointDelta {
         assert!(self.undo.is_empty() && !self.chain_open);
-        let mut dirty: Vec<u128> = self.accounts_dirty.drain().collect();
-        dirty.sort_unstable();
-        let accounts = dirty.iter().map(|id| self.accounts[id]).collect();
+        let accounts = self.accounts.take_dirty();
         let mut pending_statuses: Vec<(u128, PendingStatus)> = self.pending_statuses_new.drain().collect();
         pending_statuses.sort_unstable();
         self.transfers_new_index.clear();
+        // The next window is likely as big as this one: avoid regrowing it.
+        let transfers_capacity = self.transfers_new.len();
         CheckpointDelta {
             accounts,
-            transfers: std::mem::take(&mut self.transfers_new),
+            transfers: std::mem::replace(&mut self.transfers_new, Vec::with_capacity(transfers_capacity)),
             pending_statuses,
             balances: std::mem::take(&mut self.balances_new),
             timestamp_last: self.timestamp_last,
@@ -823,12 +823,12 @@ impl Ledger {
     /// A digest of the whole hot state, for comparing replicas and replays.
     /// Independent of hash-map order.
     pub fn state_hash(&self) -> u64 {
-        let mut ids: Vec<&u128> = self.accounts.keys().collect();
-        ids.sort_unstable();
+        let mut accounts: Vec<&Account> = self.accounts.values().collect();
+        accounts.sort_unstable_by_key(|a| a.id);
         let mut hash = Fnv64::new();
         let mut bytes = [0u8; crate::RECORD_SIZE];
-        for id in ids {
-            self.accounts[id].encode(&mut bytes);
+        for account in accounts {
+            account.encode(&mut bytes);
             hash.write(&bytes);
         }
         let mut pending: Vec<&u128> = self.pending_open.keys().collect();

@@ -119,7 +119,10 @@ fn validation_follows_the_documented_precedence() {
         (with_flags(transfer(0, 1, 2, 1), TransferFlags(1 << 15)), R::ReservedFlag),
         (transfer(0, 1, 2, 1), R::IdMustNotBeZero),
         (transfer(u128::MAX, 1, 2, 1), R::IdMustNotBeIntMax),
-        (with_flags(transfer(1, 1, 2, 1), TransferFlags::PENDING | TransferFlags::VOID_PENDING_TRANSFER), R::FlagsAreMutuallyExclusive),
+        (
+            with_flags(transfer(1, 1, 2, 1), TransferFlags::PENDING | TransferFlags::VOID_PENDING_TRANSFER),
+            R::FlagsAreMutuallyExclusive,
+        ),
         (transfer(1, 0, 2, 1), R::DebitAccountIdMustNotBeZero),
         (transfer(1, 1, 0, 1), R::CreditAccountIdMustNotBeZero),
         (transfer(1, 1, 1, 1), R::AccountsMustBeDifferent),
@@ -217,7 +220,8 @@ fn linked_chains_are_all_or_nothing() {
     assert_eq!(w.balance(3), (0, 0, 0, 1));
 
     // A chain left open at the end of the batch fails as a whole.
-    let open = [transfer(5, 2, 3, 1), with_flags(transfer(6, 2, 3, 1), linked), with_flags(transfer(7, 2, 3, 1), linked)];
+    let open =
+        [transfer(5, 2, 3, 1), with_flags(transfer(6, 2, 3, 1), linked), with_flags(transfer(7, 2, 3, 1), linked)];
     assert_eq!(w.transfers(&open), [R::Ok, R::LinkedEventFailed, R::LinkedEventChainOpen]);
     assert!(w.lookup(6).is_none());
 
@@ -251,25 +255,40 @@ fn two_phase_post_partial_void_and_their_errors() {
     let pending = with_flags(transfer(1, 1, 2, 100), TransferFlags::PENDING);
     assert_eq!(w.transfers(&[pending]), [R::Ok]);
     assert_eq!(w.balance(1), (100, 0, 0, 0));
-    assert_eq!(w.transfers(&[resolve(2, 1, 101, TransferFlags::POST_PENDING_TRANSFER)]), [R::ExceedsPendingTransferAmount]);
+    assert_eq!(
+        w.transfers(&[resolve(2, 1, 101, TransferFlags::POST_PENDING_TRANSFER)]),
+        [R::ExceedsPendingTransferAmount]
+    );
     assert_eq!(w.transfers(&[resolve(2, 1, 40, TransferFlags::POST_PENDING_TRANSFER)]), [R::Ok]);
     assert_eq!(w.balance(1), (0, 40, 0, 0));
     assert_eq!(w.balance(2), (0, 0, 0, 40));
     let posted = w.lookup(2).unwrap();
     assert_eq!((posted.debit_account_id, posted.credit_account_id, posted.amount), (1, 2, 40));
-    assert_eq!(w.transfers(&[resolve(3, 1, 0, TransferFlags::POST_PENDING_TRANSFER)]), [R::PendingTransferAlreadyPosted]);
-    assert_eq!(w.transfers(&[resolve(3, 1, 0, TransferFlags::VOID_PENDING_TRANSFER)]), [R::PendingTransferAlreadyPosted]);
+    assert_eq!(
+        w.transfers(&[resolve(3, 1, 0, TransferFlags::POST_PENDING_TRANSFER)]),
+        [R::PendingTransferAlreadyPosted]
+    );
+    assert_eq!(
+        w.transfers(&[resolve(3, 1, 0, TransferFlags::VOID_PENDING_TRANSFER)]),
+        [R::PendingTransferAlreadyPosted]
+    );
     assert_eq!(w.transfers(&[resolve(3, 2, 0, TransferFlags::VOID_PENDING_TRANSFER)]), [R::PendingTransferNotPending]);
 
     assert_eq!(w.transfers(&[with_flags(transfer(4, 1, 2, 9), TransferFlags::PENDING)]), [R::Ok]);
     w.checkpoint(); // the pending transfer and its status now come from history
-    assert_eq!(w.transfers(&[resolve(5, 4, 8, TransferFlags::VOID_PENDING_TRANSFER)]), [R::PendingTransferHasDifferentAmount]);
+    assert_eq!(
+        w.transfers(&[resolve(5, 4, 8, TransferFlags::VOID_PENDING_TRANSFER)]),
+        [R::PendingTransferHasDifferentAmount]
+    );
     let wrong_side = Transfer { debit_account_id: 2, ..resolve(5, 4, 0, TransferFlags::VOID_PENDING_TRANSFER) };
     assert_eq!(w.transfers(&[wrong_side]), [R::PendingTransferHasDifferentDebitAccountId]);
     assert_eq!(w.transfers(&[resolve(5, 4, 0, TransferFlags::VOID_PENDING_TRANSFER)]), [R::Ok]);
     assert_eq!(w.balance(1), (0, 40, 0, 0));
     w.checkpoint();
-    assert_eq!(w.transfers(&[resolve(6, 4, 0, TransferFlags::POST_PENDING_TRANSFER)]), [R::PendingTransferAlreadyVoided]);
+    assert_eq!(
+        w.transfers(&[resolve(6, 4, 0, TransferFlags::POST_PENDING_TRANSFER)]),
+        [R::PendingTransferAlreadyVoided]
+    );
     assert_eq!(w.transfers(&[resolve(5, 4, 0, TransferFlags::VOID_PENDING_TRANSFER)]), [R::Exists]);
 }
 

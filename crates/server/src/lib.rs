@@ -1,1 +1,16 @@
-//! placeholder
+//! The cellpay node: one process that owns a ledger and its durable storage.
+//!
+//! - [`node`]: the engine. One thread owns the ledger, the write-ahead log and
+//!   the history store; requests reach it through a bounded queue and are
+//!   group-committed (many requests, one fsync) before they are applied and
+//!   answered. Recovery at start-up rebuilds the ledger from the last
+//!   checkpoint plus the log.
+//! - [`record`]: the write-ahead log's record format (one record per write request).
+//! - [`metrics`]: Prometheus metrics.
+//!
+//! Architecture invariant: only this crate (and the binary) knows about
+//! threads, clocks, sockets and HTTP; the ledger crate stays pure.
+
+pub mod metrics;
+pub mod node;
+pub mod record;
