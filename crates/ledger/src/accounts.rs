@@ -26,12 +26,28 @@ impl AccountTable {
         self.index.get(id).map(|slot| &self.slots[*slot as usize])
     }
 
-    /// Touches an account's index entry and slot so that the memory loads of a
-    /// whole batch overlap instead of stalling one event at a time.
-    pub(crate) fn prefetch(&self, id: &u128) {
-        if let Some(slot) = self.index.get(id) {
-            std::hint::black_box(self.slots[*slot as usize].debits_posted);
-        }
+    /// The slot of an account, touching its memory: called for a whole batch
+    /// before it is applied, so the loads overlap instead of stalling one
+    /// event at a time. Slots are stable while transfers are applied.
+    pub(crate) fn slot_prefetch(&self, id: &u128) -> Option<u32> {
+        let slot = *self.index.get(id)?;
+        std::hint::black_box(self.slots[slot as usize].debits_posted);
+        Some(slot)
+    }
+
+    pub(crate) fn slot(&self, id: &u128) -> Option<u32> {
+        self.index.get(id).copied()
+    }
+
+    pub(crate) fn at(&self, slot: u32) -> &Account {
+        &self.slots[slot as usize]
+    }
+
+    /// Replaces the account in `slot`, returning the previous value.
+    pub(crate) fn replace_at(&mut self, slot: u32, account: Account) -> Account {
+        assert_eq!(self.slots[slot as usize].id, account.id);
+        self.mark_dirty(slot);
+        std::mem::replace(&mut self.slots[slot as usize], account)
     }
 
     /// Inserts a new account (its id must not exist).
@@ -49,8 +65,7 @@ impl AccountTable {
     /// Replaces an existing account's value, returning the previous one.
     pub(crate) fn replace(&mut self, account: Account) -> Account {
         let slot = *self.index.get(&account.id).expect("account exists");
-        self.mark_dirty(slot);
-        std::mem::replace(&mut self.slots[slot as usize], account)
+        self.replace_at(slot, account)
     }
 
     /// Removes the most recently inserted account (undo of `insert_new`).
@@ -91,3 +106,4 @@ impl AccountTable {
         self.slots.iter()
     }
 }
+

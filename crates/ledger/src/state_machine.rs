@@ -78,6 +78,15 @@ impl LedgerTotals {
     }
 }
 
+/// What a batch's prefetch pass found for one transfer event.
+#[derive(Clone, Copy, Debug, Default)]
+struct Prefetched {
+    /// The transfer with the event's id in checkpointed history.
+    checkpointed: Option<Transfer>,
+    debit_slot: Option<u32>,
+    credit_slot: Option<u32>,
+}
+
 /// One step to undo, recorded while a linked chain is open.
 #[derive(Clone, Copy, Debug)]
 enum Undo {
@@ -118,6 +127,8 @@ pub struct Ledger {
     /// Open only while a linked chain is being applied.
     undo: Vec<Undo>,
     chain_open: bool,
+    /// Scratch space for the prefetch pass, kept to avoid reallocating.
+    prefetched: Vec<Prefetched>,
 }
 
 impl Ledger {
@@ -135,6 +146,7 @@ impl Ledger {
             balances_new: Vec::new(),
             undo: Vec::new(),
             chain_open: false,
+            prefetched: Vec::new(),
         }
     }
 
@@ -293,11 +305,17 @@ impl Ledger {
     ) -> Vec<CreateTransferResult> {
         assert!(events.len() <= BATCH_EVENTS_MAX, "batch over the limit: the caller must refuse it");
         let base = self.batch_timestamp(timestamp);
-        for t in events {
-            self.accounts.prefetch(&t.debit_account_id);
-            self.accounts.prefetch(&t.credit_account_id);
-        }
         let expired = self.expire(base);
+        // Prefetch pass: every lookup that does not depend on earlier events of
+        // the batch, done up front so the memory loads overlap. Checkpointed
+        // history and account slots cannot change while the batch applies.
+        let mut prefetched = std::mem::take(&mut self.prefetched);
+        prefetched.clear();
+        prefetched.extend(events.iter().map(|t| Prefetched {
+            checkpointed: if self.transfers_new_index.contains_key(&t.id) { None } else { history.transfer(t.id) },
+            debit_slot: self.accounts.slot_prefetch(&t.debit_account_id),
+            credit_slot: self.accounts.slot_prefetch(&t.credit_account_id),
+        }));
         let first = base + expired;
         let linked = |t: &Transfer| t.flags.contains(TransferFlags::LINKED);
         let results = self.apply_chained(
@@ -306,8 +324,9 @@ impl Ledger {
             CreateTransferResult::Ok,
             CreateTransferResult::LinkedEventFailed,
             CreateTransferResult::LinkedEventChainOpen,
-            |ledger, index, transfer| ledger.create_transfer(transfer, first + index as u64, history),
+            |ledger, index, transfer| ledger.create_transfer(transfer, first + index as u64, &prefetched[index], history),
         );
+        self.prefetched = prefetched;
         self.timestamp_advance(base, expired + events.len() as u64);
         results
     }
@@ -370,11 +389,21 @@ impl Ledger {
         results
     }
 
-    fn create_transfer(&mut self, t: &Transfer, timestamp: u64, history: &impl History) -> CreateTransferResult {
+    fn create_transfer(
+        &mut self,
+        t: &Transfer,
+        timestamp: u64,
+        prefetched: &Prefetched,
+        history: &impl History,
+    ) -> CreateTransferResult {
         if let Err(result) = validate_transfer(t) {
             return result;
         }
-        if let Some(existing) = self.transfer_get(t.id, history) {
+        let existing = match self.transfers_new_index.get(&t.id) {
+            Some(index) => Some(self.transfers_new[*index as usize]),
+            None => prefetched.checkpointed,
+        };
+        if let Some(existing) = existing {
             return transfer_exists(t, &existing);
         }
         if t.flags.contains(TransferFlags::POST_PENDING_TRANSFER)
@@ -382,18 +411,20 @@ impl Ledger {
         {
             self.post_or_void(t, timestamp, history)
         } else {
-            self.transfer_simple(t, timestamp)
+            self.transfer_simple(t, timestamp, prefetched)
         }
     }
 
-    fn transfer_simple(&mut self, t: &Transfer, timestamp: u64) -> CreateTransferResult {
+    fn transfer_simple(&mut self, t: &Transfer, timestamp: u64, prefetched: &Prefetched) -> CreateTransferResult {
         use CreateTransferResult as R;
-        let Some(mut dr) = self.accounts.get(&t.debit_account_id).copied() else {
+        let Some(dr_slot) = prefetched.debit_slot else {
             return R::DebitAccountNotFound;
         };
-        let Some(mut cr) = self.accounts.get(&t.credit_account_id).copied() else {
+        let Some(cr_slot) = prefetched.credit_slot else {
             return R::CreditAccountNotFound;
         };
+        let mut dr = *self.accounts.at(dr_slot);
+        let mut cr = *self.accounts.at(cr_slot);
         if dr.ledger != cr.ledger {
             return R::AccountsMustHaveTheSameLedger;
         }
@@ -469,7 +500,7 @@ impl Ledger {
             dr.debits_posted += amount;
             cr.credits_posted += amount;
         }
-        self.transfer_commit(transfer, dr, cr);
+        self.transfer_commit(transfer, (dr_slot, dr), (cr_slot, cr));
         R::Ok
     }
 
@@ -517,8 +548,10 @@ impl Ledger {
         if p.expires_at().is_some_and(|at| at <= timestamp) {
             return R::PendingTransferExpired;
         }
-        let mut dr = *self.accounts.get(&p.debit_account_id).expect("pending debit account exists");
-        let mut cr = *self.accounts.get(&p.credit_account_id).expect("pending credit account exists");
+        let dr_slot = self.accounts.slot(&p.debit_account_id).expect("pending debit account exists");
+        let cr_slot = self.accounts.slot(&p.credit_account_id).expect("pending credit account exists");
+        let mut dr = *self.accounts.at(dr_slot);
+        let mut cr = *self.accounts.at(cr_slot);
         if dr.flags.contains(AccountFlags::CLOSED) && !p.flags.contains(TransferFlags::CLOSING_DEBIT) {
             return R::DebitAccountAlreadyClosed;
         }
@@ -560,7 +593,7 @@ impl Ledger {
             timestamp,
             ..*t
         };
-        self.transfer_commit(transfer, dr, cr);
+        self.transfer_commit(transfer, (dr_slot, dr), (cr_slot, cr));
         R::Ok
     }
 
@@ -574,8 +607,10 @@ impl Ledger {
                 break;
             }
             let p = self.pending_open[&id];
-            let mut dr = *self.accounts.get(&p.debit_account_id).expect("pending debit account exists");
-            let mut cr = *self.accounts.get(&p.credit_account_id).expect("pending credit account exists");
+            let dr_slot = self.accounts.slot(&p.debit_account_id).expect("pending debit account exists");
+            let cr_slot = self.accounts.slot(&p.credit_account_id).expect("pending credit account exists");
+            let mut dr = *self.accounts.at(dr_slot);
+            let mut cr = *self.accounts.at(cr_slot);
             assert!(dr.debits_pending >= p.amount && cr.credits_pending >= p.amount);
             dr.debits_pending -= p.amount;
             cr.credits_pending -= p.amount;
@@ -587,8 +622,8 @@ impl Ledger {
             }
             self.pending_open_resolve(&p, PendingStatus::Expired);
             let timestamp = base + expired;
-            self.account_update(dr, timestamp);
-            self.account_update(cr, timestamp);
+            self.account_update(dr_slot, dr, timestamp);
+            self.account_update(cr_slot, cr, timestamp);
             self.assert_conserved(dr.ledger);
             expired += 1;
         }
@@ -607,9 +642,9 @@ impl Ledger {
     }
 
     /// Replaces an account's value; `timestamp` is the transfer (or expiry) that changed it.
-    fn account_update(&mut self, account: Account, timestamp: u64) {
+    fn account_update(&mut self, slot: u32, account: Account, timestamp: u64) {
         assert!(account.limits_hold(), "balance limit violated on account {}", account.id);
-        let previous = self.accounts.replace(account);
+        let previous = self.accounts.replace_at(slot, account);
         assert_eq!(previous.ledger, account.ledger);
         let totals = self.totals.get_mut(&account.ledger).expect("ledger has totals");
         totals.sub(&previous);
@@ -632,11 +667,11 @@ impl Ledger {
         }
     }
 
-    fn transfer_commit(&mut self, transfer: Transfer, dr: Account, cr: Account) {
+    fn transfer_commit(&mut self, transfer: Transfer, (dr_slot, dr): (u32, Account), (cr_slot, cr): (u32, Account)) {
         assert_ne!(dr.id, cr.id);
         assert_eq!(dr.ledger, cr.ledger);
-        self.account_update(dr, transfer.timestamp);
-        self.account_update(cr, transfer.timestamp);
+        self.account_update(dr_slot, dr, transfer.timestamp);
+        self.account_update(cr_slot, cr, transfer.timestamp);
         self.assert_conserved(dr.ledger);
         let index = u32::try_from(self.transfers_new.len()).expect("checkpoint bounds new transfers");
         let previous = self.transfers_new_index.insert(transfer.id, index);
