@@ -1,1 +1,59 @@
-fn main() {}
+//! `cellpay`: the one binary. See `cellpay --help`.
+
+mod bench;
+mod client;
+mod commands;
+mod demo;
+mod server;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// cellpay: a financial-grade payment ledger.
+#[derive(Parser)]
+#[command(name = "cellpay", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a durable single-node server (REST and gRPC on one port).
+    Server(server::ServerArgs),
+    /// Run a local node with a steady payment workload and a live summary.
+    Demo(demo::DemoArgs),
+    /// Create accounts.
+    Account(commands::AccountArgs),
+    /// Create a transfer: a simple one, a pending one, or post/void a pending one.
+    Transfer(commands::TransferArgs),
+    /// Look up accounts or transfers by id.
+    Lookup(commands::LookupArgs),
+    /// An account's transfers (or balance history), with filters and pagination.
+    History(commands::HistoryArgs),
+    /// Generate load against a server and report throughput and latency.
+    Bench(bench::BenchArgs),
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,fjall=warn,lsm_tree=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Server(args) => server::run(args).await,
+            Command::Demo(args) => demo::run(args).await,
+            Command::Account(args) => commands::account(args).await,
+            Command::Transfer(args) => commands::transfer(args).await,
+            Command::Lookup(args) => commands::lookup(args).await,
+            Command::History(args) => commands::history(args).await,
+            Command::Bench(args) => bench::run(args).await,
+        }
+    })
+}

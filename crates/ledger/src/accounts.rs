@@ -106,4 +106,3 @@ impl AccountTable {
         self.slots.iter()
     }
 }
-

@@ -324,7 +324,9 @@ impl Ledger {
             CreateTransferResult::Ok,
             CreateTransferResult::LinkedEventFailed,
             CreateTransferResult::LinkedEventChainOpen,
-            |ledger, index, transfer| ledger.create_transfer(transfer, first + index as u64, &prefetched[index], history),
+            |ledger, index, transfer| {
+                ledger.create_transfer(transfer, first + index as u64, &prefetched[index], history)
+            },
         );
         self.prefetched = prefetched;
         self.timestamp_advance(base, expired + events.len() as u64);

@@ -7,10 +7,15 @@
 //!   checkpoint plus the log.
 //! - [`record`]: the write-ahead log's record format (one record per write request).
 //! - [`metrics`]: Prometheus metrics.
+//! - [`front`]: the network front ends: REST, gRPC, `/metrics`, `/health` and
+//!   `/openapi.json` on one listener, with connection and in-flight limits.
 //!
 //! Architecture invariant: only this crate (and the binary) knows about
 //! threads, clocks, sockets and HTTP; the ledger crate stays pure.
 
+pub mod front;
 pub mod metrics;
 pub mod node;
 pub mod record;
+
+pub use front::{serve, FrontLimits};

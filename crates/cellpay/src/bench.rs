@@ -1,0 +1,302 @@
+//! `cellpay bench`: a load generator against a running server.
+//!
+//! Creates the accounts (idempotently), then `concurrency` clients each send
+//! batches of transfers back to back until `transfers` have been sent. Reports
+//! transfers/s and batch latency percentiles, writes them as JSON, and checks
+//! at the end that the accounts it used conserve money (Σ debits = Σ credits),
+//! so a fast wrong answer cannot pass.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, ensure, Result};
+use cellpay_ledger::{id, Account, CreateAccountResult, CreateTransferResult, Transfer, BATCH_EVENTS_MAX};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::client::Client;
+
+#[derive(clap::Args, Clone)]
+pub struct BenchArgs {
+    /// The server's address.
+    #[arg(long, default_value = "127.0.0.1:7300", env = "CELLPAY_ADDRESS")]
+    pub address: String,
+    /// Accounts to spread transfers over (created first if missing).
+    #[arg(long, default_value_t = 100_000)]
+    pub accounts: u64,
+    /// Transfers to send in all.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub transfers: u64,
+    /// Transfers per request (at most 8190).
+    #[arg(long, default_value_t = 8190)]
+    pub batch_size: usize,
+    /// Concurrent clients, each with one request in flight.
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+    /// How accounts are picked: uniform, or zipf (a few hot accounts, like merchants).
+    #[arg(long, value_enum, default_value_t = Distribution::Uniform)]
+    pub distribution: Distribution,
+    /// The Zipf exponent (with --distribution zipf).
+    #[arg(long, default_value_t = 1.0)]
+    pub zipf_exponent: f64,
+    /// Seed for account choice.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// The ledger the bench's accounts live on.
+    #[arg(long, default_value_t = 700)]
+    pub ledger: u32,
+    /// Write the result as JSON here.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Distribution {
+    Uniform,
+    Zipf,
+}
+
+#[derive(Serialize, Debug)]
+pub struct BenchResult {
+    pub accounts: u64,
+    pub transfers: u64,
+    pub transfers_ok: u64,
+    pub batch_size: usize,
+    pub concurrency: usize,
+    pub distribution: Distribution,
+    pub seconds: f64,
+    pub transfers_per_second: f64,
+    pub batch_latency_ms_p50: f64,
+    pub batch_latency_ms_p99: f64,
+    pub batch_latency_ms_p999: f64,
+    pub batch_latency_ms_max: f64,
+    pub conserved: bool,
+}
+
+/// xorshift64*: small, fast, seeded.
+#[derive(Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Picks account indexes in `0..accounts`.
+#[derive(Clone)]
+pub struct Picker {
+    accounts: u64,
+    /// Cumulative Zipf weights, or empty for uniform.
+    cdf: Arc<Vec<f64>>,
+}
+
+impl Picker {
+    pub fn new(accounts: u64, distribution: Distribution, exponent: f64) -> Picker {
+        let cdf = match distribution {
+            Distribution::Uniform => Vec::new(),
+            Distribution::Zipf => {
+                let mut sum = 0.0;
+                let mut cdf: Vec<f64> = (1..=accounts)
+                    .map(|rank| {
+                        sum += 1.0 / (rank as f64).powf(exponent);
+                        sum
+                    })
+                    .collect();
+                cdf.iter_mut().for_each(|c| *c /= sum);
+                cdf
+            }
+        };
+        Picker { accounts, cdf: Arc::new(cdf) }
+    }
+
+    pub fn pick(&self, rng: &mut Rng) -> u64 {
+        if self.cdf.is_empty() {
+            rng.below(self.accounts)
+        } else {
+            let u = rng.unit();
+            (self.cdf.partition_point(|c| *c < u) as u64).min(self.accounts - 1)
+        }
+    }
+
+    /// Two different accounts.
+    pub fn pair(&self, rng: &mut Rng) -> (u64, u64) {
+        let debit = self.pick(rng);
+        let mut credit = self.pick(rng);
+        if credit == debit {
+            credit = (debit + 1 + rng.below(self.accounts - 1)) % self.accounts;
+        }
+        (debit, credit)
+    }
+}
+
+/// The id of the bench's `index`-th account: user `index + 1`, account 1, so
+/// the accounts spread over every shard.
+pub fn bench_account_id(index: u64) -> u128 {
+    id::account_id(index + 1, 1).expect("not a reserved id")
+}
+
+/// Creates accounts `0..count` on `ledger` (no balance limits), accepting ones that exist.
+pub async fn create_accounts(client: &mut Client, count: u64, ledger: u32) -> Result<()> {
+    let started = Instant::now();
+    let mut created = 0u64;
+    for first in (0..count).step_by(BATCH_EVENTS_MAX) {
+        let last = (first + BATCH_EVENTS_MAX as u64).min(count);
+        let batch: Vec<Account> = (first..last)
+            .map(|index| Account { id: bench_account_id(index), ledger, code: 1, ..Account::default() })
+            .collect();
+        let results = client.create_accounts(&batch).await?;
+        for (account, result) in batch.iter().zip(&results) {
+            match result {
+                CreateAccountResult::Ok => created += 1,
+                CreateAccountResult::Exists => {}
+                other => bail!("account {} could not be created: {other}", account.id),
+            }
+        }
+        if started.elapsed() > Duration::from_secs(1) && last % (BATCH_EVENTS_MAX as u64 * 16) < BATCH_EVENTS_MAX as u64
+        {
+            eprintln!("accounts: {last}/{count}");
+        }
+    }
+    eprintln!("accounts: {count} ready ({created} created) in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Sums the accounts' balances: true when debits equal credits, posted and pending.
+pub async fn conserved(client: &mut Client, count: u64) -> Result<bool> {
+    let ids: Vec<u128> = (0..count).map(bench_account_id).collect();
+    let accounts = client.lookup_accounts_all(&ids).await?;
+    ensure!(accounts.len() as u64 == count, "{} of {count} accounts found", accounts.len());
+    let (mut debits, mut credits, mut debits_pending, mut credits_pending) = (0u128, 0u128, 0u128, 0u128);
+    for a in &accounts {
+        debits = debits.wrapping_add(a.debits_posted);
+        credits = credits.wrapping_add(a.credits_posted);
+        debits_pending = debits_pending.wrapping_add(a.debits_pending);
+        credits_pending = credits_pending.wrapping_add(a.credits_pending);
+    }
+    Ok(debits == credits && debits_pending == credits_pending)
+}
+
+pub async fn run(args: BenchArgs) -> Result<()> {
+    ensure!((1..=BATCH_EVENTS_MAX).contains(&args.batch_size), "--batch-size must be 1 to {BATCH_EVENTS_MAX}");
+    ensure!(args.accounts >= 2, "--accounts must be at least 2");
+    ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
+    let result = bench(&args).await?;
+    let json = serde_json::to_string_pretty(&result)?;
+    println!("{json}");
+    if let Some(path) = &args.output {
+        std::fs::write(path, &json)?;
+    }
+    ensure!(result.conserved, "the bench's accounts do not conserve money");
+    ensure!(
+        result.transfers_ok == result.transfers,
+        "{} transfers were not applied",
+        result.transfers - result.transfers_ok
+    );
+    Ok(())
+}
+
+pub async fn bench(args: &BenchArgs) -> Result<BenchResult> {
+    let mut client = Client::connect(&args.address).await?;
+    create_accounts(&mut client, args.accounts, args.ledger).await?;
+    let picker = Picker::new(args.accounts, args.distribution, args.zipf_exponent);
+    // Fresh ids for every run: the high bits are the start time.
+    let id_base = u128::from(SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos() as u64) << 64;
+    let batches_total = args.transfers.div_ceil(args.batch_size as u64);
+    let batch_next = Arc::new(AtomicU64::new(0));
+    let sent = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for worker in 0..args.concurrency {
+        let (mut client, picker, args) = (client.clone(), picker.clone(), args.clone());
+        let (batch_next, sent) = (batch_next.clone(), sent.clone());
+        workers.push(tokio::spawn(async move {
+            let mut rng = Rng::new(args.seed ^ ((worker as u64 + 1) << 32));
+            let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+            let mut ok = 0u64;
+            let mut batch = Vec::with_capacity(args.batch_size);
+            loop {
+                let number = batch_next.fetch_add(1, Ordering::Relaxed);
+                if number >= batches_total {
+                    break;
+                }
+                let first = number * args.batch_size as u64;
+                let count = (args.transfers - first).min(args.batch_size as u64);
+                batch.clear();
+                for offset in 0..count {
+                    let (debit, credit) = picker.pair(&mut rng);
+                    batch.push(Transfer {
+                        id: id_base | u128::from(first + offset + 1),
+                        debit_account_id: bench_account_id(debit),
+                        credit_account_id: bench_account_id(credit),
+                        amount: 1 + u128::from(rng.below(1000)),
+                        ledger: args.ledger,
+                        code: 1,
+                        ..Transfer::default()
+                    });
+                }
+                let sent_at = Instant::now();
+                let results = client.create_transfers(&batch).await?;
+                latency.saturating_record(sent_at.elapsed().as_micros() as u64);
+                ok += results.iter().filter(|r| **r == CreateTransferResult::Ok).count() as u64;
+                sent.fetch_add(count, Ordering::Relaxed);
+            }
+            anyhow::Ok((latency, ok))
+        }));
+    }
+    let progress = {
+        let sent = sent.clone();
+        let total = args.transfers;
+        tokio::spawn(async move {
+            let mut last = (Instant::now(), 0u64);
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let now = (Instant::now(), sent.load(Ordering::Relaxed));
+                let rate = (now.1 - last.1) as f64 / (now.0 - last.0).as_secs_f64();
+                eprintln!("transfers: {}/{total} ({rate:.0}/s)", now.1);
+                last = now;
+            }
+        })
+    };
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut transfers_ok = 0;
+    for worker in workers {
+        let (worker_latency, ok) = worker.await??;
+        latency.add(worker_latency)?;
+        transfers_ok += ok;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    progress.abort();
+    let conserved = conserved(&mut client, args.accounts).await?;
+    let ms = |quantile: f64| latency.value_at_quantile(quantile) as f64 / 1000.0;
+    Ok(BenchResult {
+        accounts: args.accounts,
+        transfers: args.transfers,
+        transfers_ok,
+        batch_size: args.batch_size,
+        concurrency: args.concurrency,
+        distribution: args.distribution,
+        seconds,
+        transfers_per_second: args.transfers as f64 / seconds,
+        batch_latency_ms_p50: ms(0.50),
+        batch_latency_ms_p99: ms(0.99),
+        batch_latency_ms_p999: ms(0.999),
+        batch_latency_ms_max: latency.max() as f64 / 1000.0,
+        conserved,
+    })
+}

@@ -1,0 +1,175 @@
+//! The REST API, exactly as `cellpay_api::OPENAPI_JSON` describes it: JSON
+//! bodies in and out, decoded and encoded by `cellpay_api::json`.
+//!
+//! A request body is read whole, up to `json::BODY_BYTES_MAX` (413
+//! `body_too_large` above; see [`JsonBody`]), decoded (400 with the field and
+//! the event named), and submitted; business outcomes are per-event results in
+//! a 200 reply.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use cellpay_api::json::{
+    self, AccountsJson, BalancesJson, CreateResultsJson, ErrorBodyJson, TransfersJson, BODY_BYTES_MAX,
+};
+use cellpay_api::{DecodeError, ErrorCode, OPENAPI_JSON};
+use http_body_util::BodyExt;
+
+use super::{error_response, node_error_code, record_events};
+use crate::node::{NodeHandle, Reply, Request};
+
+/// The content type of `GET /metrics`: prometheus-client writes the OpenMetrics text format.
+pub(super) const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+pub(super) fn router(handle: NodeHandle) -> Router {
+    Router::new()
+        .route("/v1/accounts", post(create_accounts))
+        .route("/v1/transfers", post(create_transfers))
+        .route("/v1/accounts/lookup", post(lookup_accounts))
+        .route("/v1/transfers/lookup", post(lookup_transfers))
+        .route("/v1/accounts/transfers", post(get_account_transfers))
+        .route("/v1/accounts/balances", post(get_account_balances))
+        .route("/metrics", get(metrics))
+        .route("/health", get(health))
+        .route("/openapi.json", get(openapi))
+        .with_state(handle)
+}
+
+async fn create_accounts(State(handle): State<NodeHandle>, JsonBody(body): JsonBody) -> Response {
+    call(&handle, json::decode_create_accounts(&body).map(Request::CreateAccounts)).await
+}
+
+async fn create_transfers(State(handle): State<NodeHandle>, JsonBody(body): JsonBody) -> Response {
+    call(&handle, json::decode_create_transfers(&body).map(Request::CreateTransfers)).await
+}
+
+async fn lookup_accounts(State(handle): State<NodeHandle>, JsonBody(body): JsonBody) -> Response {
+    call(&handle, json::decode_lookup_ids(&body).map(Request::LookupAccounts)).await
+}
+
+async fn lookup_transfers(State(handle): State<NodeHandle>, JsonBody(body): JsonBody) -> Response {
+    call(&handle, json::decode_lookup_ids(&body).map(Request::LookupTransfers)).await
+}
+
+async fn get_account_transfers(State(handle): State<NodeHandle>, JsonBody(body): JsonBody) -> Response {
+    call(&handle, json::decode_account_filter(&body).map(Request::GetAccountTransfers)).await
+}
+
+async fn get_account_balances(State(handle): State<NodeHandle>, JsonBody(body): JsonBody) -> Response {
+    call(&handle, json::decode_account_filter(&body).map(Request::GetAccountBalances)).await
+}
+
+/// Submits a decoded request and answers with its reply or its error.
+async fn call(handle: &NodeHandle, decoded: Result<Request, DecodeError>) -> Response {
+    let request = match decoded {
+        Ok(request) => request,
+        Err(error) => return decode_error_response(&error),
+    };
+    record_events(&request);
+    match handle.submit(request).await {
+        Ok(reply) => reply_response(&reply),
+        Err(error) => error_response(node_error_code(&error), error.to_string()),
+    }
+}
+
+/// Each reply has one JSON shape, whatever request it answers.
+fn reply_response(reply: &Reply) -> Response {
+    match reply {
+        Reply::CreateAccounts(results) => Json(CreateResultsJson::from_account_results(results)).into_response(),
+        Reply::CreateTransfers(results) => Json(CreateResultsJson::from_transfer_results(results)).into_response(),
+        Reply::Accounts(accounts) => Json(AccountsJson::from_ledger(accounts)).into_response(),
+        Reply::Transfers(transfers) => Json(TransfersJson::from_ledger(transfers)).into_response(),
+        Reply::Balances(balances) => Json(BalancesJson::from_ledger(balances)).into_response(),
+    }
+}
+
+fn decode_error_response(error: &DecodeError) -> Response {
+    let status = StatusCode::from_u16(error.code().http_status()).unwrap_or(StatusCode::BAD_REQUEST);
+    (status, Json(ErrorBodyJson::from_decode_error(error))).into_response()
+}
+
+async fn metrics(State(handle): State<NodeHandle>) -> Response {
+    ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], handle.metrics().encode()).into_response()
+}
+
+/// Live when the engine answers: a lookup of id 0 (never an account) goes
+/// through the node's queue, so an overloaded or stopped engine shows as 503.
+async fn health(State(handle): State<NodeHandle>) -> Response {
+    match handle.submit(Request::LookupAccounts(vec![0])).await {
+        Ok(_) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], "ok").into_response(),
+        Err(error) => error_response(node_error_code(&error), error.to_string()),
+    }
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON).into_response()
+}
+
+/// A refused body up to this size is still read (and thrown away) before the
+/// 413 is sent: a client that sends its whole body before reading the reply
+/// would otherwise find the connection reset and never see the 413.
+const REFUSED_BODY_DRAIN_BYTES_MAX: usize = 2 * BODY_BYTES_MAX;
+
+/// A request body read whole, at most `BODY_BYTES_MAX` bytes. Refusals are
+/// JSON error replies: 413 `body_too_large`, or 400 when the body cannot be read.
+struct JsonBody(Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for JsonBody {
+    type Rejection = Response;
+
+    async fn from_request(request: axum::extract::Request, _state: &S) -> Result<JsonBody, Response> {
+        let length = content_length(request.headers());
+        if let Some(bytes) = length.filter(|bytes| *bytes > BODY_BYTES_MAX) {
+            // With `Expect: 100-continue` the client waits for us: answer before it sends anything.
+            if !expects_continue(request.headers()) && bytes <= REFUSED_BODY_DRAIN_BYTES_MAX {
+                drain(request.into_body(), 0).await;
+            }
+            return Err(decode_error_response(&DecodeError::BodyTooLarge { bytes, bytes_max: BODY_BYTES_MAX }));
+        }
+        let mut body = request.into_body();
+        let mut buffer = Vec::with_capacity(length.unwrap_or(0));
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|error| {
+                error_response(ErrorCode::InvalidJson, format!("could not read the request body: {error}"))
+            })?;
+            let Ok(data) = frame.into_data() else { continue };
+            if buffer.len() + data.len() > BODY_BYTES_MAX {
+                // A body without a length (chunked, or HTTP/2) that runs past the limit.
+                let bytes = drain(body, buffer.len() + data.len()).await;
+                let message = match bytes {
+                    Some(bytes) => DecodeError::BodyTooLarge { bytes, bytes_max: BODY_BYTES_MAX }.to_string(),
+                    None => format!("request body is more than the {BODY_BYTES_MAX} bytes allowed"),
+                };
+                return Err(error_response(ErrorCode::BodyTooLarge, message));
+            }
+            buffer.extend_from_slice(&data);
+        }
+        Ok(JsonBody(Bytes::from(buffer)))
+    }
+}
+
+/// Reads and discards the rest of a refused body, `bytes_read` bytes of which
+/// were already read, up to `REFUSED_BODY_DRAIN_BYTES_MAX` in all. Returns the
+/// body's size if it was read to its end.
+async fn drain(mut body: axum::body::Body, bytes_read: usize) -> Option<usize> {
+    let mut bytes = bytes_read;
+    while bytes <= REFUSED_BODY_DRAIN_BYTES_MAX {
+        match body.frame().await {
+            None => return Some(bytes),
+            Some(Err(_)) => return None,
+            Some(Ok(frame)) => bytes = bytes.saturating_add(frame.data_ref().map_or(0, Bytes::len)),
+        }
+    }
+    None
+}
+
+fn content_length(headers: &HeaderMap) -> Option<usize> {
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+fn expects_continue(headers: &HeaderMap) -> bool {
+    headers.get(header::EXPECT).is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
