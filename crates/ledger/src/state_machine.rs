@@ -19,6 +19,7 @@
 //! amounts against the open pending transfers.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 
@@ -78,6 +79,15 @@ impl LedgerTotals {
     }
 }
 
+/// A checkpoint handed to the caller but not yet confirmed written: still
+/// answered from memory, so the store write can happen off the hot path.
+#[derive(Clone, Debug)]
+struct Frozen {
+    delta: Arc<CheckpointDelta>,
+    transfer_index: FxHashMap<u128, u32>,
+    pending_statuses: FxHashMap<u128, PendingStatus>,
+}
+
 /// What a batch's prefetch pass found for one transfer event.
 #[derive(Clone, Copy, Debug, Default)]
 struct Prefetched {
@@ -124,6 +134,11 @@ pub struct Ledger {
     pending_statuses_new: FxHashMap<u128, PendingStatus>,
     balances_new: Vec<AccountBalance>,
 
+    /// The checkpoint being written, if any.
+    frozen: Option<Frozen>,
+    /// The last timestamp the history store is known to hold (its last confirmed checkpoint).
+    checkpointed_timestamp_last: u64,
+
     /// Open only while a linked chain is being applied.
     undo: Vec<Undo>,
     chain_open: bool,
@@ -144,6 +159,8 @@ impl Ledger {
             transfers_new_index: FxHashMap::default(),
             pending_statuses_new: FxHashMap::default(),
             balances_new: Vec::new(),
+            frozen: None,
+            checkpointed_timestamp_last: 0,
             undo: Vec::new(),
             chain_open: false,
             prefetched: Vec::new(),
@@ -173,6 +190,7 @@ impl Ledger {
             ledger.pending_open.insert(pending.id, pending);
         }
         ledger.timestamp_last = timestamp_last;
+        ledger.checkpointed_timestamp_last = timestamp_last;
         if let Err(error) = ledger.audit() {
             panic!("restored ledger fails its audit: {error}");
         }
@@ -312,7 +330,11 @@ impl Ledger {
         let mut prefetched = std::mem::take(&mut self.prefetched);
         prefetched.clear();
         prefetched.extend(events.iter().map(|t| Prefetched {
-            checkpointed: if self.transfers_new_index.contains_key(&t.id) { None } else { history.transfer(t.id) },
+            checkpointed: if self.transfers_new_index.contains_key(&t.id) {
+                None
+            } else {
+                self.transfer_old(t.id, history)
+            },
             debit_slot: self.accounts.slot_prefetch(&t.debit_account_id),
             credit_slot: self.accounts.slot_prefetch(&t.credit_account_id),
         }));
@@ -773,15 +795,23 @@ impl Ledger {
     fn transfer_get(&self, id: u128, history: &impl History) -> Option<Transfer> {
         match self.transfers_new_index.get(&id) {
             Some(index) => Some(self.transfers_new[*index as usize]),
-            None => history.transfer(id),
+            None => self.transfer_old(id, history),
         }
     }
 
+    /// A transfer applied before the last checkpoint began: frozen, or in history.
+    fn transfer_old(&self, id: u128, history: &impl History) -> Option<Transfer> {
+        let frozen =
+            self.frozen.as_ref().and_then(|f| f.transfer_index.get(&id).map(|i| f.delta.transfers[*i as usize]));
+        frozen.or_else(|| history.transfer(id))
+    }
+
     fn pending_status_get(&self, id: u128, history: &impl History) -> Option<PendingStatus> {
-        match self.pending_statuses_new.get(&id) {
-            Some(status) => Some(*status),
-            None => history.pending_status(id),
-        }
+        self.pending_statuses_new
+            .get(&id)
+            .or_else(|| self.frozen.as_ref().and_then(|f| f.pending_statuses.get(&id)))
+            .copied()
+            .or_else(|| history.pending_status(id))
     }
 
     pub fn account(&self, id: u128) -> Option<&Account> {
@@ -810,9 +840,10 @@ impl Ledger {
         history: &impl History,
     ) -> Result<Vec<Transfer>, FilterError> {
         filter.validate()?;
-        // Everything new is newer than everything checkpointed.
-        let new = self.transfers_new.iter().filter(|t| filter.matches_transfer(t)).copied();
-        Ok(merge_by_age(filter, new, |f| history.account_transfers(f)))
+        // Everything in memory is newer than everything checkpointed.
+        let frozen = self.frozen.as_ref().map_or(&[][..], |f| &f.delta.transfers[..]);
+        let memory = frozen.iter().chain(&self.transfers_new).filter(|t| filter.matches_transfer(t)).copied();
+        Ok(merge_by_age(filter, self.checkpointed_timestamp_last, memory, |f| history.account_transfers(f)))
     }
 
     /// An account's balance history (only for accounts flagged `history`).
@@ -826,35 +857,64 @@ impl Ledger {
         if !flagged {
             return Ok(Vec::new());
         }
-        let new = self
-            .balances_new
+        let frozen = self.frozen.as_ref().map_or(&[][..], |f| &f.delta.balances[..]);
+        let memory = frozen
             .iter()
+            .chain(&self.balances_new)
             .filter(|b| b.account_id == filter.account_id && filter.timestamp_matches(b.timestamp))
             .copied();
-        Ok(merge_by_age(filter, new, |f| history.account_balances(f)))
+        Ok(merge_by_age(filter, self.checkpointed_timestamp_last, memory, |f| history.account_balances(f)))
     }
 
     // ----------------------------------------------------------------------------------------
     // Checkpoints.
 
     /// Drains everything applied since the last checkpoint, in a deterministic
-    /// order. The caller must write it to the history store before applying
-    /// anything else: from now on, the ledger reads these from the store.
-    pub fn checkpoint(&mut self) -> CheckpointDelta {
+    /// order, for the caller to write to the history store. Until the caller
+    /// confirms with [`Ledger::checkpoint_end`], the ledger keeps answering
+    /// these from memory, so the write can proceed while it applies more.
+    /// Only one checkpoint can be in flight.
+    pub fn checkpoint_begin(&mut self) -> Arc<CheckpointDelta> {
         assert!(self.undo.is_empty() && !self.chain_open);
+        assert!(self.frozen.is_none(), "a checkpoint is already in flight");
         let accounts = self.accounts.take_dirty();
-        let mut pending_statuses: Vec<(u128, PendingStatus)> = self.pending_statuses_new.drain().collect();
+        let mut pending_statuses: Vec<(u128, PendingStatus)> =
+            self.pending_statuses_new.iter().map(|(id, status)| (*id, *status)).collect();
         pending_statuses.sort_unstable();
-        self.transfers_new_index.clear();
         // The next window is likely as big as this one: avoid regrowing it.
         let transfers_capacity = self.transfers_new.len();
-        CheckpointDelta {
+        let delta = Arc::new(CheckpointDelta {
             accounts,
             transfers: std::mem::replace(&mut self.transfers_new, Vec::with_capacity(transfers_capacity)),
             pending_statuses,
             balances: std::mem::take(&mut self.balances_new),
             timestamp_last: self.timestamp_last,
-        }
+        });
+        self.frozen = Some(Frozen {
+            delta: delta.clone(),
+            transfer_index: std::mem::take(&mut self.transfers_new_index),
+            pending_statuses: std::mem::take(&mut self.pending_statuses_new),
+        });
+        delta
+    }
+
+    /// Confirms that the checkpoint begun last is in the history store.
+    pub fn checkpoint_end(&mut self) {
+        let frozen = self.frozen.take().expect("a checkpoint in flight");
+        assert!(frozen.delta.timestamp_last >= self.checkpointed_timestamp_last);
+        self.checkpointed_timestamp_last = frozen.delta.timestamp_last;
+    }
+
+    pub fn checkpoint_in_flight(&self) -> bool {
+        self.frozen.is_some()
+    }
+
+    /// Begins and at once ends a checkpoint: for callers that write the delta
+    /// to the store before applying anything else.
+    pub fn checkpoint(&mut self) -> CheckpointDelta {
+        let delta = self.checkpoint_begin();
+        self.checkpoint_end();
+        Arc::try_unwrap(delta).expect("the ledger holds no other reference")
     }
 
     /// A digest of the whole hot state, for comparing replicas and replays.
@@ -922,23 +982,32 @@ impl Ledger {
     }
 }
 
-/// Merges new (in memory) and checkpointed results: new ones are all newer.
+/// Merges in-memory and checkpointed results, oldest first (newest first if
+/// reversed). Memory holds everything after `checkpointed_timestamp_last`; the
+/// store is asked only up to it (it may already hold more, mid-checkpoint).
 fn merge_by_age<T>(
     filter: &AccountFilter,
-    new: impl DoubleEndedIterator<Item = T>,
+    checkpointed_timestamp_last: u64,
+    memory: impl DoubleEndedIterator<Item = T>,
     checkpointed: impl Fn(&AccountFilter) -> Vec<T>,
 ) -> Vec<T> {
     let limit = filter.limit as usize;
-    if filter.reversed {
-        let mut out: Vec<T> = new.rev().take(limit).collect();
-        if out.len() < limit {
-            let rest = AccountFilter { limit: (limit - out.len()) as u32, ..*filter };
-            out.extend(checkpointed(&rest));
+    let (min, max) = filter.timestamp_range();
+    let max = max.min(checkpointed_timestamp_last);
+    let ask = |limit: usize| -> Vec<T> {
+        if checkpointed_timestamp_last == 0 || min > max || limit == 0 {
+            return Vec::new();
         }
+        checkpointed(&AccountFilter { timestamp_max: max, limit: limit as u32, ..*filter })
+    };
+    if filter.reversed {
+        let mut out: Vec<T> = memory.rev().take(limit).collect();
+        let rest = ask(limit - out.len());
+        out.extend(rest);
         out
     } else {
-        let mut out = checkpointed(filter);
-        out.extend(new.take(limit - out.len()));
+        let mut out = ask(limit);
+        out.extend(memory.take(limit - out.len()));
         out
     }
 }

@@ -24,13 +24,13 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cellpay_ledger::{
-    Account, AccountBalance, AccountFilter, CreateAccountResult, CreateTransferResult, FilterError, Ledger,
-    LedgerConfig, Transfer, BATCH_EVENTS_MAX,
+    Account, AccountBalance, AccountFilter, CheckpointDelta, CreateAccountResult, CreateTransferResult, FilterError,
+    Ledger, LedgerConfig, Transfer, BATCH_EVENTS_MAX,
 };
 use cellpay_storage::store::{Store, StoreError};
 use cellpay_storage::wal::{ReplayError, Wal, WalError};
@@ -302,8 +302,9 @@ impl Drop for Node {
 struct Engine {
     config: NodeConfig,
     ledger: Ledger,
-    store: Store,
+    store: Arc<Store>,
     wal: Wal,
+    writer: CheckpointWriter,
     metrics: Arc<Metrics>,
     payload: Vec<u8>,
     checkpoint_last: Instant,
@@ -320,7 +321,7 @@ impl Engine {
         let data_dir = &config.data_dir;
         let dir_error = |source| StartError::DataDir { path: data_dir.clone(), source };
         std::fs::create_dir_all(data_dir).map_err(dir_error)?;
-        let store = Store::open(&data_dir.join("store"))?;
+        let store = Arc::new(Store::open(&data_dir.join("store"))?);
         let checkpoint = store.checkpoint()?;
         let accounts = store.accounts()?;
         let pending_open = store.open_pending()?;
@@ -329,6 +330,7 @@ impl Engine {
         let mut engine = Engine {
             config,
             ledger,
+            writer: CheckpointWriter::start(store.clone()),
             store,
             wal,
             metrics,
@@ -370,7 +372,7 @@ impl Engine {
         }
         let mut replayed = 0u64;
         let ledger = &mut self.ledger;
-        let store = &self.store;
+        let store = self.store.as_ref();
         let result = self.wal.replay(checkpoint_op + 1, |op, payload| {
             let record = record::decode(payload).map_err(|source| StartError::Record { op, source })?;
             apply_record(ledger, store, &record);
@@ -393,6 +395,9 @@ impl Engine {
                     while let Ok(envelope) = receiver.try_recv() {
                         let _ = envelope.reply.send(Err(NodeError::ShuttingDown));
                     }
+                    // A checkpoint already handed to the writer completes (it is
+                    // consistent either way); no new one starts.
+                    self.checkpoint_finish(true);
                     tracing::info!(wal_op_last = self.wal.last_op(), "engine halted");
                     return;
                 }
@@ -426,13 +431,12 @@ impl Engine {
             }
             self.metrics.queue_requests.dec_by(group.len() as i64);
             self.commit(&mut group);
+            self.checkpoint_finish(false);
             if self.ledger.transfers_new_count() >= self.config.checkpoint_transfers_max {
-                self.checkpoint();
+                self.checkpoint_start();
             }
         }
-        if self.ledger.transfers_new_count() > 0 {
-            self.checkpoint();
-        }
+        self.checkpoint_all();
         tracing::info!(wal_op_last = self.wal.last_op(), "engine stopped");
     }
 
@@ -499,17 +503,17 @@ impl Engine {
                 Reply::CreateAccounts(results)
             }
             Request::CreateTransfers(transfers) => {
-                let results = self.ledger.create_transfers(timestamp, transfers, &self.store);
+                let results = self.ledger.create_transfers(timestamp, transfers, self.store.as_ref());
                 self.metrics.results("create_transfers", &results, CreateTransferResult::as_str);
                 Reply::CreateTransfers(results)
             }
             Request::LookupAccounts(ids) => Reply::Accounts(self.ledger.lookup_accounts(ids)),
-            Request::LookupTransfers(ids) => Reply::Transfers(self.ledger.lookup_transfers(ids, &self.store)),
+            Request::LookupTransfers(ids) => Reply::Transfers(self.ledger.lookup_transfers(ids, self.store.as_ref())),
             Request::GetAccountTransfers(filter) => Reply::Transfers(
-                self.ledger.get_account_transfers(filter, &self.store).map_err(NodeError::InvalidFilter)?,
+                self.ledger.get_account_transfers(filter, self.store.as_ref()).map_err(NodeError::InvalidFilter)?,
             ),
             Request::GetAccountBalances(filter) => Reply::Balances(
-                self.ledger.get_account_balances(filter, &self.store).map_err(NodeError::InvalidFilter)?,
+                self.ledger.get_account_balances(filter, self.store.as_ref()).map_err(NodeError::InvalidFilter)?,
             ),
         };
         Ok(reply)
@@ -521,32 +525,49 @@ impl Engine {
             let mut group = Vec::new();
             self.commit(&mut group);
         }
+        self.checkpoint_finish(false);
         let stale = self.checkpoint_last.elapsed() >= self.config.checkpoint_idle_interval;
-        if stale && self.ledger.transfers_new_count() > 0 {
-            self.checkpoint();
+        if stale && self.ledger.transfers_new_count() > 0 && !self.ledger.checkpoint_in_flight() {
+            self.checkpoint_start();
         }
     }
 
-    fn checkpoint(&mut self) {
-        let started = Instant::now();
+    /// Starts a checkpoint: the ledger hands over what changed (and keeps
+    /// answering it from memory), and the writer thread puts it in the store
+    /// while the engine goes on committing. Waits for the previous one first:
+    /// at most one is in flight, so memory stays bounded at two windows.
+    fn checkpoint_start(&mut self) {
+        self.checkpoint_finish(true);
         let op = self.wal.durable_op();
         assert_eq!(op, self.wal.last_op(), "checkpoint covers only durable, applied records");
         if let Err(error) = self.ledger.audit() {
             panic!("ledger fails its audit at checkpoint: {error}");
         }
-        let delta = self.ledger.checkpoint();
-        let transfers = delta.transfers.len();
-        if let Err(error) = self.store.apply_checkpoint(op, &delta) {
-            panic!("checkpoint write failed, stopping to recover on restart: {error}");
-        }
-        if let Err(error) = self.wal.truncate_before(op + 1) {
+        let delta = self.ledger.checkpoint_begin();
+        self.writer.send(op, delta);
+        self.checkpoint_last = Instant::now();
+    }
+
+    /// Confirms a checkpoint the writer has finished (waiting for it if
+    /// `wait`), then truncates the log it covers.
+    fn checkpoint_finish(&mut self, wait: bool) {
+        let Some(done) = self.writer.poll(wait) else { return };
+        self.ledger.checkpoint_end();
+        if let Err(error) = self.wal.truncate_before(done.op + 1) {
             tracing::warn!(%error, "could not truncate the write-ahead log after a checkpoint");
         }
-        self.checkpoint_last = Instant::now();
-        let seconds = started.elapsed().as_secs_f64();
-        self.metrics.checkpoint_seconds.observe(seconds);
-        tracing::info!(op, transfers, seconds, "checkpoint");
+        self.metrics.checkpoint_seconds.observe(done.seconds);
+        tracing::info!(op = done.op, transfers = done.transfers, seconds = done.seconds, "checkpoint");
         self.update_gauges();
+    }
+
+    /// A final checkpoint of everything, waited for (clean shutdown).
+    fn checkpoint_all(&mut self) {
+        self.checkpoint_finish(true);
+        if self.ledger.transfers_new_count() > 0 {
+            self.checkpoint_start();
+            self.checkpoint_finish(true);
+        }
     }
 
     fn update_gauges(&self) {
@@ -554,6 +575,81 @@ impl Engine {
         self.metrics.pending_open.set(self.ledger.pending_open_count() as i64);
         self.metrics.transfers_uncheckpointed.set(self.ledger.transfers_new_count() as i64);
         self.metrics.wal_op_last.set(self.wal.last_op() as i64);
+    }
+}
+
+/// A finished checkpoint write.
+struct CheckpointDone {
+    op: u64,
+    transfers: usize,
+    seconds: f64,
+}
+
+/// The thread that writes checkpoints to the store, one at a time.
+struct CheckpointWriter {
+    sender: Option<SyncSender<(u64, Arc<CheckpointDelta>)>>,
+    done: Receiver<CheckpointDone>,
+    in_flight: bool,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CheckpointWriter {
+    fn start(store: Arc<Store>) -> CheckpointWriter {
+        let (sender, requests) = sync_channel::<(u64, Arc<CheckpointDelta>)>(1);
+        let (done_sender, done) = sync_channel(1);
+        let thread = std::thread::Builder::new()
+            .name("cellpay-checkpoint".to_string())
+            .spawn(move || {
+                for (op, delta) in requests {
+                    let started = Instant::now();
+                    if let Err(error) = store.apply_checkpoint(op, &delta) {
+                        panic!("checkpoint write failed, stopping to recover on restart: {error}");
+                    }
+                    let transfers = delta.transfers.len();
+                    let seconds = started.elapsed().as_secs_f64();
+                    if done_sender.send(CheckpointDone { op, transfers, seconds }).is_err() {
+                        return;
+                    }
+                }
+            })
+            .expect("spawn the checkpoint writer");
+        CheckpointWriter { sender: Some(sender), done, in_flight: false, thread: Some(thread) }
+    }
+
+    fn send(&mut self, op: u64, delta: Arc<CheckpointDelta>) {
+        assert!(!self.in_flight);
+        self.in_flight = true;
+        let sender = self.sender.as_ref().expect("writer running");
+        sender.send((op, delta)).expect("the checkpoint writer stopped: see its panic");
+    }
+
+    /// The finished checkpoint, if one was in flight and is done (waiting for it if `wait`).
+    fn poll(&mut self, wait: bool) -> Option<CheckpointDone> {
+        if !self.in_flight {
+            return None;
+        }
+        let done = if wait {
+            Some(self.done.recv().expect("the checkpoint writer stopped: see its panic"))
+        } else {
+            match self.done.try_recv() {
+                Ok(done) => Some(done),
+                Err(TryRecvError::Empty) => None,
+                Err(TryRecvError::Disconnected) => panic!("the checkpoint writer stopped: see its panic"),
+            }
+        };
+        if done.is_some() {
+            self.in_flight = false;
+        }
+        done
+    }
+}
+
+impl Drop for CheckpointWriter {
+    fn drop(&mut self) {
+        self.sender.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 

@@ -62,6 +62,9 @@ async fn restart_recovers_every_acknowledged_transfer() {
     node.shutdown();
 
     let node = Node::start(config(dir.path())).unwrap();
+    // A clean shutdown checkpoints everything: nothing to replay.
+    assert!(node.recovery.checkpoint_op > 0);
+    assert_eq!(node.recovery.records_replayed, 0);
     assert_eq!(accounts(&node, (1..=10).collect()).await, before);
     // Every transfer is still there: retries answer `exists`.
     let retry: Vec<Transfer> = (0..100u128).map(|i| transfer(i + 1, i % 10 + 1, (i + 3) % 10 + 1, 1)).collect();
