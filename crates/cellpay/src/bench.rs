@@ -3,8 +3,9 @@
 //! Creates the accounts (idempotently), then `concurrency` clients each send
 //! batches of transfers back to back until `transfers` have been sent. Reports
 //! transfers/s and batch latency percentiles, writes them as JSON, and checks
-//! at the end that the accounts it used conserve money (Σ debits = Σ credits),
-//! so a fast wrong answer cannot pass.
+//! at the end that its accounts' debits and credits each grew by exactly the
+//! amount the acknowledged transfers moved, so a fast wrong answer cannot pass.
+//! (It assumes no other client moves money on its ledger meanwhile.)
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -177,19 +178,38 @@ pub async fn create_accounts(client: &mut Client, count: u64, ledger: u32) -> Re
     Ok(())
 }
 
-/// Sums the accounts' balances: true when debits equal credits, posted and pending.
-pub async fn conserved(client: &mut Client, count: u64) -> Result<bool> {
+/// Sums of the bench's accounts' balances.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sums {
+    pub debits_posted: u128,
+    pub credits_posted: u128,
+    pub debits_pending: u128,
+    pub credits_pending: u128,
+}
+
+pub async fn sums(client: &mut Client, count: u64) -> Result<Sums> {
     let ids: Vec<u128> = (0..count).map(bench_account_id).collect();
     let accounts = client.lookup_accounts_all(&ids).await?;
     ensure!(accounts.len() as u64 == count, "{} of {count} accounts found", accounts.len());
-    let (mut debits, mut credits, mut debits_pending, mut credits_pending) = (0u128, 0u128, 0u128, 0u128);
+    let mut sums = Sums::default();
     for a in &accounts {
-        debits = debits.wrapping_add(a.debits_posted);
-        credits = credits.wrapping_add(a.credits_posted);
-        debits_pending = debits_pending.wrapping_add(a.debits_pending);
-        credits_pending = credits_pending.wrapping_add(a.credits_pending);
+        sums.debits_posted = sums.debits_posted.wrapping_add(a.debits_posted);
+        sums.credits_posted = sums.credits_posted.wrapping_add(a.credits_posted);
+        sums.debits_pending = sums.debits_pending.wrapping_add(a.debits_pending);
+        sums.credits_pending = sums.credits_pending.wrapping_add(a.credits_pending);
     }
-    Ok(debits == credits && debits_pending == credits_pending)
+    Ok(sums)
+}
+
+/// True when, between `before` and `after`, the accounts' debits and credits
+/// each grew by exactly the amount the acknowledged transfers moved. (The
+/// accounts may share a ledger with earlier runs, so absolute sums over them
+/// need not balance; the change made by this run must.)
+pub fn conserved(before: Sums, after: Sums, amount_ok: u128) -> bool {
+    after.debits_posted.wrapping_sub(before.debits_posted) == amount_ok
+        && after.credits_posted.wrapping_sub(before.credits_posted) == amount_ok
+        && after.debits_pending == before.debits_pending
+        && after.credits_pending == before.credits_pending
 }
 
 pub async fn run(args: BenchArgs) -> Result<()> {
@@ -202,7 +222,10 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     if let Some(path) = &args.output {
         std::fs::write(path, &json)?;
     }
-    ensure!(result.conserved, "the bench's accounts do not conserve money");
+    ensure!(
+        result.conserved,
+        "the bench's accounts do not conserve money: the balances moved by other than the acknowledged transfers"
+    );
     ensure!(
         result.transfers_ok == result.transfers,
         "{} transfers were not applied",
@@ -214,6 +237,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
 pub async fn bench(args: &BenchArgs) -> Result<BenchResult> {
     let mut client = Client::connect(&args.address).await?;
     create_accounts(&mut client, args.accounts, args.ledger).await?;
+    let before = sums(&mut client, args.accounts).await?;
     let picker = Picker::new(args.accounts, args.distribution, args.zipf_exponent);
     // Fresh ids for every run: the high bits are the start time.
     let id_base = u128::from(SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos() as u64) << 64;
@@ -229,6 +253,7 @@ pub async fn bench(args: &BenchArgs) -> Result<BenchResult> {
             let mut rng = Rng::new(args.seed ^ ((worker as u64 + 1) << 32));
             let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
             let mut ok = 0u64;
+            let mut amount_ok = 0u128;
             let mut batch = Vec::with_capacity(args.batch_size);
             loop {
                 let number = batch_next.fetch_add(1, Ordering::Relaxed);
@@ -253,10 +278,15 @@ pub async fn bench(args: &BenchArgs) -> Result<BenchResult> {
                 let sent_at = Instant::now();
                 let results = client.create_transfers(&batch).await?;
                 latency.saturating_record(sent_at.elapsed().as_micros() as u64);
-                ok += results.iter().filter(|r| **r == CreateTransferResult::Ok).count() as u64;
+                for (transfer, result) in batch.iter().zip(&results) {
+                    if *result == CreateTransferResult::Ok {
+                        ok += 1;
+                        amount_ok += transfer.amount;
+                    }
+                }
                 sent.fetch_add(count, Ordering::Relaxed);
             }
-            anyhow::Ok((latency, ok))
+            anyhow::Ok((latency, ok, amount_ok))
         }));
     }
     let progress = {
@@ -275,14 +305,17 @@ pub async fn bench(args: &BenchArgs) -> Result<BenchResult> {
     };
     let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut transfers_ok = 0;
+    let mut amount_ok = 0u128;
     for worker in workers {
-        let (worker_latency, ok) = worker.await??;
+        let (worker_latency, ok, amount) = worker.await??;
         latency.add(worker_latency)?;
         transfers_ok += ok;
+        amount_ok += amount;
     }
     let seconds = started.elapsed().as_secs_f64();
     progress.abort();
-    let conserved = conserved(&mut client, args.accounts).await?;
+    let after = sums(&mut client, args.accounts).await?;
+    let conserved = conserved(before, after, amount_ok);
     let ms = |quantile: f64| latency.value_at_quantile(quantile) as f64 / 1000.0;
     Ok(BenchResult {
         accounts: args.accounts,

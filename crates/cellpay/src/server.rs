@@ -16,7 +16,7 @@ pub struct ServerArgs {
     #[arg(long, default_value = "127.0.0.1:7300")]
     pub listen: SocketAddr,
     /// Checkpoint once this many transfers are held in memory.
-    #[arg(long, default_value_t = 1 << 20)]
+    #[arg(long, default_value_t = 1 << 18)]
     pub checkpoint_transfers: usize,
     /// Most concurrent client connections.
     #[arg(long, default_value_t = FrontLimits::default().connections_max)]

@@ -91,8 +91,9 @@ struct Frozen {
 /// What a batch's prefetch pass found for one transfer event.
 #[derive(Clone, Copy, Debug, Default)]
 struct Prefetched {
-    /// The transfer with the event's id in checkpointed history.
-    checkpointed: Option<Transfer>,
+    /// Whether a transfer with the event's id was applied before the last
+    /// checkpoint began (rare: a retry); it is fetched again only then.
+    checkpointed: bool,
     debit_slot: Option<u32>,
     credit_slot: Option<u32>,
 }
@@ -330,11 +331,7 @@ impl Ledger {
         let mut prefetched = std::mem::take(&mut self.prefetched);
         prefetched.clear();
         prefetched.extend(events.iter().map(|t| Prefetched {
-            checkpointed: if self.transfers_new_index.contains_key(&t.id) {
-                None
-            } else {
-                self.transfer_old(t.id, history)
-            },
+            checkpointed: !self.transfers_new_index.contains_key(&t.id) && self.transfer_old(t.id, history).is_some(),
             debit_slot: self.accounts.slot_prefetch(&t.debit_account_id),
             credit_slot: self.accounts.slot_prefetch(&t.credit_account_id),
         }));
@@ -425,7 +422,8 @@ impl Ledger {
         }
         let existing = match self.transfers_new_index.get(&t.id) {
             Some(index) => Some(self.transfers_new[*index as usize]),
-            None => prefetched.checkpointed,
+            None if prefetched.checkpointed => self.transfer_old(t.id, history),
+            None => None,
         };
         if let Some(existing) = existing {
             return transfer_exists(t, &existing);
@@ -890,9 +888,13 @@ impl Ledger {
             balances: std::mem::take(&mut self.balances_new),
             timestamp_last: self.timestamp_last,
         });
+        let index_capacity = self.transfers_new_index.len();
         self.frozen = Some(Frozen {
             delta: delta.clone(),
-            transfer_index: std::mem::take(&mut self.transfers_new_index),
+            transfer_index: std::mem::replace(
+                &mut self.transfers_new_index,
+                FxHashMap::with_capacity_and_hasher(index_capacity, Default::default()),
+            ),
             pending_statuses: std::mem::take(&mut self.pending_statuses_new),
         });
         delta

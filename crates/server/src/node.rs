@@ -64,7 +64,7 @@ impl NodeConfig {
             queue_requests_max: 1024,
             group_requests_max: 256,
             group_events_max: 64 * BATCH_EVENTS_MAX,
-            checkpoint_transfers_max: 1 << 20,
+            checkpoint_transfers_max: 1 << 18,
             checkpoint_idle_interval: Duration::from_secs(10),
         }
     }
