@@ -36,6 +36,14 @@ enum Command {
 }
 
 fn main() -> Result<()> {
+    // A panic is a bug or a failed storage write (fsync): stop the whole
+    // process at once (fail-stop), so a supervisor restarts it and recovery
+    // runs from disk, rather than leave a half-alive server that refuses work.
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::abort();
+    }));
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
