@@ -14,6 +14,8 @@
 //! ledger's, answered as per-event result codes. The ledger's types never
 //! derive serde or prost: wire types live here, separate from core types.
 
+#![forbid(unsafe_code)]
+
 mod error;
 pub mod json;
 pub mod proto;

@@ -4,6 +4,8 @@
 //! randomness and no threads. Its time comes from the caller (later: consensus)
 //! with every batch; iteration over hash maps never reaches a result.
 
+#![forbid(unsafe_code)]
+
 mod accounts;
 pub mod history;
 pub mod id;

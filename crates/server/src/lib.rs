@@ -13,6 +13,8 @@
 //! Architecture invariant: only this crate (and the binary) knows about
 //! threads, clocks, sockets and HTTP; the ledger crate stays pure.
 
+#![forbid(unsafe_code)]
+
 pub mod front;
 pub mod metrics;
 pub mod node;

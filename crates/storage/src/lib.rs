@@ -7,5 +7,7 @@
 //!   statuses, balance history, account snapshots) on an embedded engine; it
 //!   implements the ledger's `History` trait.
 
+#![forbid(unsafe_code)]
+
 pub mod store;
 pub mod wal;
