@@ -199,6 +199,15 @@ error_codes! {
     BodyTooLarge => "body_too_large", 413, ResourceExhausted;
     /// The server sheds load: retry later, with backoff.
     Overloaded => "overloaded", 503, Unavailable;
+    /// A request's events belong to different cells (a node serves one cell
+    /// per request; cross-cell transfers go through the gateway).
+    CrossCell => "cross_cell", 400, InvalidArgument;
+    /// The cell has no reachable leader now (an election, a partition):
+    /// retry with the same ids, with backoff. A write may or may not have
+    /// been applied; transfers are idempotent by id, so the retry is safe.
+    Unavailable => "unavailable", 503, Unavailable;
+    /// A write was not committed in time: its outcome is unknown; retry with the same ids.
+    Timeout => "timeout", 504, DeadlineExceeded;
     /// A bug or an I/O failure in the server.
     Internal => "internal", 500, Internal;
 }

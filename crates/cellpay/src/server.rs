@@ -45,7 +45,7 @@ pub fn start_node(config: NodeConfig) -> Result<Node> {
     let node = Node::start(config).with_context(|| format!("cannot start the node on {}", data.display()))?;
     let recovery = &node.recovery;
     tracing::info!(
-        checkpoint_op = recovery.checkpoint_op,
+        cells = recovery.cells.len(),
         records_replayed = recovery.records_replayed,
         torn_tail_bytes_cut = recovery.torn_tail_bytes_cut,
         accounts = recovery.accounts,

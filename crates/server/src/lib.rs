@@ -21,3 +21,5 @@ pub mod node;
 pub mod record;
 
 pub use front::{serve, FrontLimits};
+pub mod raft_log;
+pub mod raft_logger;

@@ -28,6 +28,33 @@ pub struct EventLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CellLabels {
+    pub cell: u64,
+}
+
+/// Per-cell gauges, one family each, labelled by cell.
+#[derive(Default)]
+pub struct CellMetrics {
+    /// 1 if this node's replica is the cell's leader.
+    pub is_leader: Family<CellLabels, Gauge>,
+    /// The leader's node id as this replica knows it (0: none known).
+    pub leader: Family<CellLabels, Gauge>,
+    pub term: Family<CellLabels, Gauge>,
+    pub commit_index: Family<CellLabels, Gauge>,
+    pub applied_index: Family<CellLabels, Gauge>,
+    /// Committed entries not yet applied.
+    pub apply_lag: Family<CellLabels, Gauge>,
+    pub log_entries: Family<CellLabels, Gauge>,
+    pub log_bytes: Family<CellLabels, Gauge>,
+    pub checkpoint_index: Family<CellLabels, Gauge>,
+    /// Elections this replica won since the process started.
+    pub elections_won: Family<CellLabels, Gauge>,
+    pub accounts: Family<CellLabels, Gauge>,
+    pub pending_open: Family<CellLabels, Gauge>,
+    pub transfers_uncheckpointed: Family<CellLabels, Gauge>,
+}
+
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
@@ -38,9 +65,7 @@ pub struct Metrics {
     pub fsync_seconds: Histogram,
     pub group_requests: Histogram,
     pub checkpoint_seconds: Histogram,
-    pub accounts: Gauge,
-    pub pending_open: Gauge,
-    pub transfers_uncheckpointed: Gauge,
+    pub cells: CellMetrics,
     pub wal_op_last: Gauge,
     pub queue_requests: Gauge,
 }
@@ -83,16 +108,29 @@ impl Metrics {
         registry.register("group_requests", "Requests per group commit", group_requests.clone());
         let checkpoint_seconds = Histogram::new(seconds_buckets());
         registry.register("checkpoint_seconds", "Checkpoint write latency", checkpoint_seconds.clone());
-        let accounts = Gauge::default();
-        registry.register("accounts", "Accounts in the ledger", accounts.clone());
-        let pending_open = Gauge::default();
-        registry.register("pending_open", "Open pending transfers", pending_open.clone());
-        let transfers_uncheckpointed = Gauge::default();
-        registry.register(
-            "transfers_uncheckpointed",
-            "Transfers applied since the last checkpoint (held in memory)",
-            transfers_uncheckpointed.clone(),
-        );
+        let cells = CellMetrics::default();
+        let cell_gauges: [(&str, &str, &Family<CellLabels, Gauge>); 13] = [
+            ("cell_is_leader", "1 if this node's replica leads the cell", &cells.is_leader),
+            ("cell_leader", "The cell's leader node as this replica knows it (0: none)", &cells.leader),
+            ("cell_term", "The cell's Raft term", &cells.term),
+            ("cell_commit_index", "The cell's committed log index", &cells.commit_index),
+            ("cell_applied_index", "The cell's log index applied to the ledger", &cells.applied_index),
+            ("cell_apply_lag", "Committed entries not yet applied", &cells.apply_lag),
+            ("cell_log_entries", "Log entries held (after the last compaction)", &cells.log_entries),
+            ("cell_log_bytes", "Bytes of log entries held", &cells.log_bytes),
+            ("cell_checkpoint_index", "Log index covered by the cell's last checkpoint", &cells.checkpoint_index),
+            ("cell_elections_won", "Elections this replica won since the process started", &cells.elections_won),
+            ("cell_accounts", "Accounts in the cell's ledger", &cells.accounts),
+            ("cell_pending_open", "Open pending transfers in the cell", &cells.pending_open),
+            (
+                "cell_transfers_uncheckpointed",
+                "Transfers applied since the cell's last checkpoint (held in memory)",
+                &cells.transfers_uncheckpointed,
+            ),
+        ];
+        for (name, help, family) in cell_gauges {
+            registry.register(name, help, family.clone());
+        }
         let wal_op_last = Gauge::default();
         registry.register("wal_op_last", "Last write-ahead log op", wal_op_last.clone());
         let queue_requests = Gauge::default();
@@ -106,9 +144,7 @@ impl Metrics {
             fsync_seconds,
             group_requests,
             checkpoint_seconds,
-            accounts,
-            pending_open,
-            transfers_uncheckpointed,
+            cells,
             wal_op_last,
             queue_requests,
         }
@@ -127,6 +163,28 @@ impl Metrics {
             self.events.get_or_create(&labels).inc_by(group.len() as u64);
         }
         self.batch_events.get_or_create(&OperationLabels { operation }).observe(results.len() as f64);
+    }
+
+    /// Publishes a cell's gauges.
+    pub fn cell(&self, status: &crate::node::CellStatus, pending_open: usize, transfers_uncheckpointed: usize) {
+        let labels = CellLabels { cell: status.cell };
+        let set = |family: &Family<CellLabels, Gauge>, value: u64| {
+            family.get_or_create(&labels).set(i64::try_from(value).unwrap_or(i64::MAX));
+        };
+        let cells = &self.cells;
+        set(&cells.is_leader, u64::from(status.role == "leader"));
+        set(&cells.leader, status.leader.unwrap_or(0));
+        set(&cells.term, status.term);
+        set(&cells.commit_index, status.commit);
+        set(&cells.applied_index, status.applied);
+        set(&cells.apply_lag, status.commit.saturating_sub(status.applied));
+        set(&cells.log_entries, (status.log_last + 1).saturating_sub(status.log_first));
+        set(&cells.log_bytes, status.log_bytes);
+        set(&cells.checkpoint_index, status.checkpoint_index);
+        set(&cells.elections_won, status.elections);
+        set(&cells.accounts, status.accounts as u64);
+        set(&cells.pending_open, pending_open as u64);
+        set(&cells.transfers_uncheckpointed, transfers_uncheckpointed as u64);
     }
 
     /// The text exposition format.

@@ -1,42 +1,61 @@
-//! The node engine: one thread owns the ledger, the write-ahead log and the
-//! history store, and group-commits the requests that reach it.
+//! The node: one process hosting a replica of every cell the topology places
+//! on it. One engine thread drives all of them.
 //!
-//! A commit round:
-//! 1. wait for a request, then take every request already queued, up to
-//!    `group_requests_max` requests or `group_events_max` events;
-//! 2. append one log record per write request (and a pulse record if a pending
-//!    transfer's timeout has passed), each with the timestamp it will be
-//!    applied with, then `sync` once: one fsync for the whole group;
-//! 3. apply the requests to the ledger in order and answer each; reads are
-//!    answered in their place in the same order, so they see every write
-//!    acknowledged before them;
-//! 4. checkpoint when enough transfers are held in memory: the ledger's delta
-//!    goes to the history store (durable), then the log is truncated.
+//! Each cell is a Raft group (the `raft` crate: a sans-I/O consensus core,
+//! see ARCHITECTURE.md). The engine owns every replica's Raft state machine,
+//! ledger and history store, the node's one write-ahead log, and the
+//! transport to the other nodes. A round of the engine:
 //!
-//! Nothing is acknowledged before the fsync that covers it. An fsync or log
-//! write that fails is fatal: after a failed fsync the kernel may have dropped
-//! the dirty pages, so the only safe continuation is a restart and recovery.
+//! 1. take what arrived: client requests (a bounded queue), messages from
+//!    peers (a bounded inbox), and the clock's ticks;
+//! 2. the leader of a cell turns each write request into one log entry (the
+//!    request's events with the timestamp the leader chose for it) and
+//!    proposes it; reads wait for a read index (linearizable reads);
+//! 3. collect every replica's `Ready`: send its messages, append its new
+//!    entries and hard state to the write-ahead log, then sync **once** for
+//!    the whole node (group commit across cells), then send the messages that
+//!    needed the sync (votes, append responses);
+//! 4. apply committed entries to the ledger in log order, answer the
+//!    requests this node proposed, serve the reads whose index is applied;
+//! 5. checkpoint a cell whose ledger holds enough new transfers: its delta
+//!    goes to the history store (durable) off the hot path; then its log is
+//!    compacted and the write-ahead log truncated.
 //!
-//! Recovery: restore the ledger from the store's checkpoint (accounts, open
-//! pending transfers), then replay every log record after the checkpoint's op
-//! with its recorded timestamp. The ledger is deterministic, so the replayed
-//! state equals the state before the crash, for every acknowledged request.
+//! Nothing is acknowledged before it is committed: durable on a majority of
+//! the cell's voters (this node's own copy included when it is the leader).
+//! A write whose outcome the node cannot know (leadership lost before its
+//! entry committed) is answered `unavailable` or `timeout`: a retry with the
+//! same ids is safe, because transfers are idempotent by id.
+//!
+//! Recovery: each cell's ledger is restored from its store checkpoint (which
+//! records the last applied index), the write-ahead log rebuilds each cell's
+//! Raft log and hard state, and Raft then hands over the committed entries
+//! after the checkpoint, which are applied with their recorded timestamps.
+//! The ledger is deterministic, so every replica that applied the same
+//! entries has the same state.
 
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use cellpay_cluster::topology::{CellId, NodeId, Topology};
+use cellpay_cluster::transport::{Deliver, PeerConfig, Transport, TransportConfig};
+use cellpay_ledger::id::shard_of_account;
 use cellpay_ledger::{
     Account, AccountBalance, AccountFilter, CheckpointDelta, CreateAccountResult, CreateTransferResult, FilterError,
     Ledger, LedgerConfig, Transfer, BATCH_EVENTS_MAX,
 };
-use cellpay_storage::store::{Store, StoreError};
-use cellpay_storage::wal::{ReplayError, Wal, WalError};
+use cellpay_storage::store::{Store, StoreDatabase, StoreError};
+use crossbeam_channel::{bounded, select, Receiver, Sender, TryRecvError, TrySendError};
+use protobuf::Message as _;
+use raft::prelude::{ConfState, Entry, EntryType, Message, Ready};
+use raft::{RawNode, StateRole};
 use tokio::sync::oneshot;
 
 use crate::metrics::Metrics;
+use crate::raft_log::{CellLog, NodeLog, NodeLogError};
 use crate::record::{self, Record, RecordError};
 
 /// A node's limits and tuning.
@@ -44,30 +63,79 @@ use crate::record::{self, Record, RecordError};
 pub struct NodeConfig {
     pub data_dir: PathBuf,
     pub ledger: LedgerConfig,
+    /// The cluster, and which of its nodes this is.
+    pub topology: Arc<Topology>,
+    pub node: NodeId,
     /// Requests waiting for the engine; past this, requests are refused as overloaded.
     pub queue_requests_max: usize,
-    /// Requests in one group commit.
+    /// Messages from peers waiting for the engine; past this they are dropped
+    /// (Raft retries) and counted.
+    pub inbox_messages_max: usize,
+    /// Requests taken in one engine round.
     pub group_requests_max: usize,
-    /// Events in one group commit (a request is never split).
-    pub group_events_max: usize,
-    /// Checkpoint once this many transfers are held in memory.
+    /// Checkpoint a cell once this many transfers are held in memory.
     pub checkpoint_transfers_max: usize,
-    /// Checkpoint an idle node that holds any new transfer after this long.
+    /// Checkpoint an idle cell that holds any new transfer after this long.
     pub checkpoint_idle_interval: Duration,
+    /// One Raft tick.
+    pub tick_interval: Duration,
+    /// Ticks without a leader's heartbeat before a follower campaigns
+    /// (randomised in `[election_ticks, 2 × election_ticks)`).
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    /// Bytes of log entries kept beyond a checkpoint, for followers that lag.
+    pub log_retained_bytes: u64,
+    /// Entries of uncommitted proposals a leader holds before refusing more.
+    pub uncommitted_bytes_max: u64,
+    /// How long a write waits for its entry to commit before it is answered
+    /// `timeout` (outcome unknown: retry with the same ids).
+    pub proposal_timeout: Duration,
 }
 
 impl NodeConfig {
+    /// A node alone: a one-node cluster with one cell owning every shard.
     pub fn new(data_dir: impl Into<PathBuf>) -> NodeConfig {
+        NodeConfig::cluster(data_dir, Arc::new(single_node_topology()), 1)
+    }
+
+    /// Node `node` of `topology`.
+    pub fn cluster(data_dir: impl Into<PathBuf>, topology: Arc<Topology>, node: NodeId) -> NodeConfig {
         NodeConfig {
             data_dir: data_dir.into(),
             ledger: LedgerConfig::default(),
+            topology,
+            node,
             queue_requests_max: 1024,
+            inbox_messages_max: 16 * 1024,
             group_requests_max: 256,
-            group_events_max: 64 * BATCH_EVENTS_MAX,
             checkpoint_transfers_max: 1 << 18,
             checkpoint_idle_interval: Duration::from_secs(10),
+            tick_interval: Duration::from_millis(100),
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            log_retained_bytes: 256 << 20,
+            uncommitted_bytes_max: 256 << 20,
+            proposal_timeout: Duration::from_secs(10),
         }
     }
+}
+
+/// A cluster of one node (id 1) with one cell (id 1) owning every shard. Its
+/// addresses are never dialled: a node alone has no peers.
+pub fn single_node_topology() -> Topology {
+    use cellpay_cluster::topology::{Cell, Datacenter, Latency, NodeSpec, Region, SHARDS_DEFAULT};
+    let node = NodeSpec { id: 1, peer_address: ([127, 0, 0, 1], 1).into(), client_address: ([127, 0, 0, 1], 2).into() };
+    let datacenter = Datacenter { name: "local".to_string(), nodes: vec![node] };
+    let region = Region { name: "local".to_string(), datacenters: vec![datacenter] };
+    let cell = Cell {
+        id: 1,
+        shards: (0..SHARDS_DEFAULT).collect(),
+        voters: vec![1],
+        learners: Vec::new(),
+        leader_preference: vec!["local".to_string()],
+    };
+    let latency = Latency { enabled: false, same_datacenter_us: 0, same_region_us: 0, cross_region_us: 0 };
+    Topology::new(SHARDS_DEFAULT, latency, vec![region], vec![cell]).expect("the single-node topology is valid")
 }
 
 /// A request to the node.
@@ -101,6 +169,10 @@ impl Request {
             Request::GetAccountTransfers(_) | Request::GetAccountBalances(_) => 1,
         }
     }
+
+    fn is_write(&self) -> bool {
+        matches!(self, Request::CreateAccounts(_) | Request::CreateTransfers(_))
+    }
 }
 
 /// The answer to a [`Request`], variant for variant.
@@ -113,7 +185,8 @@ pub enum Reply {
     Balances(Vec<AccountBalance>),
 }
 
-/// Why a request was refused as a whole. Nothing was changed.
+/// Why a request was refused as a whole. Except for `Timeout` (and
+/// `NotLeader` of a write this node had proposed), nothing was changed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum NodeError {
     #[error("the node's queue is full ({queue_requests_max} requests): retry later")]
@@ -126,6 +199,28 @@ pub enum NodeError {
     BatchTooLarge { events: usize },
     #[error("invalid filter: {0}")]
     InvalidFilter(FilterError),
+    #[error("this node's replica of cell {cell} is not its leader ({}): retry with the same ids", leader_text(*.leader))]
+    NotLeader { cell: CellId, leader: Option<NodeId> },
+    #[error("this node hosts no replica of cell {cell}")]
+    CellNotHosted { cell: CellId },
+    #[error(
+        "events {first_index} and {index} belong to cells {first_cell} and {cell}: a request's events must \
+         belong to one cell (cross-cell transfers need the gateway)"
+    )]
+    CrossCell { first_index: usize, first_cell: CellId, index: usize, cell: CellId },
+    #[error(
+        "cell {cell} did not commit the write within {timeout_ms} ms: its outcome is unknown; retry with the same ids"
+    )]
+    Timeout { cell: CellId, timeout_ms: u64 },
+    #[error("cell {cell} is unavailable: {reason}; retry with the same ids")]
+    Unavailable { cell: CellId, reason: String },
+}
+
+fn leader_text(leader: Option<NodeId>) -> String {
+    match leader {
+        Some(node) => format!("the leader is node {node}"),
+        None => "no leader is known".to_string(),
+    }
 }
 
 /// Why a node could not start.
@@ -133,28 +228,32 @@ pub enum NodeError {
 pub enum StartError {
     #[error("data directory {path}: {source}")]
     DataDir { path: PathBuf, source: std::io::Error },
+    #[error("node {node} is not in the topology")]
+    UnknownNode { node: NodeId },
     #[error("history store: {0}")]
     Store(#[from] StoreError),
-    #[error("write-ahead log: {0}")]
-    Wal(#[from] WalError),
-    #[error("write-ahead log record at op {op}: {source}")]
-    Record { op: u64, source: RecordError },
+    #[error("{0}")]
+    Log(#[from] NodeLogError),
     #[error(
-        "write-ahead log starts at op {wal_op_first} but the checkpoint covers only up to op {checkpoint_op}: \
-         records {checkpoint_op}+1.. are missing"
+        "cell {cell}: the store's checkpoint covers entry {checkpoint_index} but the log holds only \
+         {log_first}..={log_last}: the log lost entries the store depends on"
     )]
-    WalGap { checkpoint_op: u64, wal_op_first: u64 },
-    #[error(
-        "write-ahead log ends at op {wal_op_last} but the checkpoint covers op {checkpoint_op}: \
-         the log is older than the checkpoint"
-    )]
-    WalBehind { checkpoint_op: u64, wal_op_last: u64 },
+    LogMismatch { cell: CellId, checkpoint_index: u64, log_first: u64, log_last: u64 },
+    #[error("cell {cell}: consensus: {source}")]
+    Raft { cell: CellId, source: raft::Error },
+    #[error("cell {cell}: log entry {index}: {source}")]
+    Record { cell: CellId, index: u64, source: RecordError },
+    #[error("transport: {0}")]
+    Transport(String),
 }
 
 /// What recovery found, for the start-up log line.
 #[derive(Clone, Debug, Default)]
 pub struct RecoveryReport {
-    pub checkpoint_op: u64,
+    /// Every cell's checkpointed index and committed entries re-applied.
+    pub cells: Vec<CellRecovery>,
+    /// Ledger records (requests and pulses) re-applied after the
+    /// checkpoints, all cells together; Raft's own empty entries not counted.
     pub records_replayed: u64,
     pub torn_tail_bytes_cut: u64,
     pub accounts: usize,
@@ -162,7 +261,61 @@ pub struct RecoveryReport {
     pub wal_op_last: u64,
 }
 
+#[derive(Clone, Debug, Default)]
+pub struct CellRecovery {
+    pub cell: CellId,
+    pub checkpoint_index: u64,
+    pub log_first: u64,
+    pub log_last: u64,
+    pub commit: u64,
+    /// Ledger records re-applied after the checkpoint.
+    pub records_replayed: u64,
+}
+
+/// What every handle may know of a cell, published by the engine.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CellStatus {
+    pub cell: CellId,
+    pub role: &'static str,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub commit: u64,
+    pub applied: u64,
+    pub log_first: u64,
+    pub log_last: u64,
+    pub log_bytes: u64,
+    pub checkpoint_index: u64,
+    pub elections: u64,
+    /// The ledger's state hash (see `Ledger::state_hash`) at index
+    /// `state_hash_index`: computed when the cell has been idle for a tick,
+    /// so replicas of a quiescent cell can be compared.
+    pub state_hash: u64,
+    pub state_hash_index: u64,
+    pub accounts: usize,
+}
+
+/// The node's published status: one entry per hosted cell.
+#[derive(Default)]
+pub struct StatusBoard {
+    cells: RwLock<BTreeMap<CellId, CellStatus>>,
+}
+
+impl StatusBoard {
+    pub fn cells(&self) -> Vec<CellStatus> {
+        self.cells.read().expect("status lock").values().cloned().collect()
+    }
+
+    pub fn cell(&self, cell: CellId) -> Option<CellStatus> {
+        self.cells.read().expect("status lock").get(&cell).cloned()
+    }
+
+    fn publish(&self, status: CellStatus) {
+        self.cells.write().expect("status lock").insert(status.cell, status);
+    }
+}
+
 struct Envelope {
+    cell: CellId,
     request: Request,
     reply: oneshot::Sender<Result<Reply, NodeError>>,
     queued_at: Instant,
@@ -171,8 +324,11 @@ struct Envelope {
 /// A cheap, cloneable handle for submitting requests to a running node.
 #[derive(Clone)]
 pub struct NodeHandle {
-    sender: SyncSender<Envelope>,
+    sender: Sender<Envelope>,
     metrics: Arc<Metrics>,
+    status: Arc<StatusBoard>,
+    topology: Arc<Topology>,
+    node: NodeId,
     queue_requests_max: usize,
     stop: Arc<AtomicU8>,
 }
@@ -185,8 +341,10 @@ const STOP: u8 = 1;
 const HALT: u8 = 2;
 
 impl NodeHandle {
-    /// Validates the request's shape, queues it, and waits for its answer.
-    /// Refuses at once (never blocks) when the queue is full.
+    /// Validates the request's shape, routes it to its cell, queues it for
+    /// the engine, and waits for its answer. Refuses at once (never blocks)
+    /// when the queue is full. A request whose events span cells is refused;
+    /// lookups are split by cell and their answers merged.
     pub async fn submit(&self, request: Request) -> Result<Reply, NodeError> {
         let operation = request.operation();
         let result = self.submit_inner(request).await;
@@ -194,6 +352,9 @@ impl NodeHandle {
             Ok(_) => "ok",
             Err(NodeError::Overloaded { .. }) => "overloaded",
             Err(NodeError::ShuttingDown) => "shutting_down",
+            Err(NodeError::NotLeader { .. }) => "not_leader",
+            Err(NodeError::Timeout { .. }) => "timeout",
+            Err(NodeError::Unavailable { .. }) => "unavailable",
             Err(_) => "invalid",
         };
         self.metrics.request(operation, outcome);
@@ -202,11 +363,40 @@ impl NodeHandle {
 
     async fn submit_inner(&self, request: Request) -> Result<Reply, NodeError> {
         validate(&request)?;
+        match route(&self.topology, &request)? {
+            Route::Cell(cell) => self.submit_cell(cell, request).await,
+            Route::Split(parts) => {
+                let ids = match &request {
+                    Request::LookupAccounts(ids) | Request::LookupTransfers(ids) => ids.clone(),
+                    _ => unreachable!("only lookups are split"),
+                };
+                let mut accounts: Vec<Account> = Vec::new();
+                let mut transfers: Vec<Transfer> = Vec::new();
+                for (cell, part) in parts {
+                    match self.submit_cell(cell, part).await? {
+                        Reply::Accounts(part) => accounts.extend(part),
+                        Reply::Transfers(part) => transfers.extend(part),
+                        other => unreachable!("a lookup answered {other:?}"),
+                    }
+                }
+                Ok(match request {
+                    Request::LookupAccounts(_) => Reply::Accounts(in_request_order(&ids, accounts, |a| a.id)),
+                    _ => Reply::Transfers(in_request_order(&ids, transfers, |t| t.id)),
+                })
+            }
+        }
+    }
+
+    /// Submits a request for one cell to this node's replica of it.
+    pub async fn submit_cell(&self, cell: CellId, request: Request) -> Result<Reply, NodeError> {
         if self.stop.load(Ordering::Acquire) != RUNNING {
             return Err(NodeError::ShuttingDown);
         }
+        if self.status.cell(cell).is_none() {
+            return Err(NodeError::CellNotHosted { cell });
+        }
         let (reply, answer) = oneshot::channel();
-        let envelope = Envelope { request, reply, queued_at: Instant::now() };
+        let envelope = Envelope { cell, request, reply, queued_at: Instant::now() };
         match self.sender.try_send(envelope) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
@@ -221,6 +411,24 @@ impl NodeHandle {
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
+
+    pub fn status(&self) -> &Arc<StatusBoard> {
+        &self.status
+    }
+
+    pub fn topology(&self) -> &Arc<Topology> {
+        &self.topology
+    }
+
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+}
+
+/// `items` (each found at most once) in the order their ids appear in `ids`.
+fn in_request_order<T>(ids: &[u128], items: Vec<T>, id_of: impl Fn(&T) -> u128) -> Vec<T> {
+    let mut by_id: BTreeMap<u128, T> = items.into_iter().map(|item| (id_of(&item), item)).collect();
+    ids.iter().filter_map(|id| by_id.remove(id)).collect()
 }
 
 fn validate(request: &Request) -> Result<(), NodeError> {
@@ -241,28 +449,125 @@ fn validate(request: &Request) -> Result<(), NodeError> {
     }
 }
 
-/// A running node: its handle and its engine thread.
+/// Where a request goes.
+enum Route {
+    Cell(CellId),
+    /// A lookup split into one request per cell.
+    Split(Vec<(CellId, Request)>),
+}
+
+fn cell_of_account(topology: &Topology, account: u128) -> CellId {
+    let shard = shard_of_account(account, topology.shards);
+    topology.cell_of_shard(shard).expect("a valid topology assigns every shard to a cell")
+}
+
+/// The cell a request belongs to: the cell of its events' accounts (all in
+/// one cell), or, for lookups, one request per cell.
+fn route(topology: &Topology, request: &Request) -> Result<Route, NodeError> {
+    let single = |cells: &mut dyn Iterator<Item = (usize, CellId)>| -> Result<CellId, NodeError> {
+        let Some((first_index, first_cell)) = cells.next() else {
+            // Nothing names an account (a post or void naming only its
+            // pending transfer): any cell refuses it correctly if it is not there.
+            return Ok(topology.cells[0].id);
+        };
+        for (index, cell) in cells {
+            if cell != first_cell {
+                return Err(NodeError::CrossCell { first_index, first_cell, index, cell });
+            }
+        }
+        Ok(first_cell)
+    };
+    match request {
+        Request::CreateAccounts(accounts) => {
+            let mut cells = accounts.iter().enumerate().map(|(index, a)| (index, cell_of_account(topology, a.id)));
+            single(&mut cells).map(Route::Cell)
+        }
+        Request::CreateTransfers(transfers) => {
+            let mut cells = transfers.iter().enumerate().flat_map(|(index, t)| {
+                [t.debit_account_id, t.credit_account_id]
+                    .into_iter()
+                    .filter(|&id| id != 0)
+                    .map(move |id| (index, cell_of_account(topology, id)))
+            });
+            single(&mut cells).map(Route::Cell)
+        }
+        Request::GetAccountTransfers(filter) | Request::GetAccountBalances(filter) => {
+            Ok(Route::Cell(cell_of_account(topology, filter.account_id)))
+        }
+        Request::LookupAccounts(ids) => {
+            let mut by_cell: BTreeMap<CellId, Vec<u128>> = BTreeMap::new();
+            for &id in ids {
+                by_cell.entry(cell_of_account(topology, id)).or_default().push(id);
+            }
+            if by_cell.len() == 1 {
+                return Ok(Route::Cell(*by_cell.keys().next().expect("one cell")));
+            }
+            Ok(Route::Split(by_cell.into_iter().map(|(cell, ids)| (cell, Request::LookupAccounts(ids))).collect()))
+        }
+        Request::LookupTransfers(ids) => {
+            // Transfer ids are opaque: any cell may hold one.
+            if topology.cells.len() == 1 {
+                return Ok(Route::Cell(topology.cells[0].id));
+            }
+            Ok(Route::Split(
+                topology.cells.iter().map(|cell| (cell.id, Request::LookupTransfers(ids.clone()))).collect(),
+            ))
+        }
+    }
+}
+
+/// A running node: its handle, its engine thread and its transport.
 pub struct Node {
     handle: NodeHandle,
     stop: Arc<AtomicU8>,
     thread: Option<std::thread::JoinHandle<()>>,
+    runtime: Option<tokio::runtime::Runtime>,
     pub recovery: RecoveryReport,
 }
 
 impl Node {
-    /// Opens (or creates) the node's data, recovers, and starts the engine thread.
+    /// Opens (or creates) the node's data, recovers every hosted cell, and
+    /// starts the transport and the engine thread.
     pub fn start(config: NodeConfig) -> Result<Node, StartError> {
+        if config.topology.node(config.node).is_none() {
+            return Err(StartError::UnknownNode { node: config.node });
+        }
         let metrics = Arc::new(Metrics::new());
-        let (engine, recovery) = Engine::open(config.clone(), metrics.clone())?;
-        let (sender, receiver) = sync_channel(config.queue_requests_max);
+        let status = Arc::new(StatusBoard::default());
+        let (inbox_sender, inbox) = bounded::<(NodeId, Vec<u8>)>(config.inbox_messages_max);
+        let (runtime, transport) = start_transport(&config, inbox_sender)?;
+        let (mut engine, mut recovery) = Engine::open(config.clone(), metrics.clone(), status.clone(), transport)?;
+        engine.catch_up_local();
+        for cell in recovery.cells.iter_mut() {
+            cell.records_replayed = engine.replicas[&cell.cell].records_applied;
+        }
+        recovery.records_replayed = recovery.cells.iter().map(|cell| cell.records_replayed).sum();
+        recovery.accounts = engine.replicas.values().map(|r| r.ledger.accounts_count()).sum();
+        recovery.pending_open = engine.replicas.values().map(|r| r.ledger.pending_open_count()).sum();
+        recovery.wal_op_last = engine.log.last_op();
+        for replica in engine.replicas.values() {
+            if let Err(error) = replica.ledger.audit() {
+                panic!("cell {}: ledger fails its audit after recovery: {error}", replica.cell);
+            }
+        }
+        tracing::info!(?recovery, "recovered");
+        let (sender, receiver) = bounded(config.queue_requests_max);
         let stop = Arc::new(AtomicU8::new(RUNNING));
         let engine_stop = stop.clone();
         let thread = std::thread::Builder::new()
             .name("cellpay-engine".to_string())
-            .spawn(move || engine.run(receiver, &engine_stop))
+            .spawn(move || engine.run(receiver, inbox, &engine_stop))
             .map_err(|source| StartError::DataDir { path: config.data_dir.clone(), source })?;
-        let handle = NodeHandle { sender, metrics, queue_requests_max: config.queue_requests_max, stop: stop.clone() };
-        Ok(Node { handle, stop, thread: Some(thread), recovery })
+        let handle = NodeHandle {
+            sender,
+            metrics,
+            status,
+            topology: config.topology.clone(),
+            node: config.node,
+            queue_requests_max: config.queue_requests_max,
+            stop: stop.clone(),
+        };
+        Ok(Node { handle, stop, thread: Some(thread), runtime, recovery })
     }
 
     pub fn handle(&self) -> NodeHandle {
@@ -270,7 +575,7 @@ impl Node {
     }
 
     /// Stops accepting requests, answers the queued ones, writes a final
-    /// checkpoint, and joins the engine thread.
+    /// checkpoint of every cell, and joins the engine thread.
     pub fn shutdown(self) {
         self.stop_with(STOP);
     }
@@ -287,6 +592,9 @@ impl Node {
         if let Some(thread) = self.thread.take() {
             thread.join().expect("engine thread panicked");
         }
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 
@@ -296,336 +604,828 @@ impl Drop for Node {
             self.stop.store(STOP, Ordering::Release);
             let _ = thread.join();
         }
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 
-struct Engine {
-    config: NodeConfig,
-    ledger: Ledger,
-    store: Arc<Store>,
-    wal: Wal,
-    writer: CheckpointWriter,
-    metrics: Arc<Metrics>,
-    payload: Vec<u8>,
-    checkpoint_last: Instant,
+/// Starts the transport to the node's peers on a runtime of its own (none
+/// for a node alone).
+fn start_transport(
+    config: &NodeConfig,
+    inbox: Sender<(NodeId, Vec<u8>)>,
+) -> Result<(Option<tokio::runtime::Runtime>, Option<Transport>), StartError> {
+    let topology = &config.topology;
+    let me = topology.node(config.node).expect("checked by the caller");
+    let peers: Vec<PeerConfig> = topology
+        .nodes()
+        .filter(|node| node.id != config.node)
+        .map(|node| PeerConfig {
+            id: node.id,
+            address: node.peer_address,
+            one_way_delay: topology.one_way_delay(config.node, node.id),
+        })
+        .collect();
+    if peers.is_empty() {
+        return Ok((None, None));
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("cellpay-transport")
+        .enable_all()
+        .build()
+        .map_err(|error| StartError::Transport(error.to_string()))?;
+    let deliver: Deliver = Arc::new(move |from, payload| inbox.try_send((from, payload)).is_ok());
+    let transport =
+        Transport::start(TransportConfig::new(config.node, me.peer_address, peers), deliver, runtime.handle())
+            .map_err(|error| StartError::Transport(error.to_string()))?;
+    Ok((Some(runtime), Some(transport)))
 }
 
-/// The wall clock in nanoseconds since the Unix epoch. The ledger makes its
-/// timestamps strictly increasing whatever this returns.
+/// The wall clock in nanoseconds since the Unix epoch. Only a leader reads
+/// it, to stamp the entries it proposes; the ledger makes applied timestamps
+/// strictly increasing whatever it returns.
 fn clock_ns() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
 
+/// A write this node proposed, waiting for its entry to be applied.
+struct Proposal {
+    index: u64,
+    term: u64,
+    /// `None` for the engine's own entries (pulses).
+    envelope: Option<Envelope>,
+    deadline: Instant,
+}
+
+/// Reads waiting for a read index, then for it to be applied.
+struct ReadBatch {
+    id: u64,
+    /// The read index, once Raft has confirmed leadership for it.
+    index: Option<u64>,
+    envelopes: Vec<Envelope>,
+}
+
+/// One cell's replica on this node.
+struct Replica {
+    cell: CellId,
+    raw: RawNode<CellLog>,
+    ledger: Ledger,
+    store: Arc<Store>,
+    applied: u64,
+    checkpoint_index: u64,
+    /// The index of the checkpoint the writer is storing.
+    checkpoint_in_flight: Option<u64>,
+    checkpoint_last: Instant,
+    proposals: VecDeque<Proposal>,
+    reads_new: Vec<Envelope>,
+    reads: VecDeque<ReadBatch>,
+    read_id_next: u64,
+    pulse_in_flight: bool,
+    elections: u64,
+    role: StateRole,
+    /// Ledger records applied since the process started.
+    records_applied: u64,
+    /// `(applied index, state hash)` as of the last idle tick.
+    state_hash: (u64, u64),
+    applied_last_tick: u64,
+}
+
+/// A ready taken from a replica, waiting for the round's sync.
+struct Persisting {
+    cell: CellId,
+    ready: Ready,
+}
+
+struct Engine {
+    config: NodeConfig,
+    replicas: BTreeMap<CellId, Replica>,
+    log: NodeLog,
+    transport: Option<Transport>,
+    writer: CheckpointWriter,
+    metrics: Arc<Metrics>,
+    status: Arc<StatusBoard>,
+    tick_next: Instant,
+    messages_unknown_cell: u64,
+}
+
 impl Engine {
-    fn open(config: NodeConfig, metrics: Arc<Metrics>) -> Result<(Engine, RecoveryReport), StartError> {
+    fn open(
+        config: NodeConfig,
+        metrics: Arc<Metrics>,
+        status: Arc<StatusBoard>,
+        transport: Option<Transport>,
+    ) -> Result<(Engine, RecoveryReport), StartError> {
         let data_dir = &config.data_dir;
-        let dir_error = |source| StartError::DataDir { path: data_dir.clone(), source };
-        std::fs::create_dir_all(data_dir).map_err(dir_error)?;
-        let store = Arc::new(Store::open(&data_dir.join("store"))?);
-        let checkpoint = store.checkpoint()?;
-        let accounts = store.accounts()?;
-        let pending_open = store.open_pending()?;
-        let ledger = Ledger::restore(config.ledger, accounts, pending_open, checkpoint.timestamp_last);
-        let (wal, wal_recovery) = Wal::open(&data_dir.join("wal"))?;
-        let mut engine = Engine {
-            config,
-            ledger,
-            writer: CheckpointWriter::start(store.clone()),
-            store,
-            wal,
-            metrics,
-            payload: Vec::with_capacity(record::PAYLOAD_SIZE_MAX),
-            checkpoint_last: Instant::now(),
-        };
-        let records_replayed = engine.replay(checkpoint.op)?;
-        let report = RecoveryReport {
-            checkpoint_op: checkpoint.op,
-            records_replayed,
-            torn_tail_bytes_cut: wal_recovery.torn_tail_bytes_cut,
-            accounts: engine.ledger.accounts_count(),
-            pending_open: engine.ledger.pending_open_count(),
-            wal_op_last: engine.wal.last_op(),
-        };
-        if let Err(error) = engine.ledger.audit() {
-            panic!("ledger fails its audit after recovery: {error}");
+        std::fs::create_dir_all(data_dir).map_err(|source| StartError::DataDir { path: data_dir.clone(), source })?;
+        let database = StoreDatabase::open(&data_dir.join("store"))?;
+        let (mut log, log_recovery) = NodeLog::open(&data_dir.join("wal"))?;
+        let mut cell_logs = log_recovery.cells;
+        let logger = slog::Logger::root(crate::raft_logger::TracingDrain, slog::o!("node" => config.node));
+        let mut replicas = BTreeMap::new();
+        let mut report =
+            RecoveryReport { torn_tail_bytes_cut: log_recovery.wal.torn_tail_bytes_cut, ..Default::default() };
+        for cell_id in config.topology.cells_of_node(config.node) {
+            let cell = config.topology.cell(cell_id).expect("cells_of_node names known cells");
+            let store = Arc::new(Store::open_in(&database, &format!("cell{cell_id}."))?);
+            let checkpoint = store.checkpoint()?;
+            let mut cell_log = match cell_logs.remove(&cell_id) {
+                Some(cell_log) => cell_log,
+                None => {
+                    // First start: every replica starts from the topology's membership.
+                    let conf_state = ConfState {
+                        voters: cell.voters.clone(),
+                        learners: cell.learners.clone(),
+                        ..Default::default()
+                    };
+                    let cell_log = CellLog::new(conf_state);
+                    log.append_base(cell_id, cell_log.base());
+                    cell_log
+                }
+            };
+            let index = checkpoint.op;
+            if index > 0 {
+                if cell_log.term_of(index).is_none() {
+                    return Err(StartError::LogMismatch {
+                        cell: cell_id,
+                        checkpoint_index: index,
+                        log_first: cell_log.first_index(),
+                        log_last: cell_log.last_index(),
+                    });
+                }
+                cell_log.compact_to(index);
+            }
+            if cell_log.hard_state().commit < index {
+                cell_log.set_commit(index);
+            }
+            report.cells.push(CellRecovery {
+                cell: cell_id,
+                checkpoint_index: index,
+                log_first: cell_log.first_index(),
+                log_last: cell_log.last_index(),
+                commit: cell_log.hard_state().commit,
+                records_replayed: 0,
+            });
+            let raft_config = raft::Config {
+                id: config.node,
+                election_tick: config.election_ticks,
+                heartbeat_tick: config.heartbeat_ticks,
+                applied: index,
+                max_size_per_msg: 4 << 20,
+                max_inflight_msgs: 64,
+                max_uncommitted_size: config.uncommitted_bytes_max,
+                check_quorum: true,
+                pre_vote: true,
+                read_only_option: raft::ReadOnlyOption::Safe,
+                ..Default::default()
+            };
+            let cell_logger = logger.new(slog::o!("cell" => cell_id));
+            let raw = RawNode::new(&raft_config, cell_log, &cell_logger)
+                .map_err(|source| StartError::Raft { cell: cell_id, source })?;
+            let ledger =
+                Ledger::restore(config.ledger, store.accounts()?, store.open_pending()?, checkpoint.timestamp_last);
+            replicas.insert(
+                cell_id,
+                Replica {
+                    cell: cell_id,
+                    raw,
+                    ledger,
+                    store,
+                    applied: index,
+                    checkpoint_index: index,
+                    checkpoint_in_flight: None,
+                    checkpoint_last: Instant::now(),
+                    proposals: VecDeque::new(),
+                    reads_new: Vec::new(),
+                    reads: VecDeque::new(),
+                    read_id_next: 1,
+                    pulse_in_flight: false,
+                    elections: 0,
+                    role: StateRole::Follower,
+                    records_applied: 0,
+                    state_hash: (u64::MAX, 0),
+                    applied_last_tick: index,
+                },
+            );
         }
-        engine.update_gauges();
-        tracing::info!(?report, "recovered");
+        log.sync();
+        let engine = Engine {
+            tick_next: Instant::now() + config.tick_interval,
+            config,
+            replicas,
+            log,
+            transport,
+            writer: CheckpointWriter::start(),
+            metrics,
+            status,
+            messages_unknown_cell: 0,
+        };
+        for replica in engine.replicas.values() {
+            engine.publish(replica);
+        }
         Ok((engine, report))
     }
 
-    /// Re-applies every log record after `checkpoint_op`. Returns how many.
-    fn replay(&mut self, checkpoint_op: u64) -> Result<u64, StartError> {
-        if self.wal.last_op() == 0 {
-            // A new, empty log: continue numbering after the checkpoint.
-            if checkpoint_op > 0 {
-                self.wal.set_next_op(checkpoint_op + 1)?;
+    /// Applies what the local log already holds as committed (recovery), and
+    /// elects a cell's only voter at once.
+    fn catch_up_local(&mut self) {
+        for replica in self.replicas.values_mut() {
+            let cell = self.config.topology.cell(replica.cell).expect("hosted cells are in the topology");
+            if cell.voters == [self.config.node] {
+                let _ = replica.raw.campaign();
             }
-            return Ok(0);
         }
-        if self.wal.last_op() < checkpoint_op {
-            return Err(StartError::WalBehind { checkpoint_op, wal_op_last: self.wal.last_op() });
-        }
-        let wal_op_first = self.wal.first_op();
-        if wal_op_first > checkpoint_op + 1 {
-            return Err(StartError::WalGap { checkpoint_op, wal_op_first });
-        }
-        let mut replayed = 0u64;
-        let ledger = &mut self.ledger;
-        let store = self.store.as_ref();
-        let result = self.wal.replay(checkpoint_op + 1, |op, payload| {
-            let record = record::decode(payload).map_err(|source| StartError::Record { op, source })?;
-            apply_record(ledger, store, &record);
-            replayed += 1;
-            Ok::<(), StartError>(())
-        });
-        match result {
-            Ok(()) => Ok(replayed),
-            Err(ReplayError::Wal(error)) => Err(StartError::Wal(error)),
-            Err(ReplayError::Callback { error, .. }) => Err(error),
-        }
+        self.round();
     }
 
-    fn run(mut self, receiver: Receiver<Envelope>, stop: &AtomicU8) {
-        let mut group: Vec<Envelope> = Vec::with_capacity(self.config.group_requests_max);
+    fn run(mut self, requests: Receiver<Envelope>, inbox: Receiver<(NodeId, Vec<u8>)>, stop: &AtomicU8) {
         loop {
             match stop.load(Ordering::Acquire) {
                 RUNNING => {}
                 HALT => {
-                    while let Ok(envelope) = receiver.try_recv() {
+                    while let Ok(envelope) = requests.try_recv() {
                         let _ = envelope.reply.send(Err(NodeError::ShuttingDown));
                     }
+                    self.fail_waiting(NodeError::ShuttingDown);
                     // A checkpoint already handed to the writer completes (it is
                     // consistent either way); no new one starts.
-                    self.checkpoint_finish(true);
-                    tracing::info!(wal_op_last = self.wal.last_op(), "engine halted");
+                    self.checkpoints_finish(true);
+                    tracing::info!(wal_op_last = self.log.last_op(), "engine halted");
                     return;
                 }
                 _ => {
                     // Handles refuse new requests now; answer what is queued, then stop.
-                    match receiver.try_recv() {
-                        Ok(envelope) => group.push(envelope),
-                        Err(_) => break,
+                    while let Ok(envelope) = requests.try_recv() {
+                        self.request(envelope);
                     }
+                    self.round();
+                    self.fail_waiting(NodeError::ShuttingDown);
+                    break;
                 }
             }
-            if group.is_empty() {
-                match receiver.recv_timeout(Duration::from_millis(20)) {
-                    Ok(envelope) => group.push(envelope),
-                    Err(RecvTimeoutError::Timeout) => {
-                        self.idle();
-                        continue;
-                    }
-                    Err(RecvTimeoutError::Disconnected) => break,
-                }
+            let timeout = self.tick_next.saturating_duration_since(Instant::now());
+            select! {
+                recv(requests) -> envelope => if let Ok(envelope) = envelope { self.request(envelope) },
+                recv(inbox) -> message => if let Ok((from, payload)) = message { self.peer_message(from, &payload) },
+                default(timeout) => {},
             }
-            let mut events = group[0].request.events();
-            while group.len() < self.config.group_requests_max && events < self.config.group_events_max {
-                match receiver.try_recv() {
-                    Ok(envelope) => {
-                        events += envelope.request.events();
-                        group.push(envelope);
-                    }
+            let mut taken = 0;
+            while taken < self.config.group_requests_max {
+                match requests.try_recv() {
+                    Ok(envelope) => self.request(envelope),
                     Err(_) => break,
                 }
+                taken += 1;
             }
-            self.metrics.queue_requests.dec_by(group.len() as i64);
-            self.commit(&mut group);
-            self.checkpoint_finish(false);
-            if self.ledger.transfers_new_count() >= self.config.checkpoint_transfers_max {
-                self.checkpoint_start();
+            for _ in 0..self.config.inbox_messages_max {
+                match inbox.try_recv() {
+                    Ok((from, payload)) => self.peer_message(from, &payload),
+                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+                }
             }
+            if Instant::now() >= self.tick_next {
+                self.tick();
+            }
+            self.round();
         }
-        self.checkpoint_all();
-        tracing::info!(wal_op_last = self.wal.last_op(), "engine stopped");
+        self.checkpoints_all();
+        tracing::info!(wal_op_last = self.log.last_op(), "engine stopped");
     }
 
-    /// One group commit: log, fsync once, apply, answer.
-    fn commit(&mut self, group: &mut Vec<Envelope>) {
-        let span = tracing::debug_span!("commit", requests = group.len());
-        let _entered = span.enter();
-        // Every record of the group is logged with this timestamp and applied
-        // with exactly it; the ledger turns it into strictly increasing event
-        // timestamps deterministically, so replay reproduces them.
+    /// Answers every proposal and read still waiting (the engine is stopping).
+    fn fail_waiting(&mut self, error: NodeError) {
+        for replica in self.replicas.values_mut() {
+            for proposal in replica.proposals.drain(..) {
+                if let Some(envelope) = proposal.envelope {
+                    let _ = envelope.reply.send(Err(error.clone()));
+                }
+            }
+            for envelope in replica.reads_new.drain(..) {
+                let _ = envelope.reply.send(Err(error.clone()));
+            }
+            for batch in replica.reads.drain(..) {
+                for envelope in batch.envelopes {
+                    let _ = envelope.reply.send(Err(error.clone()));
+                }
+            }
+        }
+    }
+
+    fn request(&mut self, envelope: Envelope) {
+        self.metrics.queue_requests.dec();
+        let Some(replica) = self.replicas.get_mut(&envelope.cell) else {
+            let cell = envelope.cell;
+            let _ = envelope.reply.send(Err(NodeError::CellNotHosted { cell }));
+            return;
+        };
+        if replica.raw.raft.state != StateRole::Leader {
+            let leader = Some(replica.raw.raft.leader_id).filter(|&id| id != raft::INVALID_ID);
+            let _ = envelope.reply.send(Err(NodeError::NotLeader { cell: replica.cell, leader }));
+            return;
+        }
+        if !envelope.request.is_write() {
+            replica.reads_new.push(envelope);
+            return;
+        }
+        // The leader stamps the entry; every replica applies it with this timestamp.
         let timestamp = clock_ns();
-        let pulse = self.ledger.expiry_next().is_some_and(|at| at <= timestamp);
-        if pulse {
-            record::encode_pulse(&mut self.payload, timestamp);
-            self.wal_append();
+        let mut data =
+            Vec::with_capacity(record::HEADER_SIZE + envelope.request.events() * cellpay_ledger::RECORD_SIZE);
+        match &envelope.request {
+            Request::CreateAccounts(accounts) => record::encode_create_accounts(&mut data, timestamp, accounts),
+            Request::CreateTransfers(transfers) => record::encode_create_transfers(&mut data, timestamp, transfers),
+            _ => unreachable!("writes only"),
         }
-        for envelope in group.iter() {
-            match &envelope.request {
-                Request::CreateAccounts(accounts) => {
-                    record::encode_create_accounts(&mut self.payload, timestamp, accounts);
-                    self.wal_append();
+        let deadline = Instant::now() + self.config.proposal_timeout;
+        propose(replica, data, Some(envelope), deadline);
+    }
+
+    fn peer_message(&mut self, from: NodeId, payload: &[u8]) {
+        let Some((cell, message)) = decode_peer_message(payload) else {
+            tracing::warn!(from, bytes = payload.len(), "dropped an undecodable message from a peer");
+            return;
+        };
+        let Some(replica) = self.replicas.get_mut(&cell) else {
+            self.messages_unknown_cell += 1;
+            if self.messages_unknown_cell.is_power_of_two() {
+                tracing::warn!(
+                    from,
+                    cell,
+                    count = self.messages_unknown_cell,
+                    "messages for a cell this node does not host"
+                );
+            }
+            return;
+        };
+        if let Err(error) = replica.raw.step(message) {
+            tracing::debug!(cell, from, %error, "raft refused a message");
+        }
+    }
+
+    fn tick(&mut self) {
+        let now = Instant::now();
+        while self.tick_next <= now {
+            self.tick_next += self.config.tick_interval;
+        }
+        let timestamp = clock_ns();
+        for replica in self.replicas.values_mut() {
+            replica.raw.tick();
+            // Hashing the state sorts every account: only for a cell idle since the last tick.
+            if replica.applied == replica.applied_last_tick && replica.state_hash.0 != replica.applied {
+                replica.state_hash = (replica.applied, replica.ledger.state_hash());
+            }
+            replica.applied_last_tick = replica.applied;
+            // Writes whose entry neither committed nor was overwritten in time.
+            while replica.proposals.front().is_some_and(|p| p.deadline <= now) {
+                let proposal = replica.proposals.pop_front().expect("checked");
+                if let Some(envelope) = proposal.envelope {
+                    let timeout_ms = self.config.proposal_timeout.as_millis() as u64;
+                    let _ = envelope.reply.send(Err(NodeError::Timeout { cell: replica.cell, timeout_ms }));
+                } else {
+                    replica.pulse_in_flight = false;
                 }
-                Request::CreateTransfers(transfers) => {
-                    record::encode_create_transfers(&mut self.payload, timestamp, transfers);
-                    self.wal_append();
-                }
-                _ => {}
+            }
+            // The leader expires pending transfers whose timeout has passed,
+            // through the log like any write.
+            let due = replica.ledger.expiry_next().is_some_and(|at| at <= timestamp);
+            if due && replica.raw.raft.state == StateRole::Leader && !replica.pulse_in_flight {
+                let mut data = Vec::with_capacity(record::HEADER_SIZE);
+                record::encode_pulse(&mut data, timestamp);
+                replica.pulse_in_flight = propose(replica, data, None, now + self.config.proposal_timeout);
             }
         }
-        if self.wal.last_op() > self.wal.durable_op() {
-            let started = Instant::now();
-            if let Err(error) = self.wal.sync() {
-                panic!("write-ahead log sync failed, stopping to recover on restart: {error}");
+        for cell in self.replicas.keys().copied().collect::<Vec<_>>() {
+            let replica = &self.replicas[&cell];
+            let stale = replica.checkpoint_last.elapsed() >= self.config.checkpoint_idle_interval;
+            if stale && replica.ledger.transfers_new_count() > 0 && replica.checkpoint_in_flight.is_none() {
+                self.checkpoint_start(cell);
             }
+        }
+        self.checkpoints_finish(false);
+    }
+
+    /// One round of consensus I/O for every replica: see the module documentation.
+    fn round(&mut self) {
+        for replica in self.replicas.values_mut() {
+            if !replica.reads_new.is_empty() {
+                let id = replica.read_id_next;
+                replica.read_id_next += 1;
+                replica.raw.read_index(id.to_le_bytes().to_vec());
+                let envelopes = std::mem::take(&mut replica.reads_new);
+                replica.reads.push_back(ReadBatch { id, index: None, envelopes });
+            }
+        }
+        let mut persisting: Vec<Persisting> = Vec::new();
+        let cells: Vec<CellId> = self.replicas.keys().copied().collect();
+        for &cell in &cells {
+            let replica = self.replicas.get_mut(&cell).expect("hosted");
+            if !replica.raw.has_ready() {
+                continue;
+            }
+            let mut ready = replica.raw.ready();
+            send_messages(self.transport.as_ref(), cell, ready.take_messages(), &mut replica.raw);
+            if let Some(soft) = ready.ss() {
+                if soft.raft_state != replica.role {
+                    if soft.raft_state == StateRole::Leader {
+                        replica.elections += 1;
+                        tracing::info!(cell, term = replica.raw.raft.term, "became leader");
+                    }
+                    if replica.role == StateRole::Leader {
+                        tracing::info!(cell, term = replica.raw.raft.term, "lost leadership");
+                    }
+                    replica.role = soft.raft_state;
+                    if soft.raft_state != StateRole::Leader {
+                        fail_reads(replica);
+                    }
+                }
+            }
+            for read_state in ready.take_read_states() {
+                let id = read_state.request_ctx.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+                if let Some(batch) = replica.reads.iter_mut().find(|batch| Some(batch.id) == id) {
+                    batch.index = Some(read_state.index);
+                }
+            }
+            assert!(ready.snapshot().is_empty(), "cell {cell}: snapshots are never sent");
+            let committed = ready.take_committed_entries();
+            apply_entries(replica, committed, &self.metrics);
+            if !ready.entries().is_empty() {
+                self.log.append_entries(cell, ready.entries());
+                if let Err(error) = replica.raw.mut_store().append(ready.entries()) {
+                    panic!("cell {cell}: raft handed entries that do not continue the log: {error}");
+                }
+            }
+            if let Some(hard_state) = ready.hs() {
+                self.log.append_hard_state(cell, hard_state);
+                replica.raw.mut_store().set_hard_state(hard_state.clone());
+            }
+            persisting.push(Persisting { cell, ready });
+        }
+        if persisting.is_empty() {
+            self.serve_reads();
+            return;
+        }
+        let started = Instant::now();
+        if self.log.sync() {
             self.metrics.fsync_seconds.observe(started.elapsed().as_secs_f64());
         }
-        self.metrics.group_requests.observe(group.len() as f64);
-
-        // Durable: apply in log order and answer.
-        if pulse {
-            self.ledger.pulse(timestamp);
+        for Persisting { cell, mut ready } in persisting {
+            let replica = self.replicas.get_mut(&cell).expect("hosted");
+            send_messages(self.transport.as_ref(), cell, ready.take_persisted_messages(), &mut replica.raw);
+            let mut light = replica.raw.advance(ready);
+            if let Some(commit) = light.commit_index() {
+                replica.raw.mut_store().set_commit(commit);
+                let hard_state = replica.raw.store().hard_state().clone();
+                self.log.append_hard_state(cell, &hard_state);
+            }
+            send_messages(self.transport.as_ref(), cell, light.take_messages(), &mut replica.raw);
+            apply_entries(replica, light.take_committed_entries(), &self.metrics);
+            replica.raw.advance_apply();
         }
-        for envelope in group.drain(..) {
-            let reply = self.apply(&envelope.request, timestamp);
-            self.metrics.commit_seconds.observe(envelope.queued_at.elapsed().as_secs_f64());
-            // A client that gave up waiting is not an error: its request was applied.
-            let _ = envelope.reply.send(reply);
+        self.serve_reads();
+        for &cell in &cells {
+            let replica = &self.replicas[&cell];
+            let due = replica.ledger.transfers_new_count() >= self.config.checkpoint_transfers_max;
+            if due {
+                self.checkpoint_start(cell);
+            }
         }
-        self.update_gauges();
+        self.checkpoints_finish(false);
+        for replica in self.replicas.values() {
+            self.publish(replica);
+        }
     }
 
-    fn wal_append(&mut self) {
-        if let Err(error) = self.wal.append(&self.payload) {
-            panic!("write-ahead log append failed, stopping to recover on restart: {error}");
+    fn serve_reads(&mut self) {
+        for replica in self.replicas.values_mut() {
+            while replica.reads.front().is_some_and(|batch| batch.index.is_some_and(|index| index <= replica.applied)) {
+                let batch = replica.reads.pop_front().expect("checked");
+                for envelope in batch.envelopes {
+                    let reply = read(replica, &envelope.request);
+                    self.metrics.commit_seconds.observe(envelope.queued_at.elapsed().as_secs_f64());
+                    let _ = envelope.reply.send(reply);
+                }
+            }
         }
     }
 
-    /// Applies one request exactly as `apply_record` replays it.
-    fn apply(&mut self, request: &Request, timestamp: u64) -> Result<Reply, NodeError> {
-        let reply = match request {
-            Request::CreateAccounts(accounts) => {
-                let results = self.ledger.create_accounts(timestamp, accounts);
-                self.metrics.results("create_accounts", &results, CreateAccountResult::as_str);
-                Reply::CreateAccounts(results)
-            }
-            Request::CreateTransfers(transfers) => {
-                let results = self.ledger.create_transfers(timestamp, transfers, self.store.as_ref());
-                self.metrics.results("create_transfers", &results, CreateTransferResult::as_str);
-                Reply::CreateTransfers(results)
-            }
-            Request::LookupAccounts(ids) => Reply::Accounts(self.ledger.lookup_accounts(ids)),
-            Request::LookupTransfers(ids) => Reply::Transfers(self.ledger.lookup_transfers(ids, self.store.as_ref())),
-            Request::GetAccountTransfers(filter) => Reply::Transfers(
-                self.ledger.get_account_transfers(filter, self.store.as_ref()).map_err(NodeError::InvalidFilter)?,
-            ),
-            Request::GetAccountBalances(filter) => Reply::Balances(
-                self.ledger.get_account_balances(filter, self.store.as_ref()).map_err(NodeError::InvalidFilter)?,
-            ),
+    fn publish(&self, replica: &Replica) {
+        let raft = &replica.raw.raft;
+        let log = replica.raw.store();
+        let status = CellStatus {
+            cell: replica.cell,
+            role: role_name(raft.state),
+            leader: Some(raft.leader_id).filter(|&id| id != raft::INVALID_ID),
+            term: raft.term,
+            commit: raft.raft_log.committed,
+            applied: replica.applied,
+            log_first: log.first_index(),
+            log_last: log.last_index(),
+            log_bytes: log.entries_bytes(),
+            checkpoint_index: replica.checkpoint_index,
+            elections: replica.elections,
+            state_hash: replica.state_hash.1,
+            state_hash_index: replica.state_hash.0,
+            accounts: replica.ledger.accounts_count(),
         };
-        Ok(reply)
+        let ledger = &replica.ledger;
+        self.metrics.cell(&status, ledger.pending_open_count(), ledger.transfers_new_count());
+        self.metrics.wal_op_last.set(self.log.last_op() as i64);
+        self.status.publish(status);
     }
 
-    fn idle(&mut self) {
-        let due = self.ledger.expiry_next().is_some_and(|at| at <= clock_ns());
-        if due {
-            let mut group = Vec::new();
-            self.commit(&mut group);
+    /// Starts a checkpoint of a cell: its ledger hands over what changed
+    /// (and keeps answering it from memory), and the writer thread puts it in
+    /// the store while the engine goes on. At most one per cell is in
+    /// flight: a second waits for the first (backpressure).
+    fn checkpoint_start(&mut self, cell: CellId) {
+        if self.replicas[&cell].checkpoint_in_flight.is_some() {
+            self.checkpoints_finish(true);
         }
-        self.checkpoint_finish(false);
-        let stale = self.checkpoint_last.elapsed() >= self.config.checkpoint_idle_interval;
-        if stale && self.ledger.transfers_new_count() > 0 && !self.ledger.checkpoint_in_flight() {
-            self.checkpoint_start();
+        let replica = self.replicas.get_mut(&cell).expect("hosted");
+        if replica.checkpoint_in_flight.is_some() || replica.applied == replica.checkpoint_index {
+            return;
+        }
+        if let Err(error) = replica.ledger.audit() {
+            panic!("cell {cell}: ledger fails its audit at checkpoint: {error}");
+        }
+        let delta = replica.ledger.checkpoint_begin();
+        replica.checkpoint_in_flight = Some(replica.applied);
+        replica.checkpoint_last = Instant::now();
+        self.writer.send(CheckpointJob { cell, index: replica.applied, store: replica.store.clone(), delta });
+    }
+
+    /// Confirms the checkpoints the writer has finished (waiting for one if
+    /// `wait`), compacts those cells' logs and truncates the write-ahead log.
+    fn checkpoints_finish(&mut self, wait: bool) {
+        let mut finished = false;
+        while let Some(done) = self.writer.poll(wait && !finished) {
+            finished = true;
+            let replica = self.replicas.get_mut(&done.cell).expect("hosted");
+            assert_eq!(replica.checkpoint_in_flight, Some(done.index));
+            replica.checkpoint_in_flight = None;
+            replica.ledger.checkpoint_end();
+            replica.checkpoint_index = done.index;
+            let compact_to = compaction_index(replica.raw.store(), done.index, self.config.log_retained_bytes);
+            replica.raw.mut_store().compact_to(compact_to);
+            self.metrics.checkpoint_seconds.observe(done.seconds);
+            tracing::info!(
+                cell = done.cell,
+                index = done.index,
+                transfers = done.transfers,
+                seconds = done.seconds,
+                "checkpoint"
+            );
+        }
+        if finished {
+            let logs = self.replicas.iter().map(|(&cell, replica)| (cell, replica.raw.store()));
+            self.log.truncate(logs);
         }
     }
 
-    /// Starts a checkpoint: the ledger hands over what changed (and keeps
-    /// answering it from memory), and the writer thread puts it in the store
-    /// while the engine goes on committing. Waits for the previous one first:
-    /// at most one is in flight, so memory stays bounded at two windows.
-    fn checkpoint_start(&mut self) {
-        self.checkpoint_finish(true);
-        let op = self.wal.durable_op();
-        assert_eq!(op, self.wal.last_op(), "checkpoint covers only durable, applied records");
-        if let Err(error) = self.ledger.audit() {
-            panic!("ledger fails its audit at checkpoint: {error}");
-        }
-        let delta = self.ledger.checkpoint_begin();
-        self.writer.send(op, delta);
-        self.checkpoint_last = Instant::now();
-    }
-
-    /// Confirms a checkpoint the writer has finished (waiting for it if
-    /// `wait`), then truncates the log it covers.
-    fn checkpoint_finish(&mut self, wait: bool) {
-        let Some(done) = self.writer.poll(wait) else { return };
-        self.ledger.checkpoint_end();
-        if let Err(error) = self.wal.truncate_before(done.op + 1) {
-            tracing::warn!(%error, "could not truncate the write-ahead log after a checkpoint");
-        }
-        self.metrics.checkpoint_seconds.observe(done.seconds);
-        tracing::info!(op = done.op, transfers = done.transfers, seconds = done.seconds, "checkpoint");
-        self.update_gauges();
-    }
-
-    /// A final checkpoint of everything, waited for (clean shutdown).
-    fn checkpoint_all(&mut self) {
-        self.checkpoint_finish(true);
-        if self.ledger.transfers_new_count() > 0 {
-            self.checkpoint_start();
-            self.checkpoint_finish(true);
+    /// A final checkpoint of every cell, waited for (clean shutdown).
+    fn checkpoints_all(&mut self) {
+        self.checkpoints_finish(true);
+        self.checkpoints_finish(false);
+        let cells: Vec<CellId> = self.replicas.keys().copied().collect();
+        for cell in cells {
+            if self.replicas[&cell].ledger.transfers_new_count() > 0 {
+                self.checkpoint_start(cell);
+                self.checkpoints_finish(true);
+            }
         }
     }
+}
 
-    fn update_gauges(&self) {
-        self.metrics.accounts.set(self.ledger.accounts_count() as i64);
-        self.metrics.pending_open.set(self.ledger.pending_open_count() as i64);
-        self.metrics.transfers_uncheckpointed.set(self.ledger.transfers_new_count() as i64);
-        self.metrics.wal_op_last.set(self.wal.last_op() as i64);
+/// Where to compact a log after a checkpoint at `checkpoint_index`: as far
+/// as the checkpoint, but keeping up to `retained_bytes` of the newest
+/// entries before it for followers that lag.
+fn compaction_index(log: &CellLog, checkpoint_index: u64, retained_bytes: u64) -> u64 {
+    let mut index = checkpoint_index.min(log.last_index());
+    let mut bytes = 0u64;
+    let mut entries = Vec::new();
+    let context = raft::GetEntriesContext::empty(false);
+    if index >= log.first_index() {
+        if let Ok(held) = raft::Storage::entries(log, log.first_index(), index + 1, None, context) {
+            entries = held;
+        }
     }
+    for entry in entries.iter().rev() {
+        bytes += crate::raft_log::entry_size_bytes(entry) as u64;
+        if bytes > retained_bytes {
+            break;
+        }
+        index = entry.index - 1;
+    }
+    index.max(log.base().index)
+}
+
+fn role_name(role: StateRole) -> &'static str {
+    match role {
+        StateRole::Leader => "leader",
+        StateRole::Follower => "follower",
+        StateRole::Candidate => "candidate",
+        StateRole::PreCandidate => "pre_candidate",
+    }
+}
+
+/// Proposes an entry; on success the proposal waits for its entry's
+/// application. Returns whether it was proposed.
+fn propose(replica: &mut Replica, data: Vec<u8>, envelope: Option<Envelope>, deadline: Instant) -> bool {
+    match replica.raw.propose(Vec::new(), data) {
+        Ok(()) => {
+            let index = replica.raw.raft.raft_log.last_index();
+            let term = replica.raw.raft.term;
+            replica.proposals.push_back(Proposal { index, term, envelope, deadline });
+            true
+        }
+        Err(error) => {
+            if let Some(envelope) = envelope {
+                let reason = format!("the leader refused the write: {error}");
+                let _ = envelope.reply.send(Err(NodeError::Unavailable { cell: replica.cell, reason }));
+            }
+            false
+        }
+    }
+}
+
+/// Answers the reads of a replica that is no longer the leader.
+fn fail_reads(replica: &mut Replica) {
+    let leader = Some(replica.raw.raft.leader_id).filter(|&id| id != raft::INVALID_ID);
+    for batch in replica.reads.drain(..) {
+        for envelope in batch.envelopes {
+            let _ = envelope.reply.send(Err(NodeError::NotLeader { cell: replica.cell, leader }));
+        }
+    }
+}
+
+fn send_messages(transport: Option<&Transport>, cell: CellId, messages: Vec<Message>, raw: &mut RawNode<CellLog>) {
+    let Some(transport) = transport else {
+        assert!(messages.is_empty(), "a node alone has no one to send messages to");
+        return;
+    };
+    for message in messages {
+        let to = message.to;
+        if transport.send(to, encode_peer_message(cell, &message)).is_err() {
+            raw.report_unreachable(to);
+        }
+    }
+}
+
+/// A message between peers: the cell (u64 LE), then the Raft message (protobuf).
+fn encode_peer_message(cell: CellId, message: &Message) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + message.compute_size() as usize);
+    out.extend_from_slice(&cell.to_le_bytes());
+    message.write_to_vec(&mut out).expect("a raft message encodes");
+    out
+}
+
+fn decode_peer_message(payload: &[u8]) -> Option<(CellId, Message)> {
+    let cell = u64::from_le_bytes(payload.get(..8)?.try_into().ok()?);
+    let message = Message::parse_from_bytes(&payload[8..]).ok()?;
+    Some((cell, message))
+}
+
+/// Applies committed entries in order, answering the writes this node proposed.
+fn apply_entries(replica: &mut Replica, entries: Vec<Entry>, metrics: &Metrics) {
+    for entry in entries {
+        assert_eq!(entry.index, replica.applied + 1, "cell {}: entries apply in order", replica.cell);
+        let reply = match entry.get_entry_type() {
+            EntryType::EntryNormal if entry.data.is_empty() => None,
+            EntryType::EntryNormal => {
+                let record = match record::decode(&entry.data) {
+                    Ok(record) => record,
+                    Err(error) => {
+                        panic!("cell {}: committed entry {} is malformed: {error}", replica.cell, entry.index)
+                    }
+                };
+                replica.records_applied += 1;
+                apply_record(replica, &record, metrics)
+            }
+            EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                panic!("cell {}: membership changes are not proposed yet", replica.cell)
+            }
+        };
+        replica.applied = entry.index;
+        // Answer the proposals up to this entry: ours if the term matches,
+        // else ours was overwritten by another leader's entry.
+        while replica.proposals.front().is_some_and(|p| p.index <= entry.index) {
+            let proposal = replica.proposals.pop_front().expect("checked");
+            let mine = proposal.index == entry.index && proposal.term == entry.term;
+            match proposal.envelope {
+                Some(envelope) => {
+                    let answer = match (&reply, mine) {
+                        (Some(reply), true) => Ok(reply.clone()),
+                        _ => Err(NodeError::NotLeader { cell: replica.cell, leader: None }),
+                    };
+                    metrics.commit_seconds.observe(envelope.queued_at.elapsed().as_secs_f64());
+                    let _ = envelope.reply.send(answer);
+                }
+                None => replica.pulse_in_flight = false,
+            }
+        }
+    }
+}
+
+/// Applies one logged record to a replica's ledger.
+fn apply_record(replica: &mut Replica, record: &Record, metrics: &Metrics) -> Option<Reply> {
+    match record {
+        Record::CreateAccounts { timestamp, accounts } => {
+            let results = replica.ledger.create_accounts(*timestamp, accounts);
+            metrics.results("create_accounts", &results, CreateAccountResult::as_str);
+            Some(Reply::CreateAccounts(results))
+        }
+        Record::CreateTransfers { timestamp, transfers } => {
+            let results = replica.ledger.create_transfers(*timestamp, transfers, replica.store.as_ref());
+            metrics.results("create_transfers", &results, CreateTransferResult::as_str);
+            Some(Reply::CreateTransfers(results))
+        }
+        Record::Pulse { timestamp } => {
+            replica.ledger.pulse(*timestamp);
+            None
+        }
+    }
+}
+
+fn read(replica: &Replica, request: &Request) -> Result<Reply, NodeError> {
+    let store = replica.store.as_ref();
+    let ledger = &replica.ledger;
+    Ok(match request {
+        Request::LookupAccounts(ids) => Reply::Accounts(ledger.lookup_accounts(ids)),
+        Request::LookupTransfers(ids) => Reply::Transfers(ledger.lookup_transfers(ids, store)),
+        Request::GetAccountTransfers(filter) => {
+            Reply::Transfers(ledger.get_account_transfers(filter, store).map_err(NodeError::InvalidFilter)?)
+        }
+        Request::GetAccountBalances(filter) => {
+            Reply::Balances(ledger.get_account_balances(filter, store).map_err(NodeError::InvalidFilter)?)
+        }
+        Request::CreateAccounts(_) | Request::CreateTransfers(_) => unreachable!("reads only"),
+    })
+}
+
+/// A checkpoint for the writer thread.
+struct CheckpointJob {
+    cell: CellId,
+    index: u64,
+    store: Arc<Store>,
+    delta: Arc<CheckpointDelta>,
 }
 
 /// A finished checkpoint write.
 struct CheckpointDone {
-    op: u64,
+    cell: CellId,
+    index: u64,
     transfers: usize,
     seconds: f64,
 }
 
-/// The thread that writes checkpoints to the store, one at a time.
+/// The thread that writes checkpoints to the stores, one at a time.
 struct CheckpointWriter {
-    sender: Option<SyncSender<(u64, Arc<CheckpointDelta>)>>,
+    sender: Option<Sender<CheckpointJob>>,
     done: Receiver<CheckpointDone>,
-    in_flight: bool,
+    in_flight: usize,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// Checkpoints queued or being written, all cells together.
+const CHECKPOINTS_IN_FLIGHT_MAX: usize = 64;
+
 impl CheckpointWriter {
-    fn start(store: Arc<Store>) -> CheckpointWriter {
-        let (sender, requests) = sync_channel::<(u64, Arc<CheckpointDelta>)>(1);
-        let (done_sender, done) = sync_channel(1);
+    fn start() -> CheckpointWriter {
+        let (sender, jobs) = bounded::<CheckpointJob>(CHECKPOINTS_IN_FLIGHT_MAX);
+        let (done_sender, done) = bounded(CHECKPOINTS_IN_FLIGHT_MAX);
         let thread = std::thread::Builder::new()
             .name("cellpay-checkpoint".to_string())
             .spawn(move || {
-                for (op, delta) in requests {
+                for job in jobs {
                     let started = Instant::now();
-                    if let Err(error) = store.apply_checkpoint(op, &delta) {
-                        panic!("checkpoint write failed, stopping to recover on restart: {error}");
+                    if let Err(error) = job.store.apply_checkpoint(job.index, &job.delta) {
+                        panic!("cell {}: checkpoint write failed, stopping to recover on restart: {error}", job.cell);
                     }
-                    let transfers = delta.transfers.len();
+                    let transfers = job.delta.transfers.len();
                     let seconds = started.elapsed().as_secs_f64();
-                    if done_sender.send(CheckpointDone { op, transfers, seconds }).is_err() {
+                    if done_sender
+                        .send(CheckpointDone { cell: job.cell, index: job.index, transfers, seconds })
+                        .is_err()
+                    {
                         return;
                     }
                 }
             })
             .expect("spawn the checkpoint writer");
-        CheckpointWriter { sender: Some(sender), done, in_flight: false, thread: Some(thread) }
+        CheckpointWriter { sender: Some(sender), done, in_flight: 0, thread: Some(thread) }
     }
 
-    fn send(&mut self, op: u64, delta: Arc<CheckpointDelta>) {
-        assert!(!self.in_flight);
-        self.in_flight = true;
+    fn send(&mut self, job: CheckpointJob) {
+        assert!(self.in_flight < CHECKPOINTS_IN_FLIGHT_MAX, "one checkpoint in flight per cell at most");
+        self.in_flight += 1;
         let sender = self.sender.as_ref().expect("writer running");
-        sender.send((op, delta)).expect("the checkpoint writer stopped: see its panic");
+        sender.send(job).expect("the checkpoint writer stopped: see its panic");
     }
 
-    /// The finished checkpoint, if one was in flight and is done (waiting for it if `wait`).
+    /// A finished checkpoint, if one is done (waiting for one if `wait` and any is in flight).
     fn poll(&mut self, wait: bool) -> Option<CheckpointDone> {
-        if !self.in_flight {
+        if self.in_flight == 0 {
             return None;
         }
         let done = if wait {
@@ -638,7 +1438,7 @@ impl CheckpointWriter {
             }
         };
         if done.is_some() {
-            self.in_flight = false;
+            self.in_flight -= 1;
         }
         done
     }
@@ -653,17 +1453,44 @@ impl Drop for CheckpointWriter {
     }
 }
 
-/// Applies a logged record to the ledger (recovery and the pulse).
-fn apply_record(ledger: &mut Ledger, store: &Store, record: &Record) {
-    match record {
-        Record::CreateAccounts { timestamp, accounts } => {
-            ledger.create_accounts(*timestamp, accounts);
-        }
-        Record::CreateTransfers { timestamp, transfers } => {
-            ledger.create_transfers(*timestamp, transfers, store);
-        }
-        Record::Pulse { timestamp } => {
-            ledger.pulse(*timestamp);
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_messages_round_trip_and_garbage_is_refused() {
+        let message = Message { to: 3, from: 1, term: 7, index: 42, ..Default::default() };
+        let bytes = encode_peer_message(9, &message);
+        let (cell, decoded) = decode_peer_message(&bytes).unwrap();
+        assert_eq!((cell, decoded.to, decoded.from, decoded.term, decoded.index), (9, 3, 1, 7, 42));
+        assert!(decode_peer_message(&bytes[..4]).is_none());
+        assert!(decode_peer_message(&[1, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff]).is_none());
+    }
+
+    #[test]
+    fn requests_route_to_the_cell_of_their_accounts() {
+        let topology = Topology::local(17000, 4);
+        let account = |user: u64| cellpay_ledger::id::account_id(user, 0).unwrap();
+        let mut transfer =
+            Transfer { id: 1, debit_account_id: account(1), credit_account_id: account(2), ..Transfer::default() };
+        let Ok(Route::Cell(cell)) = route(&topology, &Request::CreateTransfers(vec![transfer])) else { panic!() };
+        assert_eq!(cell, topology.cell_of_shard(1).unwrap());
+        transfer.credit_account_id = account(99);
+        let error = route(&topology, &Request::CreateTransfers(vec![transfer])).err().unwrap();
+        assert!(matches!(error, NodeError::CrossCell { first_index: 0, index: 0, .. }), "{error:?}");
+        let Ok(Route::Split(parts)) =
+            route(&topology, &Request::LookupAccounts(vec![account(1), account(99), account(2)]))
+        else {
+            panic!()
+        };
+        assert_eq!(parts.len(), 2);
+        let Ok(Route::Split(parts)) = route(&topology, &Request::LookupTransfers(vec![5])) else { panic!() };
+        assert_eq!(parts.len(), 4);
+    }
+
+    #[test]
+    fn merged_lookups_keep_the_request_order() {
+        let items = vec![(3u128, 'c'), (1, 'a')];
+        assert_eq!(in_request_order(&[1, 2, 3], items, |item| item.0), vec![(1, 'a'), (3, 'c')]);
     }
 }

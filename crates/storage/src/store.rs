@@ -76,7 +76,7 @@
 //! panics too, before anything is written.
 
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -179,25 +179,57 @@ impl std::fmt::Debug for Store {
     }
 }
 
-impl Store {
-    /// Opens (creating if needed) the store in `dir`. Recovers the last
-    /// complete checkpoint after a crash.
-    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+/// The database under the stores of one process: one fjall instance (one
+/// journal, one block cache, one set of flush and compaction workers) that
+/// holds the keyspaces of many [`Store`]s, one per cell, told apart by name.
+#[derive(Clone)]
+pub struct StoreDatabase {
+    db: Database,
+    dir: PathBuf,
+}
+
+impl StoreDatabase {
+    /// Opens (creating if needed) the database in `dir`.
+    pub fn open(dir: &Path) -> Result<StoreDatabase, StoreError> {
         let db = Database::builder(dir).cache_size(BLOCK_CACHE_SIZE_BYTES).open()?;
+        Ok(StoreDatabase { db, dir: dir.to_path_buf() })
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) a store alone in its own database in `dir`.
+    /// Recovers the last complete checkpoint after a crash.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Store::open_in(&StoreDatabase::open(dir)?, "")
+    }
+
+    /// Opens (creating if needed) the store named `name` in a shared
+    /// database: its keyspaces are the standard ones prefixed with `name`
+    /// (for example `cell7.accounts`). Recovers the last complete checkpoint.
+    pub fn open_in(database: &StoreDatabase, name: &str) -> Result<Store, StoreError> {
+        let db = &database.db;
+        let keyspace =
+            |suffix: &str, options: fn() -> KeyspaceCreateOptions| db.keyspace(&format!("{name}{suffix}"), options);
         let store = Store {
-            accounts: db.keyspace(KEYSPACE_ACCOUNTS, options_scanned)?,
-            transfers: db.keyspace(KEYSPACE_TRANSFERS, options_point_read)?,
-            pending_status: db.keyspace(KEYSPACE_PENDING_STATUS, options_point_read)?,
-            open_pending: db.keyspace(KEYSPACE_OPEN_PENDING, options_scanned)?,
-            account_transfers: db.keyspace(KEYSPACE_ACCOUNT_TRANSFERS, options_scanned)?,
-            balances: db.keyspace(KEYSPACE_BALANCES, options_scanned)?,
-            meta: db.keyspace(KEYSPACE_META, options_point_read)?,
-            db,
+            accounts: keyspace(KEYSPACE_ACCOUNTS, options_scanned)?,
+            transfers: keyspace(KEYSPACE_TRANSFERS, options_point_read)?,
+            pending_status: keyspace(KEYSPACE_PENDING_STATUS, options_point_read)?,
+            open_pending: keyspace(KEYSPACE_OPEN_PENDING, options_scanned)?,
+            account_transfers: keyspace(KEYSPACE_ACCOUNT_TRANSFERS, options_scanned)?,
+            balances: keyspace(KEYSPACE_BALANCES, options_scanned)?,
+            meta: keyspace(KEYSPACE_META, options_point_read)?,
+            db: db.clone(),
             writer: Mutex::new(()),
         };
         // Refuses another format, and checks the checkpoint record, before anyone relies on it.
         let checkpoint = store.checkpoint()?;
-        tracing::info!(dir = %dir.display(), op = checkpoint.op, timestamp_last = checkpoint.timestamp_last, "store opened");
+        tracing::info!(
+            dir = %database.dir.display(),
+            name,
+            op = checkpoint.op,
+            timestamp_last = checkpoint.timestamp_last,
+            "store opened"
+        );
         Ok(store)
     }
 

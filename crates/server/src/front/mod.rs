@@ -371,6 +371,11 @@ fn node_error_code(error: &NodeError) -> ErrorCode {
         NodeError::BatchEmpty => ErrorCode::BatchEmpty,
         NodeError::BatchTooLarge { .. } => ErrorCode::BatchTooLarge,
         NodeError::InvalidFilter(_) => ErrorCode::InvalidFilter,
+        NodeError::CrossCell { .. } => ErrorCode::CrossCell,
+        NodeError::NotLeader { .. } | NodeError::CellNotHosted { .. } | NodeError::Unavailable { .. } => {
+            ErrorCode::Unavailable
+        }
+        NodeError::Timeout { .. } => ErrorCode::Timeout,
     }
 }
 
