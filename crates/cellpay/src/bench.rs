@@ -17,6 +17,8 @@ use cellpay_ledger::{id, Account, CreateAccountResult, CreateTransferResult, Tra
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use cellpay_cluster::topology::Topology;
+
 use crate::client::Client;
 
 #[derive(clap::Args, Clone)]
@@ -51,6 +53,11 @@ pub struct BenchArgs {
     /// Write the result as JSON here.
     #[arg(long)]
     pub output: Option<PathBuf>,
+    /// The cluster's topology file: each batch's transfers then stay inside
+    /// one cell (between accounts whose shards that cell owns), batches go
+    /// to the cells in turn, and account creation is split by cell.
+    #[arg(long)]
+    pub cluster: Option<PathBuf>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Serialize)]
@@ -152,14 +159,31 @@ pub fn bench_account_id(index: u64) -> u128 {
     id::account_id(index + 1, 1).expect("not a reserved id")
 }
 
-/// Creates accounts `0..count` on `ledger` (no balance limits), accepting ones that exist.
-pub async fn create_accounts(client: &mut Client, count: u64, ledger: u32) -> Result<()> {
+/// The bench's account indexes `0..count` grouped by the cell that owns
+/// them (one group when there is no topology), each group in index order.
+pub fn accounts_by_cell(count: u64, topology: Option<&Topology>) -> Vec<Vec<u64>> {
+    let Some(topology) = topology else { return vec![(0..count).collect()] };
+    let mut groups: std::collections::BTreeMap<u64, Vec<u64>> = std::collections::BTreeMap::new();
+    for index in 0..count {
+        let shard = id::shard_of_account(bench_account_id(index), topology.shards);
+        let cell = topology.cell_of_shard(shard).expect("a valid topology owns every shard");
+        groups.entry(cell).or_default().push(index);
+    }
+    groups.into_values().collect()
+}
+
+/// Creates accounts `0..count` on `ledger` (no balance limits), accepting
+/// ones that exist; each request holds accounts of one cell only.
+pub async fn create_accounts(client: &mut Client, count: u64, ledger: u32, topology: Option<&Topology>) -> Result<()> {
     let started = Instant::now();
     let mut created = 0u64;
-    for first in (0..count).step_by(BATCH_EVENTS_MAX) {
-        let last = (first + BATCH_EVENTS_MAX as u64).min(count);
-        let batch: Vec<Account> = (first..last)
-            .map(|index| Account { id: bench_account_id(index), ledger, code: 1, ..Account::default() })
+    let groups = accounts_by_cell(count, topology);
+    let chunks = groups.iter().flat_map(|group| group.chunks(BATCH_EVENTS_MAX));
+    for (number, chunk) in chunks.enumerate() {
+        let last = (number as u64 + 1) * BATCH_EVENTS_MAX as u64;
+        let batch: Vec<Account> = chunk
+            .iter()
+            .map(|&index| Account { id: bench_account_id(index), ledger, code: 1, ..Account::default() })
             .collect();
         let results = client.create_accounts(&batch).await?;
         for (account, result) in batch.iter().zip(&results) {
@@ -169,9 +193,8 @@ pub async fn create_accounts(client: &mut Client, count: u64, ledger: u32) -> Re
                 other => bail!("account {} could not be created: {other}", account.id),
             }
         }
-        if started.elapsed() > Duration::from_secs(1) && last % (BATCH_EVENTS_MAX as u64 * 16) < BATCH_EVENTS_MAX as u64
-        {
-            eprintln!("accounts: {last}/{count}");
+        if started.elapsed() > Duration::from_secs(1) && number % 16 == 15 {
+            eprintln!("accounts: {}/{count}", last.min(count));
         }
     }
     eprintln!("accounts: {count} ready ({created} created) in {:.1} s", started.elapsed().as_secs_f64());
@@ -236,9 +259,18 @@ pub async fn run(args: BenchArgs) -> Result<()> {
 
 pub async fn bench(args: &BenchArgs) -> Result<BenchResult> {
     let mut client = Client::connect(&args.address).await?;
-    create_accounts(&mut client, args.accounts, args.ledger).await?;
+    let topology = args.cluster.as_deref().map(Topology::load).transpose()?;
+    create_accounts(&mut client, args.accounts, args.ledger, topology.as_ref()).await?;
     let before = sums(&mut client, args.accounts).await?;
-    let picker = Picker::new(args.accounts, args.distribution, args.zipf_exponent);
+    // Each batch stays in one cell: its transfers pick accounts of that cell.
+    let groups = Arc::new(accounts_by_cell(args.accounts, topology.as_ref()));
+    ensure!(
+        groups.iter().all(|group| group.len() >= 2),
+        "every cell needs at least 2 of the bench's accounts: raise --accounts"
+    );
+    let pickers: Arc<Vec<Picker>> = Arc::new(
+        groups.iter().map(|group| Picker::new(group.len() as u64, args.distribution, args.zipf_exponent)).collect(),
+    );
     // Fresh ids for every run: the high bits are the start time.
     let id_base = u128::from(SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos() as u64) << 64;
     let batches_total = args.transfers.div_ceil(args.batch_size as u64);
@@ -247,7 +279,7 @@ pub async fn bench(args: &BenchArgs) -> Result<BenchResult> {
     let started = Instant::now();
     let mut workers = Vec::new();
     for worker in 0..args.concurrency {
-        let (mut client, picker, args) = (client.clone(), picker.clone(), args.clone());
+        let (mut client, pickers, groups, args) = (client.clone(), pickers.clone(), groups.clone(), args.clone());
         let (batch_next, sent) = (batch_next.clone(), sent.clone());
         workers.push(tokio::spawn(async move {
             let mut rng = Rng::new(args.seed ^ ((worker as u64 + 1) << 32));
@@ -263,12 +295,14 @@ pub async fn bench(args: &BenchArgs) -> Result<BenchResult> {
                 let first = number * args.batch_size as u64;
                 let count = (args.transfers - first).min(args.batch_size as u64);
                 batch.clear();
+                let cell = (number % groups.len() as u64) as usize;
+                let (group, picker) = (&groups[cell], &pickers[cell]);
                 for offset in 0..count {
                     let (debit, credit) = picker.pair(&mut rng);
                     batch.push(Transfer {
                         id: id_base | u128::from(first + offset + 1),
-                        debit_account_id: bench_account_id(debit),
-                        credit_account_id: bench_account_id(credit),
+                        debit_account_id: bench_account_id(group[debit as usize]),
+                        credit_account_id: bench_account_id(group[credit as usize]),
                         amount: 1 + u128::from(rng.below(1000)),
                         ledger: args.ledger,
                         code: 1,

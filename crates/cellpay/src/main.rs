@@ -3,6 +3,7 @@
 mod bench;
 mod client;
 mod commands;
+mod ctl;
 mod demo;
 mod server;
 
@@ -21,6 +22,10 @@ struct Cli {
 enum Command {
     /// Run a durable single-node server (REST and gRPC on one port).
     Server(server::ServerArgs),
+    /// Run one node of a cluster (hosts a replica of every cell placed on it).
+    Node(server::NodeArgs),
+    /// Operate a cluster: write a topology file, show leaders and health.
+    Ctl(ctl::CtlArgs),
     /// Run a local node with a steady payment workload and a live summary.
     Demo(demo::DemoArgs),
     /// Create accounts.
@@ -56,6 +61,8 @@ fn main() -> Result<()> {
     runtime.block_on(async move {
         match cli.command {
             Command::Server(args) => server::run(args).await,
+            Command::Node(args) => server::run_node(args).await,
+            Command::Ctl(args) => ctl::run(args).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Account(args) => commands::account(args).await,
             Command::Transfer(args) => commands::transfer(args).await,

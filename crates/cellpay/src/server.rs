@@ -1,9 +1,13 @@
-//! `cellpay server`: one durable node serving REST and gRPC on one port.
+//! `cellpay server`: one durable node alone, serving REST and gRPC on one port.
+//! `cellpay node`: one node of a cluster described by a topology file.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use std::sync::Arc;
+
 use anyhow::{Context, Result};
+use cellpay_cluster::topology::Topology;
 use cellpay_server::front::{serve, FrontLimits};
 use cellpay_server::node::{Node, NodeConfig};
 
@@ -21,6 +25,53 @@ pub struct ServerArgs {
     /// Most concurrent client connections.
     #[arg(long, default_value_t = FrontLimits::default().connections_max)]
     pub connections_max: usize,
+}
+
+#[derive(clap::Args)]
+pub struct NodeArgs {
+    /// The cluster's topology file (TOML: regions, datacenters, nodes, cells).
+    #[arg(long)]
+    pub cluster: PathBuf,
+    /// This node's id in the topology.
+    #[arg(long)]
+    pub node: u64,
+    /// Data directory (created if missing): the write-ahead log and the history store.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Checkpoint a cell once this many transfers are held in memory.
+    #[arg(long, default_value_t = 1 << 18)]
+    pub checkpoint_transfers: usize,
+    /// Most concurrent client connections.
+    #[arg(long, default_value_t = FrontLimits::default().connections_max)]
+    pub connections_max: usize,
+}
+
+pub async fn run_node(args: NodeArgs) -> Result<()> {
+    let topology = Topology::load(&args.cluster)?;
+    let Some(spec) = topology.node(args.node).cloned() else {
+        anyhow::bail!("node {} is not in the topology {}", args.node, args.cluster.display());
+    };
+    let config = NodeConfig {
+        checkpoint_transfers_max: args.checkpoint_transfers,
+        ..NodeConfig::cluster(&args.data, Arc::new(topology), args.node)
+    };
+    let listener = tokio::net::TcpListener::bind(spec.client_address)
+        .await
+        .with_context(|| format!("cannot listen on {}", spec.client_address))?;
+    let node = start_node(config)?;
+    // Scripts and tests wait for this line.
+    println!(
+        "cellpay node {} listening on {} (peers on {}, data {})",
+        args.node,
+        spec.client_address,
+        spec.peer_address,
+        args.data.display()
+    );
+    let limits = FrontLimits { connections_max: args.connections_max, ..FrontLimits::default() };
+    serve(listener, node.handle(), limits, shutdown_signal()).await?;
+    tracing::info!("stopping: finishing queued requests and writing a checkpoint");
+    tokio::task::spawn_blocking(move || node.shutdown()).await?;
+    Ok(())
 }
 
 pub async fn run(args: ServerArgs) -> Result<()> {

@@ -21,5 +21,6 @@ pub mod node;
 pub mod record;
 
 pub use front::{serve, FrontLimits};
+pub mod forward;
 pub mod raft_log;
 pub mod raft_logger;

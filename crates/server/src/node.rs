@@ -294,13 +294,25 @@ pub struct CellStatus {
     pub accounts: usize,
 }
 
-/// The node's published status: one entry per hosted cell.
+/// The node's published status: one entry per hosted cell, and its links.
 #[derive(Default)]
 pub struct StatusBoard {
     cells: RwLock<BTreeMap<CellId, CellStatus>>,
+    peers: RwLock<Vec<PeerStatus>>,
+}
+
+/// Whether this node's outbound link to a peer is up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerStatus {
+    pub node: NodeId,
+    pub connected: bool,
 }
 
 impl StatusBoard {
+    pub fn peers(&self) -> Vec<PeerStatus> {
+        self.peers.read().expect("status lock").clone()
+    }
+
     pub fn cells(&self) -> Vec<CellStatus> {
         self.cells.read().expect("status lock").values().cloned().collect()
     }
@@ -325,12 +337,22 @@ struct Envelope {
 #[derive(Clone)]
 pub struct NodeHandle {
     sender: Sender<Envelope>,
+    forwarder: Arc<crate::forward::Forwarder>,
     metrics: Arc<Metrics>,
     status: Arc<StatusBoard>,
     topology: Arc<Topology>,
     node: NodeId,
     queue_requests_max: usize,
     stop: Arc<AtomicU8>,
+}
+
+/// Where a request comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// A client: forwarded to the cell's leader if this node does not lead it.
+    Client,
+    /// Another node forwarded it: served here or refused, never forwarded again.
+    Forwarded,
 }
 
 /// The engine's run state, shared with handles.
@@ -346,8 +368,14 @@ impl NodeHandle {
     /// when the queue is full. A request whose events span cells is refused;
     /// lookups are split by cell and their answers merged.
     pub async fn submit(&self, request: Request) -> Result<Reply, NodeError> {
+        self.submit_from(request, Origin::Client).await
+    }
+
+    /// As [`NodeHandle::submit`]; a request for a cell this node does not
+    /// lead is forwarded to the leader unless it was itself forwarded.
+    pub async fn submit_from(&self, request: Request, origin: Origin) -> Result<Reply, NodeError> {
         let operation = request.operation();
-        let result = self.submit_inner(request).await;
+        let result = self.submit_inner(request, origin).await;
         let outcome = match &result {
             Ok(_) => "ok",
             Err(NodeError::Overloaded { .. }) => "overloaded",
@@ -361,10 +389,10 @@ impl NodeHandle {
         result
     }
 
-    async fn submit_inner(&self, request: Request) -> Result<Reply, NodeError> {
+    async fn submit_inner(&self, request: Request, origin: Origin) -> Result<Reply, NodeError> {
         validate(&request)?;
         match route(&self.topology, &request)? {
-            Route::Cell(cell) => self.submit_cell(cell, request).await,
+            Route::Cell(cell) => self.submit_routed(cell, request, origin).await,
             Route::Split(parts) => {
                 let ids = match &request {
                     Request::LookupAccounts(ids) | Request::LookupTransfers(ids) => ids.clone(),
@@ -373,7 +401,7 @@ impl NodeHandle {
                 let mut accounts: Vec<Account> = Vec::new();
                 let mut transfers: Vec<Transfer> = Vec::new();
                 for (cell, part) in parts {
-                    match self.submit_cell(cell, part).await? {
+                    match self.submit_routed(cell, part, origin).await? {
                         Reply::Accounts(part) => accounts.extend(part),
                         Reply::Transfers(part) => transfers.extend(part),
                         other => unreachable!("a lookup answered {other:?}"),
@@ -384,6 +412,28 @@ impl NodeHandle {
                     _ => Reply::Transfers(in_request_order(&ids, transfers, |t| t.id)),
                 })
             }
+        }
+    }
+
+    /// Submits a request for one cell here, or to its leader if this node's
+    /// replica is not the leader (and the request was not forwarded already).
+    async fn submit_routed(&self, cell: CellId, request: Request, origin: Origin) -> Result<Reply, NodeError> {
+        let hosted = self.status.cell(cell);
+        let leader = hosted.as_ref().and_then(|status| status.leader);
+        let local = hosted.is_some() && (leader == Some(self.node) || leader.is_none() || origin == Origin::Forwarded);
+        if local {
+            return match self.submit_cell(cell, request.clone()).await {
+                Err(NodeError::NotLeader { leader: Some(leader), .. })
+                    if origin == Origin::Client && leader != self.node =>
+                {
+                    self.forwarder.forward(&self.topology, leader, cell, request).await
+                }
+                other => other,
+            };
+        }
+        match (leader, origin) {
+            (Some(leader), Origin::Client) => self.forwarder.forward(&self.topology, leader, cell, request).await,
+            (leader, _) => Err(NodeError::NotLeader { cell, leader }),
         }
     }
 
@@ -422,6 +472,10 @@ impl NodeHandle {
 
     pub fn node(&self) -> NodeId {
         self.node
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.stop.load(Ordering::Acquire) == RUNNING
     }
 }
 
@@ -560,6 +614,7 @@ impl Node {
             .map_err(|source| StartError::DataDir { path: config.data_dir.clone(), source })?;
         let handle = NodeHandle {
             sender,
+            forwarder: Arc::default(),
             metrics,
             status,
             topology: config.topology.clone(),
@@ -964,6 +1019,7 @@ impl Engine {
     }
 
     fn tick(&mut self) {
+        self.publish_peers();
         let now = Instant::now();
         while self.tick_next <= now {
             self.tick_next += self.config.tick_interval;
@@ -1094,6 +1150,13 @@ impl Engine {
         for replica in self.replicas.values() {
             self.publish(replica);
         }
+    }
+
+    fn publish_peers(&self) {
+        let Some(transport) = &self.transport else { return };
+        let peers =
+            transport.peers().into_iter().map(|node| PeerStatus { node, connected: transport.peer_connected(node) });
+        *self.status.peers.write().expect("status lock") = peers.collect();
     }
 
     fn serve_reads(&mut self) {

@@ -15,7 +15,8 @@ use tonic::server::NamedService;
 use tonic::{Code, Status};
 
 use super::{grpc_response, node_error_code, record_events};
-use crate::node::{NodeHandle, Reply, Request};
+use crate::forward::FORWARDED_KEY;
+use crate::node::{NodeHandle, Origin, Reply, Request};
 
 pub(super) fn router(handle: NodeHandle) -> Router {
     let server = LedgerServer::new(GrpcLedger { handle })
@@ -30,10 +31,11 @@ struct GrpcLedger {
 }
 
 impl GrpcLedger {
-    async fn submit(&self, request: Request) -> Result<Reply, Status> {
+    async fn submit<T>(&self, call: &tonic::Request<T>, request: Request) -> Result<Reply, Status> {
         record_events(&request);
+        let origin = if call.metadata().contains_key(FORWARDED_KEY) { Origin::Forwarded } else { Origin::Client };
         self.handle
-            .submit(request)
+            .submit_from(request, origin)
             .await
             .map_err(|error| Status::new(node_error_code(&error).grpc_code(), error.to_string()))
     }
@@ -52,7 +54,7 @@ impl Ledger for GrpcLedger {
         request: tonic::Request<proto::CreateAccountsRequest>,
     ) -> Result<tonic::Response<proto::CreateAccountsReply>, Status> {
         let accounts = request.get_ref().to_ledger()?;
-        match self.submit(Request::CreateAccounts(accounts)).await? {
+        match self.submit(&request, Request::CreateAccounts(accounts)).await? {
             Reply::CreateAccounts(results) => {
                 Ok(tonic::Response::new(proto::CreateAccountsReply::from_ledger(&results)))
             }
@@ -65,7 +67,7 @@ impl Ledger for GrpcLedger {
         request: tonic::Request<proto::CreateTransfersRequest>,
     ) -> Result<tonic::Response<proto::CreateTransfersReply>, Status> {
         let transfers = request.get_ref().to_ledger()?;
-        match self.submit(Request::CreateTransfers(transfers)).await? {
+        match self.submit(&request, Request::CreateTransfers(transfers)).await? {
             Reply::CreateTransfers(results) => {
                 Ok(tonic::Response::new(proto::CreateTransfersReply::from_ledger(&results)))
             }
@@ -78,7 +80,7 @@ impl Ledger for GrpcLedger {
         request: tonic::Request<proto::LookupAccountsRequest>,
     ) -> Result<tonic::Response<proto::LookupAccountsReply>, Status> {
         let ids = request.get_ref().to_ledger()?;
-        match self.submit(Request::LookupAccounts(ids)).await? {
+        match self.submit(&request, Request::LookupAccounts(ids)).await? {
             Reply::Accounts(accounts) => Ok(tonic::Response::new(proto::LookupAccountsReply::from_ledger(&accounts))),
             reply => Err(unexpected_reply("lookup_accounts", &reply)),
         }
@@ -89,7 +91,7 @@ impl Ledger for GrpcLedger {
         request: tonic::Request<proto::LookupTransfersRequest>,
     ) -> Result<tonic::Response<proto::LookupTransfersReply>, Status> {
         let ids = request.get_ref().to_ledger()?;
-        match self.submit(Request::LookupTransfers(ids)).await? {
+        match self.submit(&request, Request::LookupTransfers(ids)).await? {
             Reply::Transfers(transfers) => {
                 Ok(tonic::Response::new(proto::LookupTransfersReply::from_ledger(&transfers)))
             }
@@ -102,7 +104,7 @@ impl Ledger for GrpcLedger {
         request: tonic::Request<proto::GetAccountTransfersRequest>,
     ) -> Result<tonic::Response<proto::GetAccountTransfersReply>, Status> {
         let filter = request.get_ref().to_ledger()?;
-        match self.submit(Request::GetAccountTransfers(filter)).await? {
+        match self.submit(&request, Request::GetAccountTransfers(filter)).await? {
             Reply::Transfers(transfers) => {
                 Ok(tonic::Response::new(proto::GetAccountTransfersReply::from_ledger(&transfers)))
             }
@@ -115,7 +117,7 @@ impl Ledger for GrpcLedger {
         request: tonic::Request<proto::GetAccountBalancesRequest>,
     ) -> Result<tonic::Response<proto::GetAccountBalancesReply>, Status> {
         let filter = request.get_ref().to_ledger()?;
-        match self.submit(Request::GetAccountBalances(filter)).await? {
+        match self.submit(&request, Request::GetAccountBalances(filter)).await? {
             Reply::Balances(balances) => {
                 Ok(tonic::Response::new(proto::GetAccountBalancesReply::from_ledger(&balances)))
             }

@@ -34,6 +34,7 @@ pub(super) fn router(handle: NodeHandle) -> Router {
         .route("/v1/accounts/balances", post(get_account_balances))
         .route("/metrics", get(metrics))
         .route("/health", get(health))
+        .route("/v1/cluster/status", get(cluster_status))
         .route("/openapi.json", get(openapi))
         .with_state(handle)
 }
@@ -95,13 +96,58 @@ async fn metrics(State(handle): State<NodeHandle>) -> Response {
     ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], handle.metrics().encode()).into_response()
 }
 
-/// Live when the engine answers: a lookup of id 0 (never an account) goes
-/// through the node's queue, so an overloaded or stopped engine shows as 503.
+/// Live while the engine runs (whether or not this node leads any cell).
 async fn health(State(handle): State<NodeHandle>) -> Response {
-    match handle.submit(Request::LookupAccounts(vec![0])).await {
-        Ok(_) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], "ok").into_response(),
-        Err(error) => error_response(node_error_code(&error), error.to_string()),
+    if handle.is_running() {
+        ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], "ok").into_response()
+    } else {
+        error_response(ErrorCode::Overloaded, "the node is shutting down")
     }
+}
+
+/// This node's view of the cluster: where it is, every cell it hosts (role,
+/// leader, term, commit and applied index, log, state hash) and its links.
+async fn cluster_status(State(handle): State<NodeHandle>) -> Response {
+    let topology = handle.topology();
+    let node = handle.node();
+    let location = topology.location(node);
+    let cells: Vec<serde_json::Value> = handle
+        .status()
+        .cells()
+        .into_iter()
+        .map(|cell| {
+            serde_json::json!({
+                "cell": cell.cell,
+                "role": cell.role,
+                "leader": cell.leader,
+                "term": cell.term,
+                "commit_index": cell.commit,
+                "applied_index": cell.applied,
+                "log_first_index": cell.log_first,
+                "log_last_index": cell.log_last,
+                "log_bytes": cell.log_bytes,
+                "checkpoint_index": cell.checkpoint_index,
+                "elections_won": cell.elections,
+                "accounts": cell.accounts,
+                "state_hash": format!("{:016x}", cell.state_hash),
+                "state_hash_index": cell.state_hash_index,
+            })
+        })
+        .collect();
+    let peers: Vec<serde_json::Value> = handle
+        .status()
+        .peers()
+        .into_iter()
+        .map(|peer| serde_json::json!({"node": peer.node, "connected": peer.connected}))
+        .collect();
+    Json(serde_json::json!({
+        "node": node,
+        "region": location.as_ref().map(|l| l.region),
+        "datacenter": location.as_ref().map(|l| l.datacenter),
+        "cells": cells,
+        "peers": peers,
+    }))
+    .into_response()
 }
 
 async fn openapi() -> Response {

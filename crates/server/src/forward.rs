@@ -1,0 +1,117 @@
+//! Forwarding: a node that receives a request for a cell it does not lead
+//! sends it on to the node that does, over the leader's own gRPC API, so a
+//! client may talk to any node.
+//!
+//! A forwarded call carries the `cellpay-forwarded` metadata key; a node never
+//! forwards a forwarded call again (it answers `unavailable` instead), so a
+//! stale view of who leads costs one failed hop, never a loop.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use cellpay_api::proto::{self, ledger_client::LedgerClient};
+use cellpay_cluster::topology::{CellId, NodeId, Topology};
+use tonic::transport::Channel;
+
+use crate::node::{NodeError, Reply, Request};
+
+/// The metadata key that marks a forwarded call.
+pub const FORWARDED_KEY: &str = "cellpay-forwarded";
+/// How long a forwarded call may take.
+pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// gRPC clients of the other nodes, connected lazily and reused.
+#[derive(Default)]
+pub struct Forwarder {
+    clients: Mutex<BTreeMap<NodeId, LedgerClient<Channel>>>,
+}
+
+impl Forwarder {
+    fn client(&self, topology: &Topology, node: NodeId) -> Option<LedgerClient<Channel>> {
+        let mut clients = self.clients.lock().expect("forwarder lock");
+        if let Some(client) = clients.get(&node) {
+            return Some(client.clone());
+        }
+        let address = topology.node(node)?.client_address;
+        let channel = Channel::from_shared(format!("http://{address}")).ok()?.connect_lazy();
+        let client = LedgerClient::new(channel)
+            .max_decoding_message_size(proto::MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(proto::MESSAGE_BYTES_MAX);
+        clients.insert(node, client.clone());
+        Some(client)
+    }
+
+    /// Sends a request for `cell` to node `node` and returns its answer.
+    pub async fn forward(
+        &self,
+        topology: &Topology,
+        node: NodeId,
+        cell: CellId,
+        request: Request,
+    ) -> Result<Reply, NodeError> {
+        let Some(mut client) = self.client(topology, node) else {
+            return Err(NodeError::Unavailable { cell, reason: format!("leader node {node} is not in the topology") });
+        };
+        let failed = |status: tonic::Status| match status.code() {
+            tonic::Code::DeadlineExceeded => {
+                NodeError::Timeout { cell, timeout_ms: FORWARD_TIMEOUT.as_millis() as u64 }
+            }
+            _ => NodeError::Unavailable { cell, reason: format!("leader node {node}: {}", status.message()) },
+        };
+        let malformed = |error: cellpay_api::DecodeError| NodeError::Unavailable {
+            cell,
+            reason: format!("leader node {node} answered a malformed reply: {error}"),
+        };
+        fn call<T>(message: T) -> tonic::Request<T> {
+            let mut request = tonic::Request::new(message);
+            request.set_timeout(FORWARD_TIMEOUT);
+            request.metadata_mut().insert(FORWARDED_KEY, tonic::metadata::MetadataValue::from_static("1"));
+            request
+        }
+        Ok(match request {
+            Request::CreateAccounts(accounts) => {
+                let reply = client
+                    .create_accounts(call(proto::CreateAccountsRequest::from_ledger(&accounts)))
+                    .await
+                    .map_err(failed)?;
+                Reply::CreateAccounts(reply.into_inner().to_ledger().map_err(malformed)?)
+            }
+            Request::CreateTransfers(transfers) => {
+                let reply = client
+                    .create_transfers(call(proto::CreateTransfersRequest::from_ledger(&transfers)))
+                    .await
+                    .map_err(failed)?;
+                Reply::CreateTransfers(reply.into_inner().to_ledger().map_err(malformed)?)
+            }
+            Request::LookupAccounts(ids) => {
+                let reply = client
+                    .lookup_accounts(call(proto::LookupAccountsRequest::from_ledger(&ids)))
+                    .await
+                    .map_err(failed)?;
+                Reply::Accounts(reply.into_inner().to_ledger().map_err(malformed)?)
+            }
+            Request::LookupTransfers(ids) => {
+                let reply = client
+                    .lookup_transfers(call(proto::LookupTransfersRequest::from_ledger(&ids)))
+                    .await
+                    .map_err(failed)?;
+                Reply::Transfers(reply.into_inner().to_ledger().map_err(malformed)?)
+            }
+            Request::GetAccountTransfers(filter) => {
+                let reply = client
+                    .get_account_transfers(call(proto::GetAccountTransfersRequest::from_ledger(&filter)))
+                    .await
+                    .map_err(failed)?;
+                Reply::Transfers(reply.into_inner().to_ledger().map_err(malformed)?)
+            }
+            Request::GetAccountBalances(filter) => {
+                let reply = client
+                    .get_account_balances(call(proto::GetAccountBalancesRequest::from_ledger(&filter)))
+                    .await
+                    .map_err(failed)?;
+                Reply::Balances(reply.into_inner().to_ledger().map_err(malformed)?)
+            }
+        })
+    }
+}
