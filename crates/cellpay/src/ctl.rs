@@ -33,6 +33,22 @@ pub enum CtlCommand {
         #[arg(long)]
         no_latency: bool,
     },
+    /// Move every cell leader out of a region before maintenance (leader
+    /// transfer: requests keep being served), or let them return (--back).
+    Switchover {
+        /// The cluster's topology file.
+        #[arg(long)]
+        cluster: PathBuf,
+        /// The region to empty of leaders.
+        #[arg(long)]
+        region: String,
+        /// Let leaders return to the region (to their preferred datacenters).
+        #[arg(long)]
+        back: bool,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout_s: u64,
+    },
     /// Print the topology with live leaders and replica health.
     Topology {
         /// The cluster's topology file.
@@ -54,6 +70,10 @@ pub async fn run(args: CtlArgs) -> Result<()> {
             print!("{}", topology.to_toml());
             Ok(())
         }
+        CtlCommand::Switchover { cluster, region, back, timeout_s } => {
+            let topology = Topology::load(&cluster)?;
+            switchover(&topology, &region, !back, Duration::from_secs(timeout_s)).await
+        }
         CtlCommand::Topology { cluster, json } => {
             let topology = Topology::load(&cluster)?;
             let statuses = fetch_statuses(&topology).await;
@@ -69,6 +89,73 @@ pub async fn run(args: CtlArgs) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Tells every node to drain (or undrain) `region`, then waits until no
+/// cell leader is in it (draining) or every cell leader is in its most
+/// preferred live datacenter (undraining), and prints the leaders.
+pub async fn switchover(topology: &Topology, region: &str, drained: bool, timeout: Duration) -> Result<()> {
+    anyhow::ensure!(topology.regions.iter().any(|r| r.name == region), "no region {region:?} in the topology");
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
+    let started = std::time::Instant::now();
+    for node in topology.nodes() {
+        let url = format!("http://{}/v1/cluster/drain", node.client_address);
+        let body = serde_json::json!({"region": region, "drained": drained});
+        if let Err(error) = client.post(&url).json(&body).send().await.and_then(|r| r.error_for_status()) {
+            eprintln!("node {}: not told ({error}); it holds no leader while it is down", node.id);
+        }
+    }
+    loop {
+        let statuses = fetch_statuses(topology).await;
+        let leaders = leaders(topology, &statuses);
+        let in_region = |node: u64| topology.location(node).is_some_and(|l| l.region == region);
+        let done = if drained {
+            leaders.values().all(|leader| leader.is_some_and(|node| !in_region(node)))
+        } else {
+            topology.cells.iter().all(|cell| {
+                let best = cell
+                    .voters
+                    .iter()
+                    .filter(|node| matches!(statuses.get(node), Some(Some(_))))
+                    .map(|&node| topology.preference_rank(cell.id, node))
+                    .min();
+                let leader = leaders.get(&cell.id).copied().flatten();
+                leader.is_some_and(|node| Some(topology.preference_rank(cell.id, node)) == best)
+            })
+        };
+        if done {
+            let what = if drained { "out of" } else { "back into" };
+            println!("leaders moved {what} {region} in {} ms", started.elapsed().as_millis());
+            for (cell, leader) in leaders {
+                let place = leader.and_then(|node| topology.location(node)).map(|l| l.datacenter).unwrap_or("none");
+                println!("  cell {cell}: leader node {} ({place})", leader.unwrap_or(0));
+            }
+            return Ok(());
+        }
+        anyhow::ensure!(started.elapsed() < timeout, "leaders did not move within {} s", timeout.as_secs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Each cell's leader: the one named by the replica with the highest term.
+pub fn leaders(topology: &Topology, statuses: &BTreeMap<u64, Option<Value>>) -> BTreeMap<u64, Option<u64>> {
+    let mut leaders = BTreeMap::new();
+    for cell in &topology.cells {
+        let mut best: Option<(u64, u64)> = None;
+        for status in statuses.values().flatten() {
+            let Some(replicas) = status["cells"].as_array() else { continue };
+            for replica in replicas.iter().filter(|r| r["cell"].as_u64() == Some(cell.id)) {
+                let term = replica["term"].as_u64().unwrap_or(0);
+                if let Some(leader) = replica["leader"].as_u64() {
+                    if best.is_none_or(|(t, _)| term > t) {
+                        best = Some((term, leader));
+                    }
+                }
+            }
+        }
+        leaders.insert(cell.id, best.map(|(_, leader)| leader));
+    }
+    leaders
 }
 
 /// Every node's `/v1/cluster/status`, or `None` for a node that did not answer.

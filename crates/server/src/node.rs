@@ -113,7 +113,7 @@ impl NodeConfig {
             tick_interval: Duration::from_millis(100),
             election_ticks: 10,
             heartbeat_ticks: 2,
-            log_retained_bytes: 256 << 20,
+            log_retained_bytes: 64 << 20,
             uncommitted_bytes_max: 256 << 20,
             proposal_timeout: Duration::from_secs(10),
         }
@@ -326,6 +326,13 @@ impl StatusBoard {
     }
 }
 
+/// An operator's command to the engine.
+enum Control {
+    /// Move every leader out of `region` and keep them out (`drained`), or
+    /// let them return (`!drained`).
+    Drain { region: String, drained: bool },
+}
+
 struct Envelope {
     cell: CellId,
     request: Request,
@@ -337,6 +344,7 @@ struct Envelope {
 #[derive(Clone)]
 pub struct NodeHandle {
     sender: Sender<Envelope>,
+    control: Sender<Control>,
     forwarder: Arc<crate::forward::Forwarder>,
     metrics: Arc<Metrics>,
     status: Arc<StatusBoard>,
@@ -354,6 +362,14 @@ pub enum Origin {
     /// Another node forwarded it: served here or refused, never forwarded again.
     Forwarded,
 }
+
+/// How long a client's request waits for its cell to have a reachable leader.
+pub const LEADER_WAIT: Duration = Duration::from_secs(5);
+
+/// Operator commands waiting for the engine.
+const CONTROLS_QUEUED_MAX: usize = 64;
+/// A leader checks every this many ticks whether a better-placed replica should lead.
+const PREFERENCE_CHECK_TICKS: u64 = 5;
 
 /// The engine's run state, shared with handles.
 const RUNNING: u8 = 0;
@@ -416,8 +432,32 @@ impl NodeHandle {
     }
 
     /// Submits a request for one cell here, or to its leader if this node's
-    /// replica is not the leader (and the request was not forwarded already).
+    /// replica does not lead it. While the cell has no reachable leader (an
+    /// election, a leader transfer), a client's request waits and is retried
+    /// for up to [`LEADER_WAIT`]: a refusal for want of a leader means the
+    /// request was not applied, so the retry is exact. (A forwarded call cut
+    /// by the leader's crash may have been applied: its retry answers
+    /// `exists` for such transfers, never applies them twice.)
     async fn submit_routed(&self, cell: CellId, request: Request, origin: Origin) -> Result<Reply, NodeError> {
+        if origin == Origin::Forwarded {
+            return self.submit_once(cell, request, origin).await;
+        }
+        let deadline = Instant::now() + LEADER_WAIT;
+        let mut delay = Duration::from_millis(10);
+        loop {
+            match self.submit_once(cell, request.clone(), origin).await {
+                Err(NodeError::NotLeader { .. } | NodeError::Unavailable { .. })
+                    if Instant::now() + delay < deadline =>
+                {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_millis(200));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn submit_once(&self, cell: CellId, request: Request, origin: Origin) -> Result<Reply, NodeError> {
         let hosted = self.status.cell(cell);
         let leader = hosted.as_ref().and_then(|status| status.leader);
         let local = hosted.is_some() && (leader == Some(self.node) || leader.is_none() || origin == Origin::Forwarded);
@@ -472,6 +512,15 @@ impl NodeHandle {
 
     pub fn node(&self) -> NodeId {
         self.node
+    }
+
+    /// Moves every cell leader out of `region` (leader transfer to the most
+    /// preferred caught-up replica elsewhere) and keeps them out, or lets
+    /// them return (`drained = false`). Each node must be told: it governs
+    /// the leaders it holds.
+    pub fn set_region_drained(&self, region: &str, drained: bool) -> Result<(), NodeError> {
+        let control = Control::Drain { region: region.to_string(), drained };
+        self.control.try_send(control).map_err(|_| NodeError::Overloaded { queue_requests_max: CONTROLS_QUEUED_MAX })
     }
 
     pub fn is_running(&self) -> bool {
@@ -606,14 +655,16 @@ impl Node {
         }
         tracing::info!(?recovery, "recovered");
         let (sender, receiver) = bounded(config.queue_requests_max);
+        let (control, controls) = bounded(CONTROLS_QUEUED_MAX);
         let stop = Arc::new(AtomicU8::new(RUNNING));
         let engine_stop = stop.clone();
         let thread = std::thread::Builder::new()
             .name("cellpay-engine".to_string())
-            .spawn(move || engine.run(receiver, inbox, &engine_stop))
+            .spawn(move || engine.run(receiver, inbox, controls, &engine_stop))
             .map_err(|source| StartError::DataDir { path: config.data_dir.clone(), source })?;
         let handle = NodeHandle {
             sender,
+            control,
             forwarder: Arc::default(),
             metrics,
             status,
@@ -762,7 +813,10 @@ struct Engine {
     metrics: Arc<Metrics>,
     status: Arc<StatusBoard>,
     tick_next: Instant,
+    ticks: u64,
     messages_unknown_cell: u64,
+    /// Regions no leader may stay in (planned maintenance).
+    drained_regions: std::collections::BTreeSet<String>,
 }
 
 impl Engine {
@@ -874,7 +928,9 @@ impl Engine {
             writer: CheckpointWriter::start(),
             metrics,
             status,
+            ticks: 0,
             messages_unknown_cell: 0,
+            drained_regions: std::collections::BTreeSet::new(),
         };
         for replica in engine.replicas.values() {
             engine.publish(replica);
@@ -894,7 +950,13 @@ impl Engine {
         self.round();
     }
 
-    fn run(mut self, requests: Receiver<Envelope>, inbox: Receiver<(NodeId, Vec<u8>)>, stop: &AtomicU8) {
+    fn run(
+        mut self,
+        requests: Receiver<Envelope>,
+        inbox: Receiver<(NodeId, Vec<u8>)>,
+        controls: Receiver<Control>,
+        stop: &AtomicU8,
+    ) {
         loop {
             match stop.load(Ordering::Acquire) {
                 RUNNING => {}
@@ -923,6 +985,7 @@ impl Engine {
             select! {
                 recv(requests) -> envelope => if let Ok(envelope) = envelope { self.request(envelope) },
                 recv(inbox) -> message => if let Ok((from, payload)) = message { self.peer_message(from, &payload) },
+                recv(controls) -> control => if let Ok(control) = control { self.control(control) },
                 default(timeout) => {},
             }
             let mut taken = 0;
@@ -996,6 +1059,63 @@ impl Engine {
         propose(replica, data, Some(envelope), deadline);
     }
 
+    fn control(&mut self, control: Control) {
+        match control {
+            Control::Drain { region, drained } => {
+                tracing::info!(region, drained, "region drain changed");
+                if drained {
+                    self.drained_regions.insert(region);
+                } else {
+                    self.drained_regions.remove(&region);
+                }
+                self.place_leaders();
+            }
+        }
+    }
+
+    /// Where `node` ranks as a leader of `cell`: its datacenter's place in
+    /// the cell's leader preference, or last if its region is drained.
+    fn leader_rank(&self, cell: CellId, node: NodeId) -> usize {
+        let topology = &self.config.topology;
+        let drained = topology.location(node).is_some_and(|l| self.drained_regions.contains(l.region));
+        if drained {
+            usize::MAX
+        } else {
+            topology.preference_rank(cell, node)
+        }
+    }
+
+    /// For every cell this node leads: if a caught-up, active replica ranks
+    /// better (see `leader_rank`), hand leadership to the best one. Leaders
+    /// so settle in their preferred datacenter and leave drained regions.
+    fn place_leaders(&mut self) {
+        let mut transfers = Vec::new();
+        for (&cell, replica) in &self.replicas {
+            let raft = &replica.raw.raft;
+            if raft.state != StateRole::Leader || raft.lead_transferee.is_some() {
+                continue;
+            }
+            let my_rank = self.leader_rank(cell, self.config.node);
+            let last_index = raft.raft_log.last_index();
+            let voters: Vec<NodeId> = raft.prs().conf().voters().ids().iter().collect();
+            let best = voters
+                .into_iter()
+                .filter(|&node| node != self.config.node)
+                .filter(|&node| raft.prs().get(node).is_some_and(|p| p.recent_active && p.matched == last_index))
+                .map(|node| (self.leader_rank(cell, node), node))
+                .min();
+            if let Some((rank, node)) = best {
+                if rank < my_rank {
+                    transfers.push((cell, node));
+                }
+            }
+        }
+        for (cell, node) in transfers {
+            tracing::info!(cell, to = node, "transferring leadership to a better-placed replica");
+            self.replicas.get_mut(&cell).expect("hosted").raw.transfer_leader(node);
+        }
+    }
+
     fn peer_message(&mut self, from: NodeId, payload: &[u8]) {
         let Some((cell, message)) = decode_peer_message(payload) else {
             tracing::warn!(from, bytes = payload.len(), "dropped an undecodable message from a peer");
@@ -1020,6 +1140,10 @@ impl Engine {
 
     fn tick(&mut self) {
         self.publish_peers();
+        self.ticks += 1;
+        if self.ticks.is_multiple_of(PREFERENCE_CHECK_TICKS) {
+            self.place_leaders();
+        }
         let now = Instant::now();
         while self.tick_next <= now {
             self.tick_next += self.config.tick_interval;
@@ -1229,7 +1353,8 @@ impl Engine {
             replica.checkpoint_in_flight = None;
             replica.ledger.checkpoint_end();
             replica.checkpoint_index = done.index;
-            let compact_to = compaction_index(replica.raw.store(), done.index, self.config.log_retained_bytes);
+            // Compact up to the checkpoint, keeping the newest entries before it for followers that lag.
+            let compact_to = replica.raw.store().compaction_index(done.index, self.config.log_retained_bytes);
             replica.raw.mut_store().compact_to(compact_to);
             self.metrics.checkpoint_seconds.observe(done.seconds);
             tracing::info!(
@@ -1258,29 +1383,6 @@ impl Engine {
             }
         }
     }
-}
-
-/// Where to compact a log after a checkpoint at `checkpoint_index`: as far
-/// as the checkpoint, but keeping up to `retained_bytes` of the newest
-/// entries before it for followers that lag.
-fn compaction_index(log: &CellLog, checkpoint_index: u64, retained_bytes: u64) -> u64 {
-    let mut index = checkpoint_index.min(log.last_index());
-    let mut bytes = 0u64;
-    let mut entries = Vec::new();
-    let context = raft::GetEntriesContext::empty(false);
-    if index >= log.first_index() {
-        if let Ok(held) = raft::Storage::entries(log, log.first_index(), index + 1, None, context) {
-            entries = held;
-        }
-    }
-    for entry in entries.iter().rev() {
-        bytes += crate::raft_log::entry_size_bytes(entry) as u64;
-        if bytes > retained_bytes {
-            break;
-        }
-        index = entry.index - 1;
-    }
-    index.max(log.base().index)
 }
 
 fn role_name(role: StateRole) -> &'static str {

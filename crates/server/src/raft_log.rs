@@ -378,6 +378,23 @@ impl CellLog {
         Ok(())
     }
 
+    /// The highest index `<= index` such that compacting to it keeps at least
+    /// `retained_bytes` of entries at or before `index` (or all of them),
+    /// for followers that lag.
+    pub fn compaction_index(&self, index: u64, retained_bytes: u64) -> u64 {
+        let mut target = index.min(self.last_index());
+        let mut bytes = 0u64;
+        while target > self.base.index {
+            let Some(entry) = self.entry(target) else { break };
+            bytes += entry_size_bytes(entry) as u64;
+            if bytes > retained_bytes {
+                break;
+            }
+            target -= 1;
+        }
+        target
+    }
+
     /// Drops the entries up to and including `index`, which becomes the base.
     /// Does nothing unless the log holds the entry at `index`.
     pub fn compact_to(&mut self, index: u64) {
@@ -685,6 +702,11 @@ mod tests {
         assert_eq!(log.term_of(3), Some(2));
         assert_eq!(log.last_index(), 4);
         assert_eq!(log.append(&[entry(6, 2, b"")]), Err(CellLogError::Gap { first: 6, last: 4 }));
+        let entry_bytes = (ENTRY_HEADER_SIZE + 1) as u64;
+        assert_eq!(log.compaction_index(3, 0), 3);
+        assert_eq!(log.compaction_index(3, entry_bytes), 2, "keeps entry 3");
+        assert_eq!(log.compaction_index(3, 10 * entry_bytes), 0, "keeps everything");
+        assert_eq!(log.compaction_index(9, 0), 4, "never past the last entry");
         log.compact_to(2);
         assert_eq!((log.first_index(), log.last_index(), log.base().term), (3, 4, 1));
         assert_eq!(log.term(2), Ok(1));

@@ -35,6 +35,7 @@ pub(super) fn router(handle: NodeHandle) -> Router {
         .route("/metrics", get(metrics))
         .route("/health", get(health))
         .route("/v1/cluster/status", get(cluster_status))
+        .route("/v1/cluster/drain", post(cluster_drain))
         .route("/openapi.json", get(openapi))
         .with_state(handle)
 }
@@ -102,6 +103,28 @@ async fn health(State(handle): State<NodeHandle>) -> Response {
         ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], "ok").into_response()
     } else {
         error_response(ErrorCode::Overloaded, "the node is shutting down")
+    }
+}
+
+/// `{"region": "shanghai", "drained": true}`: move every leader this node
+/// holds out of the region and keep them out (`false`: let them return).
+async fn cluster_drain(State(handle): State<NodeHandle>, JsonBody(body): JsonBody) -> Response {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Drain {
+        region: String,
+        drained: bool,
+    }
+    let drain: Drain = match serde_json::from_slice(&body) {
+        Ok(drain) => drain,
+        Err(error) => return error_response(ErrorCode::InvalidJson, error.to_string()),
+    };
+    if !handle.topology().regions.iter().any(|region| region.name == drain.region) {
+        return error_response(ErrorCode::InvalidJson, format!("unknown region {:?}", drain.region));
+    }
+    match handle.set_region_drained(&drain.region, drain.drained) {
+        Ok(()) => Json(serde_json::json!({"region": drain.region, "drained": drain.drained})).into_response(),
+        Err(error) => error_response(node_error_code(&error), error.to_string()),
     }
 }
 
