@@ -18,11 +18,11 @@ fn demo_runs_a_workload_and_audits_it() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("demo");
     let data = data.to_str().unwrap();
-    let args = ["demo", "--data", data, "--listen", "127.0.0.1:0", "--duration-s", "3", "--rate", "5000"];
+    let args = ["demo", "--data", data, "--base-port", "0", "--duration-s", "3", "--rate", "5000"];
     let first = stdout(&cellpay(&args));
     assert!(first.contains("transfers/s"), "live summary printed: {first}");
     assert!(first.contains("audit: every account conserves money"), "{first}");
-    assert!(first.contains("10101 created now"), "{first}");
+    assert!(first.contains("10104 created now"), "{first}");
     // Running it again resumes from the data directory.
     let second = stdout(&cellpay(&args));
     assert!(second.contains("(0 created now)"), "{second}");
@@ -30,7 +30,7 @@ fn demo_runs_a_workload_and_audits_it() {
     // --fresh starts over.
     let mut fresh = args.to_vec();
     fresh.push("--fresh");
-    assert!(stdout(&cellpay(&fresh)).contains("10101 created now"));
+    assert!(stdout(&cellpay(&fresh)).contains("10104 created now"));
 }
 
 struct Server(Child, String);

@@ -24,3 +24,4 @@ pub use front::{serve, FrontLimits};
 pub mod forward;
 pub mod raft_log;
 pub mod raft_logger;
+pub mod snapshot;

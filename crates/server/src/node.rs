@@ -49,14 +49,14 @@ use cellpay_ledger::{
 };
 use cellpay_storage::store::{Store, StoreDatabase, StoreError};
 use crossbeam_channel::{bounded, select, Receiver, Sender, TryRecvError, TrySendError};
-use protobuf::Message as _;
-use raft::prelude::{ConfState, Entry, EntryType, Message, Ready};
+use raft::prelude::{ConfState, Entry, EntryType, Message, MessageType, Ready, Snapshot};
 use raft::{RawNode, StateRole};
 use tokio::sync::oneshot;
 
 use crate::metrics::Metrics;
-use crate::raft_log::{CellLog, NodeLog, NodeLogError};
+use crate::raft_log::{CellLog, LogBase, NodeLog, NodeLogError};
 use crate::record::{self, Record, RecordError};
+use crate::snapshot::{self, PeerMessage, SnapshotReceiver, SnapshotSender, Staged};
 
 /// A node's limits and tuning.
 #[derive(Clone, Debug)]
@@ -71,6 +71,9 @@ pub struct NodeConfig {
     /// Messages from peers waiting for the engine; past this they are dropped
     /// (Raft retries) and counted.
     pub inbox_messages_max: usize,
+    /// Bytes queued toward one peer (messages to a peer that is down wait
+    /// here, and are delivered when it is back, until this fills).
+    pub peer_queue_bytes_max: usize,
     /// Requests taken in one engine round.
     pub group_requests_max: usize,
     /// Checkpoint a cell once this many transfers are held in memory.
@@ -107,6 +110,7 @@ impl NodeConfig {
             node,
             queue_requests_max: 1024,
             inbox_messages_max: 16 * 1024,
+            peer_queue_bytes_max: 64 << 20,
             group_requests_max: 256,
             checkpoint_transfers_max: 1 << 18,
             checkpoint_idle_interval: Duration::from_secs(10),
@@ -286,6 +290,8 @@ pub struct CellStatus {
     pub log_bytes: u64,
     pub checkpoint_index: u64,
     pub elections: u64,
+    /// Snapshots this replica installed since the process started.
+    pub snapshots_installed: u64,
     /// The ledger's state hash (see `Ledger::state_hash`) at index
     /// `state_hash_index`: computed when the cell has been idle for a tick,
     /// so replicas of a quiescent cell can be compared.
@@ -637,9 +643,15 @@ impl Node {
         }
         let metrics = Arc::new(Metrics::new());
         let status = Arc::new(StatusBoard::default());
-        let (inbox_sender, inbox) = bounded::<(NodeId, Vec<u8>)>(config.inbox_messages_max);
-        let (runtime, transport) = start_transport(&config, inbox_sender)?;
-        let (mut engine, mut recovery) = Engine::open(config.clone(), metrics.clone(), status.clone(), transport)?;
+        let (inbox_sender, inbox) = bounded::<(NodeId, PeerMessage)>(config.inbox_messages_max);
+        let data_dir = &config.data_dir;
+        std::fs::create_dir_all(data_dir).map_err(|source| StartError::DataDir { path: data_dir.clone(), source })?;
+        let database = StoreDatabase::open(&data_dir.join("store"))?;
+        let (staged_sender, staged) = bounded::<Staged>(1);
+        let receiver = SnapshotReceiver::start(database.clone(), staged_sender);
+        let (runtime, transport) = start_transport(&config, inbox_sender, receiver.sender())?;
+        let (mut engine, mut recovery) =
+            Engine::open(config.clone(), database, metrics.clone(), status.clone(), transport, receiver)?;
         engine.catch_up_local();
         for cell in recovery.cells.iter_mut() {
             cell.records_replayed = engine.replicas[&cell.cell].records_applied;
@@ -660,7 +672,7 @@ impl Node {
         let engine_stop = stop.clone();
         let thread = std::thread::Builder::new()
             .name("cellpay-engine".to_string())
-            .spawn(move || engine.run(receiver, inbox, controls, &engine_stop))
+            .spawn(move || engine.run(receiver, inbox, controls, staged, &engine_stop))
             .map_err(|source| StartError::DataDir { path: config.data_dir.clone(), source })?;
         let handle = NodeHandle {
             sender,
@@ -720,8 +732,9 @@ impl Drop for Node {
 /// for a node alone).
 fn start_transport(
     config: &NodeConfig,
-    inbox: Sender<(NodeId, Vec<u8>)>,
-) -> Result<(Option<tokio::runtime::Runtime>, Option<Transport>), StartError> {
+    inbox: Sender<(NodeId, PeerMessage)>,
+    snapshots: Sender<(NodeId, PeerMessage)>,
+) -> Result<(Option<tokio::runtime::Runtime>, Option<Arc<Transport>>), StartError> {
     let topology = &config.topology;
     let me = topology.node(config.node).expect("checked by the caller");
     let peers: Vec<PeerConfig> = topology
@@ -742,11 +755,31 @@ fn start_transport(
         .enable_all()
         .build()
         .map_err(|error| StartError::Transport(error.to_string()))?;
-    let deliver: Deliver = Arc::new(move |from, payload| inbox.try_send((from, payload)).is_ok());
-    let transport =
-        Transport::start(TransportConfig::new(config.node, me.peer_address, peers), deliver, runtime.handle())
-            .map_err(|error| StartError::Transport(error.to_string()))?;
-    Ok((Some(runtime), Some(transport)))
+    // Messages are decoded here, on the transport's thread; snapshot chunks
+    // go to the snapshot receiver, Raft messages to the engine.
+    let deliver: Deliver = Arc::new(move |from, payload| match snapshot::decode(&payload) {
+        Some(message @ PeerMessage::Raft { .. }) => inbox.try_send((from, message)).is_ok(),
+        Some(message) => snapshots.try_send((from, message)).is_ok(),
+        None => {
+            tracing::warn!(from, bytes = payload.len(), "dropped an undecodable message from a peer");
+            true
+        }
+    });
+    let defaults = TransportConfig::new(config.node, me.peer_address, peers);
+    let transport_config = TransportConfig {
+        queue_bytes_max: config.peer_queue_bytes_max,
+        message_bytes_max: defaults.message_bytes_max.min(config.peer_queue_bytes_max),
+        ..defaults
+    };
+    let transport = match Transport::start(transport_config, deliver, runtime.handle()) {
+        Ok(transport) => transport,
+        Err(error) => {
+            // Not dropped here: this may run inside an async context.
+            runtime.shutdown_background();
+            return Err(StartError::Transport(error.to_string()));
+        }
+    };
+    Ok((Some(runtime), Some(Arc::new(transport))))
 }
 
 /// The wall clock in nanoseconds since the Unix epoch. Only a leader reads
@@ -779,6 +812,10 @@ struct Replica {
     raw: RawNode<CellLog>,
     ledger: Ledger,
     store: Arc<Store>,
+    /// The store generation in use (`snapshot::store_name`).
+    generation: u64,
+    /// A snapshot received and loaded, waiting for Raft to accept it.
+    staged: Option<Staged>,
     applied: u64,
     checkpoint_index: u64,
     /// The index of the checkpoint the writer is storing.
@@ -790,6 +827,7 @@ struct Replica {
     read_id_next: u64,
     pulse_in_flight: bool,
     elections: u64,
+    snapshots_installed: u64,
     role: StateRole,
     /// Ledger records applied since the process started.
     records_applied: u64,
@@ -808,7 +846,12 @@ struct Engine {
     config: NodeConfig,
     replicas: BTreeMap<CellId, Replica>,
     log: NodeLog,
-    transport: Option<Transport>,
+    database: StoreDatabase,
+    transport: Option<Arc<Transport>>,
+    snapshot_sender: Option<SnapshotSender>,
+    /// Snapshots sent and not yet answered: `(cell, to, when)`, oldest first.
+    snapshots_sent: Vec<(CellId, NodeId, Instant)>,
+    _snapshot_receiver: SnapshotReceiver,
     writer: CheckpointWriter,
     metrics: Arc<Metrics>,
     status: Arc<StatusBoard>,
@@ -822,13 +865,13 @@ struct Engine {
 impl Engine {
     fn open(
         config: NodeConfig,
+        database: StoreDatabase,
         metrics: Arc<Metrics>,
         status: Arc<StatusBoard>,
-        transport: Option<Transport>,
+        transport: Option<Arc<Transport>>,
+        snapshot_receiver: SnapshotReceiver,
     ) -> Result<(Engine, RecoveryReport), StartError> {
         let data_dir = &config.data_dir;
-        std::fs::create_dir_all(data_dir).map_err(|source| StartError::DataDir { path: data_dir.clone(), source })?;
-        let database = StoreDatabase::open(&data_dir.join("store"))?;
         let (mut log, log_recovery) = NodeLog::open(&data_dir.join("wal"))?;
         let mut cell_logs = log_recovery.cells;
         let logger = slog::Logger::root(crate::raft_logger::TracingDrain, slog::o!("node" => config.node));
@@ -837,8 +880,14 @@ impl Engine {
             RecoveryReport { torn_tail_bytes_cut: log_recovery.wal.torn_tail_bytes_cut, ..Default::default() };
         for cell_id in config.topology.cells_of_node(config.node) {
             let cell = config.topology.cell(cell_id).expect("cells_of_node names known cells");
-            let store = Arc::new(Store::open_in(&database, &format!("cell{cell_id}."))?);
+            let generation = database.registry_get(&snapshot::generation_key(cell_id))?.unwrap_or(0);
+            // Snapshots received but not installed, or being received, when the node stopped.
+            for unused in generation + 1..snapshot::generation_next(&database, cell_id)? {
+                database.drop_store(&snapshot::store_name(cell_id, unused))?;
+            }
+            let store = Arc::new(Store::open_in(&database, &snapshot::store_name(cell_id, generation))?);
             let checkpoint = store.checkpoint()?;
+            let stored_base = snapshot::decode_consensus(&store.consensus()?);
             let mut cell_log = match cell_logs.remove(&cell_id) {
                 Some(cell_log) => cell_log,
                 None => {
@@ -855,6 +904,15 @@ impl Engine {
             };
             let index = checkpoint.op;
             if index > 0 {
+                // An installed snapshot whose base record did not reach the log before a crash.
+                if let Some(base) =
+                    stored_base.clone().filter(|base| cell_log.term_of(index).is_none() && base.index == index)
+                {
+                    if index > cell_log.last_index() {
+                        cell_log.set_base(base.clone());
+                        log.append_base(cell_id, &base);
+                    }
+                }
                 if cell_log.term_of(index).is_none() {
                     return Err(StartError::LogMismatch {
                         cell: cell_id,
@@ -889,6 +947,9 @@ impl Engine {
                 read_only_option: raft::ReadOnlyOption::Safe,
                 ..Default::default()
             };
+            if let Some(base) = stored_base {
+                cell_log.set_snapshot_point(base);
+            }
             let cell_logger = logger.new(slog::o!("cell" => cell_id));
             let raw = RawNode::new(&raft_config, cell_log, &cell_logger)
                 .map_err(|source| StartError::Raft { cell: cell_id, source })?;
@@ -901,6 +962,8 @@ impl Engine {
                     raw,
                     ledger,
                     store,
+                    generation,
+                    staged: None,
                     applied: index,
                     checkpoint_index: index,
                     checkpoint_in_flight: None,
@@ -911,6 +974,7 @@ impl Engine {
                     read_id_next: 1,
                     pulse_in_flight: false,
                     elections: 0,
+                    snapshots_installed: 0,
                     role: StateRole::Follower,
                     records_applied: 0,
                     state_hash: (u64::MAX, 0),
@@ -924,6 +988,10 @@ impl Engine {
             config,
             replicas,
             log,
+            database,
+            snapshot_sender: transport.clone().map(SnapshotSender::start),
+            snapshots_sent: Vec::new(),
+            _snapshot_receiver: snapshot_receiver,
             transport,
             writer: CheckpointWriter::start(),
             metrics,
@@ -953,8 +1021,9 @@ impl Engine {
     fn run(
         mut self,
         requests: Receiver<Envelope>,
-        inbox: Receiver<(NodeId, Vec<u8>)>,
+        inbox: Receiver<(NodeId, PeerMessage)>,
         controls: Receiver<Control>,
+        staged: Receiver<Staged>,
         stop: &AtomicU8,
     ) {
         loop {
@@ -984,8 +1053,9 @@ impl Engine {
             let timeout = self.tick_next.saturating_duration_since(Instant::now());
             select! {
                 recv(requests) -> envelope => if let Ok(envelope) = envelope { self.request(envelope) },
-                recv(inbox) -> message => if let Ok((from, payload)) = message { self.peer_message(from, &payload) },
+                recv(inbox) -> message => if let Ok((from, message)) = message { self.peer_message(from, message) },
                 recv(controls) -> control => if let Ok(control) = control { self.control(control) },
+                recv(staged) -> snapshot => if let Ok(snapshot) = snapshot { self.snapshot_staged(snapshot) },
                 default(timeout) => {},
             }
             let mut taken = 0;
@@ -998,7 +1068,7 @@ impl Engine {
             }
             for _ in 0..self.config.inbox_messages_max {
                 match inbox.try_recv() {
-                    Ok((from, payload)) => self.peer_message(from, &payload),
+                    Ok((from, message)) => self.peer_message(from, message),
                     Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
                 }
             }
@@ -1116,11 +1186,8 @@ impl Engine {
         }
     }
 
-    fn peer_message(&mut self, from: NodeId, payload: &[u8]) {
-        let Some((cell, message)) = decode_peer_message(payload) else {
-            tracing::warn!(from, bytes = payload.len(), "dropped an undecodable message from a peer");
-            return;
-        };
+    fn peer_message(&mut self, from: NodeId, message: PeerMessage) {
+        let PeerMessage::Raft { cell, message } = message else { return };
         let Some(replica) = self.replicas.get_mut(&cell) else {
             self.messages_unknown_cell += 1;
             if self.messages_unknown_cell.is_power_of_two() {
@@ -1138,8 +1205,88 @@ impl Engine {
         }
     }
 
+    /// A snapshot is loaded: let Raft decide on it (the install happens when
+    /// its `Ready` carries the snapshot).
+    fn snapshot_staged(&mut self, staged: Staged) {
+        let Some(replica) = self.replicas.get_mut(&staged.cell) else { return };
+        let message = staged.message.clone();
+        let (cell, from) = (staged.cell, staged.from);
+        if let Some(replaced) = replica.staged.replace(staged) {
+            self.drop_generation(cell, replaced.generation, replaced.store);
+        }
+        let replica = self.replicas.get_mut(&cell).expect("hosted");
+        if let Err(error) = replica.raw.step(message) {
+            tracing::debug!(cell, from, %error, "raft refused a snapshot");
+        }
+    }
+
+    /// Switches a cell to a received snapshot that Raft accepted: the new
+    /// store generation becomes current (durably), the ledger is rebuilt from
+    /// it, and the log restarts after it.
+    fn snapshot_install(&mut self, cell: CellId, snapshot: &Snapshot) {
+        let metadata = snapshot.get_metadata();
+        let index = metadata.index;
+        // A checkpoint of the old state still being written finishes first.
+        while self.replicas[&cell].checkpoint_in_flight.is_some() {
+            self.checkpoints_finish(true);
+        }
+        let replica = self.replicas.get_mut(&cell).expect("hosted");
+        let staged = replica.staged.take().filter(|staged| staged.image.checkpoint.op == index);
+        let Some(staged) = staged else {
+            panic!("cell {cell}: raft accepted snapshot {index}, which was not received");
+        };
+        if let Err(error) = self.database.registry_set(&snapshot::generation_key(cell), staged.generation) {
+            panic!("cell {cell}: cannot record the new store generation, stopping to recover on restart: {error}");
+        }
+        let old_generation = std::mem::replace(&mut replica.generation, staged.generation);
+        let store = &staged.store;
+        let restored = store.accounts().and_then(|accounts| Ok((accounts, store.open_pending()?)));
+        let (accounts, pending) = match restored {
+            Ok(restored) => restored,
+            Err(error) => panic!("cell {cell}: cannot read the installed snapshot: {error}"),
+        };
+        replica.ledger = Ledger::restore(self.config.ledger, accounts, pending, staged.image.checkpoint.timestamp_last);
+        if let Err(error) = replica.ledger.audit() {
+            panic!("cell {cell}: the installed snapshot fails its audit: {error}");
+        }
+        let base = LogBase { index, term: metadata.term, conf_state: metadata.get_conf_state().clone() };
+        replica.raw.mut_store().set_base(base.clone());
+        replica.raw.mut_store().set_snapshot_point(base.clone());
+        self.log.append_base(cell, &base);
+        replica.applied = index;
+        replica.checkpoint_index = index;
+        replica.snapshots_installed += 1;
+        let leader = Some(replica.raw.raft.leader_id).filter(|&id| id != raft::INVALID_ID);
+        for proposal in replica.proposals.drain(..) {
+            if let Some(envelope) = proposal.envelope {
+                let _ = envelope.reply.send(Err(NodeError::NotLeader { cell, leader }));
+            }
+        }
+        replica.pulse_in_flight = false;
+        tracing::info!(
+            cell,
+            index,
+            term = metadata.term,
+            accounts = replica.ledger.accounts_count(),
+            "snapshot installed"
+        );
+        let old_store = std::mem::replace(&mut replica.store, staged.store.clone());
+        drop(staged);
+        self.drop_generation(cell, old_generation, old_store);
+    }
+
+    /// Drops a store generation no longer used (replaced, or never installed).
+    fn drop_generation(&self, cell: CellId, generation: u64, store: Arc<Store>) {
+        assert_ne!(generation, self.replicas[&cell].generation, "cell {cell}: never drop the generation in use");
+        drop(store);
+        if let Err(error) = self.database.drop_store(&snapshot::store_name(cell, generation)) {
+            tracing::warn!(cell, generation, %error, "could not drop an unused store generation");
+        }
+    }
+
     fn tick(&mut self) {
         self.publish_peers();
+        self.snapshots_finished();
         self.ticks += 1;
         if self.ticks.is_multiple_of(PREFERENCE_CHECK_TICKS) {
             self.place_leaders();
@@ -1204,7 +1351,9 @@ impl Engine {
                 continue;
             }
             let mut ready = replica.raw.ready();
-            send_messages(self.transport.as_ref(), cell, ready.take_messages(), &mut replica.raw);
+            let snapshots = send_messages(self.transport.as_deref(), cell, ready.take_messages(), &mut replica.raw);
+            self.snapshots_offer(cell, snapshots);
+            let replica = self.replicas.get_mut(&cell).expect("hosted");
             if let Some(soft) = ready.ss() {
                 if soft.raft_state != replica.role {
                     if soft.raft_state == StateRole::Leader {
@@ -1226,7 +1375,11 @@ impl Engine {
                     batch.index = Some(read_state.index);
                 }
             }
-            assert!(ready.snapshot().is_empty(), "cell {cell}: snapshots are never sent");
+            if !ready.snapshot().is_empty() {
+                let snapshot = ready.snapshot().clone();
+                self.snapshot_install(cell, &snapshot);
+            }
+            let replica = self.replicas.get_mut(&cell).expect("hosted");
             let committed = ready.take_committed_entries();
             apply_entries(replica, committed, &self.metrics);
             if !ready.entries().is_empty() {
@@ -1251,17 +1404,20 @@ impl Engine {
         }
         for Persisting { cell, mut ready } in persisting {
             let replica = self.replicas.get_mut(&cell).expect("hosted");
-            send_messages(self.transport.as_ref(), cell, ready.take_persisted_messages(), &mut replica.raw);
+            let persisted = ready.take_persisted_messages();
+            let mut snapshots = send_messages(self.transport.as_deref(), cell, persisted, &mut replica.raw);
             let mut light = replica.raw.advance(ready);
             if let Some(commit) = light.commit_index() {
                 replica.raw.mut_store().set_commit(commit);
                 let hard_state = replica.raw.store().hard_state().clone();
                 self.log.append_hard_state(cell, &hard_state);
             }
-            send_messages(self.transport.as_ref(), cell, light.take_messages(), &mut replica.raw);
+            snapshots.extend(send_messages(self.transport.as_deref(), cell, light.take_messages(), &mut replica.raw));
             apply_entries(replica, light.take_committed_entries(), &self.metrics);
             replica.raw.advance_apply();
+            self.snapshots_offer(cell, snapshots);
         }
+        self.snapshots_finished();
         self.serve_reads();
         for &cell in &cells {
             let replica = &self.replicas[&cell];
@@ -1281,6 +1437,48 @@ impl Engine {
         let peers =
             transport.peers().into_iter().map(|node| PeerStatus { node, connected: transport.peer_connected(node) });
         *self.status.peers.write().expect("status lock") = peers.collect();
+    }
+
+    /// Hands Raft's snapshot messages to the sender thread (or tells Raft
+    /// they failed, when one is already in flight: it asks again later).
+    fn snapshots_offer(&mut self, cell: CellId, messages: Vec<Message>) {
+        for message in messages {
+            let to = message.to;
+            let replica = self.replicas.get_mut(&cell).expect("hosted");
+            let accepted = match self.snapshot_sender.as_mut() {
+                Some(sender) => sender.offer(cell, to, message, replica.store.clone()),
+                None => false,
+            };
+            if !accepted {
+                replica.raw.report_snapshot(to, raft::SnapshotStatus::Failure);
+            }
+        }
+    }
+
+    /// A failed send is reported to Raft at once. A sent snapshot is not
+    /// reported: the follower's answer once it has installed it moves Raft
+    /// on; without one in `SNAPSHOT_REPLY_WAIT`, it is reported failed (Raft
+    /// ignores that if the follower has moved on) and Raft sends a new one.
+    fn snapshots_finished(&mut self) {
+        let Some(sender) = self.snapshot_sender.as_mut() else { return };
+        let now = Instant::now();
+        for done in sender.finished() {
+            if done.ok {
+                self.snapshots_sent.push((done.cell, done.to, now));
+            } else if let Some(replica) = self.replicas.get_mut(&done.cell) {
+                replica.raw.report_snapshot(done.to, raft::SnapshotStatus::Failure);
+            }
+        }
+        while self
+            .snapshots_sent
+            .first()
+            .is_some_and(|&(_, _, at)| now.duration_since(at) >= snapshot::SNAPSHOT_REPLY_WAIT)
+        {
+            let (cell, to, _) = self.snapshots_sent.remove(0);
+            if let Some(replica) = self.replicas.get_mut(&cell) {
+                replica.raw.report_snapshot(to, raft::SnapshotStatus::Failure);
+            }
+        }
     }
 
     fn serve_reads(&mut self) {
@@ -1311,6 +1509,7 @@ impl Engine {
             log_bytes: log.entries_bytes(),
             checkpoint_index: replica.checkpoint_index,
             elections: replica.elections,
+            snapshots_installed: replica.snapshots_installed,
             state_hash: replica.state_hash.1,
             state_hash_index: replica.state_hash.0,
             accounts: replica.ledger.accounts_count(),
@@ -1336,10 +1535,15 @@ impl Engine {
         if let Err(error) = replica.ledger.audit() {
             panic!("cell {cell}: ledger fails its audit at checkpoint: {error}");
         }
+        let index = replica.applied;
+        let log = replica.raw.store();
+        let term = log.term_of(index).expect("an applied entry after the last checkpoint is in the log");
+        let base = LogBase { index, term, conf_state: log.base().conf_state.clone() };
+        let consensus = snapshot::encode_consensus(cell, &base);
         let delta = replica.ledger.checkpoint_begin();
-        replica.checkpoint_in_flight = Some(replica.applied);
+        replica.checkpoint_in_flight = Some(index);
         replica.checkpoint_last = Instant::now();
-        self.writer.send(CheckpointJob { cell, index: replica.applied, store: replica.store.clone(), delta });
+        self.writer.send(CheckpointJob { cell, index, base, consensus, store: replica.store.clone(), delta });
     }
 
     /// Confirms the checkpoints the writer has finished (waiting for one if
@@ -1356,6 +1560,7 @@ impl Engine {
             // Compact up to the checkpoint, keeping the newest entries before it for followers that lag.
             let compact_to = replica.raw.store().compaction_index(done.index, self.config.log_retained_bytes);
             replica.raw.mut_store().compact_to(compact_to);
+            replica.raw.mut_store().set_snapshot_point(done.base);
             self.metrics.checkpoint_seconds.observe(done.seconds);
             tracing::info!(
                 cell = done.cell,
@@ -1424,31 +1629,30 @@ fn fail_reads(replica: &mut Replica) {
     }
 }
 
-fn send_messages(transport: Option<&Transport>, cell: CellId, messages: Vec<Message>, raw: &mut RawNode<CellLog>) {
+/// Sends Raft messages to their peers; returns the snapshot messages, which
+/// need their data shipped first (see `snapshot.rs`).
+fn send_messages(
+    transport: Option<&Transport>,
+    cell: CellId,
+    messages: Vec<Message>,
+    raw: &mut RawNode<CellLog>,
+) -> Vec<Message> {
     let Some(transport) = transport else {
         assert!(messages.is_empty(), "a node alone has no one to send messages to");
-        return;
+        return Vec::new();
     };
+    let mut snapshots = Vec::new();
     for message in messages {
+        if message.get_msg_type() == MessageType::MsgSnapshot {
+            snapshots.push(message);
+            continue;
+        }
         let to = message.to;
-        if transport.send(to, encode_peer_message(cell, &message)).is_err() {
+        if transport.send(to, snapshot::encode_raft(cell, &message)).is_err() {
             raw.report_unreachable(to);
         }
     }
-}
-
-/// A message between peers: the cell (u64 LE), then the Raft message (protobuf).
-fn encode_peer_message(cell: CellId, message: &Message) -> Vec<u8> {
-    let mut out = Vec::with_capacity(8 + message.compute_size() as usize);
-    out.extend_from_slice(&cell.to_le_bytes());
-    message.write_to_vec(&mut out).expect("a raft message encodes");
-    out
-}
-
-fn decode_peer_message(payload: &[u8]) -> Option<(CellId, Message)> {
-    let cell = u64::from_le_bytes(payload.get(..8)?.try_into().ok()?);
-    let message = Message::parse_from_bytes(&payload[8..]).ok()?;
-    Some((cell, message))
+    snapshots
 }
 
 /// Applies committed entries in order, answering the writes this node proposed.
@@ -1532,6 +1736,9 @@ fn read(replica: &Replica, request: &Request) -> Result<Reply, NodeError> {
 struct CheckpointJob {
     cell: CellId,
     index: u64,
+    /// Where the checkpoint puts the log's base, and the same as stored consensus metadata.
+    base: LogBase,
+    consensus: Vec<u8>,
     store: Arc<Store>,
     delta: Arc<CheckpointDelta>,
 }
@@ -1540,6 +1747,7 @@ struct CheckpointJob {
 struct CheckpointDone {
     cell: CellId,
     index: u64,
+    base: LogBase,
     transfers: usize,
     seconds: f64,
 }
@@ -1564,15 +1772,13 @@ impl CheckpointWriter {
             .spawn(move || {
                 for job in jobs {
                     let started = Instant::now();
-                    if let Err(error) = job.store.apply_checkpoint(job.index, &job.delta) {
+                    if let Err(error) = job.store.apply_checkpoint_with(job.index, &job.delta, &job.consensus) {
                         panic!("cell {}: checkpoint write failed, stopping to recover on restart: {error}", job.cell);
                     }
                     let transfers = job.delta.transfers.len();
                     let seconds = started.elapsed().as_secs_f64();
-                    if done_sender
-                        .send(CheckpointDone { cell: job.cell, index: job.index, transfers, seconds })
-                        .is_err()
-                    {
+                    let done = CheckpointDone { cell: job.cell, index: job.index, base: job.base, transfers, seconds };
+                    if done_sender.send(done).is_err() {
                         return;
                     }
                 }
@@ -1621,16 +1827,6 @@ impl Drop for CheckpointWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn peer_messages_round_trip_and_garbage_is_refused() {
-        let message = Message { to: 3, from: 1, term: 7, index: 42, ..Default::default() };
-        let bytes = encode_peer_message(9, &message);
-        let (cell, decoded) = decode_peer_message(&bytes).unwrap();
-        assert_eq!((cell, decoded.to, decoded.from, decoded.term, decoded.index), (9, 3, 1, 7, 42));
-        assert!(decode_peer_message(&bytes[..4]).is_none());
-        assert!(decode_peer_message(&[1, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff]).is_none());
-    }
 
     #[test]
     fn requests_route_to_the_cell_of_their_accounts() {

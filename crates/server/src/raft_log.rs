@@ -293,9 +293,18 @@ pub struct CellLog {
     /// Entries `base.index + 1 ..= last_index`.
     entries: VecDeque<Entry>,
     entries_bytes: u64,
+    /// The state a snapshot can be sent of: the last checkpoint's index,
+    /// term and membership (the store holds its data).
+    snapshot_point: Option<LogBase>,
 }
 
 impl CellLog {
+    /// Records that the store now holds the state at `base` (a checkpoint or
+    /// an installed snapshot): followers that lag past the log get that.
+    pub fn set_snapshot_point(&mut self, base: LogBase) {
+        self.snapshot_point = Some(base);
+    }
+
     /// A new replica's log: empty, with the cluster's initial membership.
     pub fn new(conf_state: ConfState) -> CellLog {
         CellLog { base: LogBase { conf_state, ..LogBase::default() }, ..CellLog::default() }
@@ -476,10 +485,18 @@ impl Storage for CellLog {
         Ok(CellLog::last_index(self))
     }
 
+    /// The metadata of the last checkpoint; the engine ships the store's
+    /// image with it (see `snapshot.rs`), so the snapshot carries no data here.
     fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // A follower that needs entries this replica has compacted away must
-        // wait: snapshots of a cell's state are not shipped yet.
-        Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
+        let Some(point) = &self.snapshot_point else {
+            return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
+        };
+        let mut snapshot = Snapshot::default();
+        let metadata = snapshot.mut_metadata();
+        metadata.index = point.index;
+        metadata.term = point.term;
+        metadata.set_conf_state(point.conf_state.clone());
+        Ok(snapshot)
     }
 }
 

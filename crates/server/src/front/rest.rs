@@ -151,6 +151,7 @@ async fn cluster_status(State(handle): State<NodeHandle>) -> Response {
                 "log_bytes": cell.log_bytes,
                 "checkpoint_index": cell.checkpoint_index,
                 "elections_won": cell.elections,
+                "snapshots_installed": cell.snapshots_installed,
                 "accounts": cell.accounts,
                 "state_hash": format!("{:016x}", cell.state_hash),
                 "state_hash_index": cell.state_hash_index,

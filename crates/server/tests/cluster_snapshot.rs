@@ -1,0 +1,137 @@
+//! A replica that missed more than its leader's log holds catches up from a
+//! snapshot: three nodes in one process, one cell; one node stops while the
+//! others commit and checkpoint many times (compacting their logs past it);
+//! it restarts and must end with the same state as the others.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cellpay_cluster::topology::{Cell, Datacenter, Latency, NodeSpec, Region, Topology, SHARDS_DEFAULT};
+use cellpay_ledger::{id, Account, CreateTransferResult, Transfer};
+use cellpay_server::node::{CellStatus, Node, NodeConfig, Reply, Request};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn topology() -> Topology {
+    let region = |name: &str, id: u64| Region {
+        name: name.to_string(),
+        datacenters: vec![Datacenter {
+            name: format!("{name}-a"),
+            nodes: vec![NodeSpec {
+                id,
+                peer_address: ([127, 0, 0, 1], free_port()).into(),
+                client_address: ([127, 0, 0, 1], free_port()).into(),
+            }],
+        }],
+    };
+    let regions = vec![region("r1", 1), region("r2", 2), region("r3", 3)];
+    let cell = Cell {
+        id: 1,
+        shards: (0..SHARDS_DEFAULT).collect(),
+        voters: vec![1, 2, 3],
+        learners: vec![],
+        leader_preference: vec!["r1-a".to_string()],
+    };
+    Topology::new(SHARDS_DEFAULT, Latency::DISABLED, regions, vec![cell]).unwrap()
+}
+
+fn config(dir: &std::path::Path, topology: &Arc<Topology>, node: u64) -> NodeConfig {
+    NodeConfig {
+        checkpoint_transfers_max: 500,
+        log_retained_bytes: 4 * 1024,
+        // Appends queued for the stopped node overflow: it cannot catch up from them.
+        peer_queue_bytes_max: 2 << 20,
+        ..NodeConfig::cluster(dir.join(format!("n{node}")), topology.clone(), node)
+    }
+}
+
+fn status(node: &Node) -> CellStatus {
+    node.handle().status().cell(1).expect("the node hosts cell 1")
+}
+
+async fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < timeout, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn account(user: u64) -> u128 {
+    id::account_id(user, 1).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_missed_compacted_entries_catches_up_from_a_snapshot() {
+    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).try_init();
+    let dir = tempfile::tempdir().unwrap();
+    let topology = Arc::new(topology());
+    let mut nodes: Vec<Option<Node>> =
+        (1..=3).map(|node| Some(Node::start(config(dir.path(), &topology, node)).unwrap())).collect();
+    let leader_of = |nodes: &Vec<Option<Node>>| {
+        nodes.iter().flatten().find_map(|node| status(node).leader.filter(|&id| id == node.handle().node()))
+    };
+    wait_until("a leader is elected", Duration::from_secs(10), || leader_of(&nodes).is_some()).await;
+    let leader = leader_of(&nodes).unwrap();
+    let handle = nodes[leader as usize - 1].as_ref().unwrap().handle();
+    let accounts: Vec<Account> =
+        (1..=20).map(|user| Account { id: account(user), ledger: 1, code: 1, ..Account::default() }).collect();
+    handle.submit(Request::CreateAccounts(accounts)).await.unwrap();
+
+    // Stop a follower, then commit enough for several checkpoints: the
+    // others' logs are compacted far past where it stopped.
+    let follower = (1..=3u64).find(|&node| node != leader).unwrap();
+    let stopping = nodes[follower as usize - 1].take().unwrap();
+    let stopped_at = status(&stopping).log_last;
+    stopping.halt();
+    let mut id = 0u128;
+    for _ in 0..400 {
+        let batch: Vec<Transfer> = (0..100)
+            .map(|i| {
+                id += 1;
+                Transfer {
+                    id,
+                    debit_account_id: account(1 + i % 20),
+                    credit_account_id: account(1 + (i + 7) % 20),
+                    amount: 1 + id,
+                    ledger: 1,
+                    code: 1,
+                    ..Transfer::default()
+                }
+            })
+            .collect();
+        let Reply::CreateTransfers(results) = handle.submit(Request::CreateTransfers(batch)).await.unwrap() else {
+            panic!("wrong reply")
+        };
+        assert!(results.iter().all(|r| *r == CreateTransferResult::Ok));
+    }
+    let leader_node = nodes[leader as usize - 1].as_ref().unwrap();
+    wait_until("the leader's log is compacted past the stopped follower", Duration::from_secs(20), || {
+        status(leader_node).log_first > stopped_at + 1
+    })
+    .await;
+
+    // Restart the follower: it needs entries nobody has any more.
+    nodes[follower as usize - 1] = Some(Node::start(config(dir.path(), &topology, follower)).unwrap());
+    let leader_node = nodes[leader as usize - 1].as_ref().unwrap();
+    let restarted = nodes[follower as usize - 1].as_ref().unwrap();
+    let target = status(leader_node).commit;
+    wait_until("the restarted follower catches up", Duration::from_secs(30), || status(restarted).applied >= target)
+        .await;
+    wait_until("every replica has hashed the same applied state", Duration::from_secs(10), || {
+        let statuses: Vec<CellStatus> = nodes.iter().flatten().map(status).collect();
+        let first = &statuses[0];
+        statuses.iter().all(|s| s.state_hash_index == first.applied && s.applied == first.applied)
+            && statuses.iter().all(|s| s.state_hash == first.state_hash)
+    })
+    .await;
+    let restarted_status = status(restarted);
+    assert!(restarted_status.snapshots_installed >= 1, "the follower's state came from a snapshot");
+    assert!(restarted_status.checkpoint_index > stopped_at);
+    assert_eq!(restarted_status.accounts, 20);
+    for node in nodes.into_iter().flatten() {
+        node.shutdown();
+    }
+}
