@@ -2,9 +2,10 @@
 //! sends it on to the node that does, over the leader's own gRPC API, so a
 //! client may talk to any node.
 //!
-//! A forwarded call carries the `cellpay-forwarded` metadata key; a node never
-//! forwards a forwarded call again (it answers `unavailable` instead), so a
-//! stale view of who leads costs one failed hop, never a loop.
+//! A forwarded call carries the `cellpay-forwarded: cell=<id>` metadata: the
+//! receiving node serves that cell's part with its own replica and never
+//! splits or forwards it again (it answers `unavailable` instead), so a stale
+//! view of who leads costs one failed hop, never a loop.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -63,51 +64,53 @@ impl Forwarder {
             cell,
             reason: format!("leader node {node} answered a malformed reply: {error}"),
         };
-        fn call<T>(message: T) -> tonic::Request<T> {
+        // The call names its cell: the leader serves that cell's part only.
+        fn call<T>(message: T, cell: CellId) -> tonic::Request<T> {
             let mut request = tonic::Request::new(message);
             request.set_timeout(FORWARD_TIMEOUT);
-            request.metadata_mut().insert(FORWARDED_KEY, tonic::metadata::MetadataValue::from_static("1"));
+            let value = format!("cell={cell}").parse().expect("a cell id is ASCII");
+            request.metadata_mut().insert(FORWARDED_KEY, value);
             request
         }
         Ok(match request {
             Request::CreateAccounts(accounts) => {
                 let reply = client
-                    .create_accounts(call(proto::CreateAccountsRequest::from_ledger(&accounts)))
+                    .create_accounts(call(proto::CreateAccountsRequest::from_ledger(&accounts), cell))
                     .await
                     .map_err(failed)?;
                 Reply::CreateAccounts(reply.into_inner().to_ledger().map_err(malformed)?)
             }
             Request::CreateTransfers(transfers) => {
                 let reply = client
-                    .create_transfers(call(proto::CreateTransfersRequest::from_ledger(&transfers)))
+                    .create_transfers(call(proto::CreateTransfersRequest::from_ledger(&transfers), cell))
                     .await
                     .map_err(failed)?;
                 Reply::CreateTransfers(reply.into_inner().to_ledger().map_err(malformed)?)
             }
             Request::LookupAccounts(ids) => {
                 let reply = client
-                    .lookup_accounts(call(proto::LookupAccountsRequest::from_ledger(&ids)))
+                    .lookup_accounts(call(proto::LookupAccountsRequest::from_ledger(&ids), cell))
                     .await
                     .map_err(failed)?;
                 Reply::Accounts(reply.into_inner().to_ledger().map_err(malformed)?)
             }
             Request::LookupTransfers(ids) => {
                 let reply = client
-                    .lookup_transfers(call(proto::LookupTransfersRequest::from_ledger(&ids)))
+                    .lookup_transfers(call(proto::LookupTransfersRequest::from_ledger(&ids), cell))
                     .await
                     .map_err(failed)?;
                 Reply::Transfers(reply.into_inner().to_ledger().map_err(malformed)?)
             }
             Request::GetAccountTransfers(filter) => {
                 let reply = client
-                    .get_account_transfers(call(proto::GetAccountTransfersRequest::from_ledger(&filter)))
+                    .get_account_transfers(call(proto::GetAccountTransfersRequest::from_ledger(&filter), cell))
                     .await
                     .map_err(failed)?;
                 Reply::Transfers(reply.into_inner().to_ledger().map_err(malformed)?)
             }
             Request::GetAccountBalances(filter) => {
                 let reply = client
-                    .get_account_balances(call(proto::GetAccountBalancesRequest::from_ledger(&filter)))
+                    .get_account_balances(call(proto::GetAccountBalancesRequest::from_ledger(&filter), cell))
                     .await
                     .map_err(failed)?;
                 Reply::Balances(reply.into_inner().to_ledger().map_err(malformed)?)

@@ -398,16 +398,27 @@ impl NodeHandle {
     pub async fn submit_from(&self, request: Request, origin: Origin) -> Result<Reply, NodeError> {
         let operation = request.operation();
         let result = self.submit_inner(request, origin).await;
-        let outcome = match &result {
-            Ok(_) => "ok",
-            Err(NodeError::Overloaded { .. }) => "overloaded",
-            Err(NodeError::ShuttingDown) => "shutting_down",
-            Err(NodeError::NotLeader { .. }) => "not_leader",
-            Err(NodeError::Timeout { .. }) => "timeout",
-            Err(NodeError::Unavailable { .. }) => "unavailable",
-            Err(_) => "invalid",
+        self.metrics.request(operation, outcome_name(&result));
+        result
+    }
+
+    /// A request another node forwarded for one cell (named in the call):
+    /// served by this node's replica of that cell only, never split across
+    /// cells or forwarded again. (A lookup of transfers is split by the node
+    /// that forwards it; re-splitting it here would send the other cells'
+    /// parts to replicas of this node that do not lead them.)
+    pub async fn submit_forwarded(&self, cell: CellId, request: Request) -> Result<Reply, NodeError> {
+        let operation = request.operation();
+        let result = match validate(&request).and_then(|()| route(&self.topology, &request)) {
+            Ok(Route::Cell(routed)) if routed != cell => Err(NodeError::Unavailable {
+                cell,
+                reason: format!("a request forwarded for cell {cell} belongs to cell {routed}"),
+            }),
+            // A lookup of transfers names no cell: this cell's part.
+            Ok(_) => self.submit_routed(cell, request, Origin::Forwarded).await,
+            Err(error) => Err(error),
         };
-        self.metrics.request(operation, outcome);
+        self.metrics.request(operation, outcome_name(&result));
         result
     }
 
@@ -531,6 +542,19 @@ impl NodeHandle {
 
     pub fn is_running(&self) -> bool {
         self.stop.load(Ordering::Acquire) == RUNNING
+    }
+}
+
+/// The metrics' name of a request's outcome.
+fn outcome_name(result: &Result<Reply, NodeError>) -> &'static str {
+    match result {
+        Ok(_) => "ok",
+        Err(NodeError::Overloaded { .. }) => "overloaded",
+        Err(NodeError::ShuttingDown) => "shutting_down",
+        Err(NodeError::NotLeader { .. }) => "not_leader",
+        Err(NodeError::Timeout { .. }) => "timeout",
+        Err(NodeError::Unavailable { .. }) => "unavailable",
+        Err(_) => "invalid",
     }
 }
 

@@ -16,7 +16,7 @@ use tonic::{Code, Status};
 
 use super::{grpc_response, node_error_code, record_events};
 use crate::forward::FORWARDED_KEY;
-use crate::node::{NodeHandle, Origin, Reply, Request};
+use crate::node::{NodeError, NodeHandle, Origin, Reply, Request};
 
 pub(super) fn router(handle: NodeHandle) -> Router {
     let server = LedgerServer::new(GrpcLedger { handle })
@@ -33,11 +33,16 @@ struct GrpcLedger {
 impl GrpcLedger {
     async fn submit<T>(&self, call: &tonic::Request<T>, request: Request) -> Result<Reply, Status> {
         record_events(&request);
-        let origin = if call.metadata().contains_key(FORWARDED_KEY) { Origin::Forwarded } else { Origin::Client };
-        self.handle
-            .submit_from(request, origin)
-            .await
-            .map_err(|error| Status::new(node_error_code(&error).grpc_code(), error.to_string()))
+        // A forwarded call names the cell it is for.
+        let forwarded = call.metadata().get(FORWARDED_KEY);
+        let result = match forwarded.map(|value| value.to_str().ok()?.strip_prefix("cell=")?.parse().ok()) {
+            Some(Some(cell)) => self.handle.submit_forwarded(cell, request).await,
+            Some(None) => {
+                Err(NodeError::Unavailable { cell: 0, reason: format!("a malformed {FORWARDED_KEY} header") })
+            }
+            None => self.handle.submit_from(request, Origin::Client).await,
+        };
+        result.map_err(|error| Status::new(node_error_code(&error).grpc_code(), error.to_string()))
     }
 }
 
