@@ -1058,3 +1058,78 @@ async fn a_write_through_one_node_is_read_through_any_other() {
     );
     cluster.assert_replicas_identical().await;
 }
+
+/// `cellpay ctl switchover`, run as an operator would; returns its output.
+fn switchover(cluster: &Cluster, region: &str, back: bool) -> String {
+    let mut args = vec!["ctl", "switchover", "--cluster", cluster.topology_path.to_str().expect("a UTF-8 path")];
+    args.extend(["--region", region]);
+    if back {
+        args.push("--back");
+    }
+    let output = Command::new(env!("CARGO_BIN_EXE_cellpay")).args(&args).output().expect("run cellpay ctl switchover");
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(output.status.success(), "switchover failed: {stdout}{}", String::from_utf8_lossy(&output.stderr));
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_moves_every_leader_out_of_a_region_and_back_with_no_failed_request() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = Cluster::start(true);
+    cluster.wait_for_leaders(ELECTION_DEADLINE).await;
+    let groups = Arc::new(accounts_by_cell(&cluster.topology, LOAD_USERS));
+    create_accounts(&cluster, &groups).await;
+    // Leaders settle in their preferred datacenters (cells 3 and 4 prefer shanghai).
+    let region = "shanghai";
+    let region_nodes = cluster.topology.region_nodes(region);
+    let settled = Instant::now();
+    loop {
+        let leaders = current_leaders(&cluster.statuses().await);
+        if leaders.values().filter(|node| region_nodes.contains(node)).count() >= 2 {
+            break;
+        }
+        assert!(settled.elapsed() < ELECTION_DEADLINE, "leaders never settled in {region}: {leaders:?}");
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+
+    let book = Arc::new(Ledgerbook::default());
+    let clients: Vec<LedgerClient<Channel>> =
+        (1..=NODES).map(|node| grpc(cluster.client_address(node), LOAD_REQUEST_TIMEOUT)).collect();
+    let workers: Vec<_> = (0..LOAD_WORKERS)
+        .map(|worker| tokio::spawn(load_worker(worker, clients.clone(), groups.clone(), book.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let started = Instant::now();
+    let out = switchover(&cluster, region, false);
+    println!("switchover out of {region}: {} ms\n{out}", started.elapsed().as_millis());
+    let leaders = current_leaders(&cluster.statuses().await);
+    assert!(leaders.values().all(|node| !region_nodes.contains(node)), "a leader is still in {region}: {leaders:?}");
+    // Leaders stay out while the region is drained.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let leaders = current_leaders(&cluster.statuses().await);
+    assert!(leaders.values().all(|node| !region_nodes.contains(node)), "a leader went back to {region}: {leaders:?}");
+    let acknowledged_during = book.acknowledged_by_cell();
+
+    let started = Instant::now();
+    let out = switchover(&cluster, region, true);
+    println!("switchover back into {region}: {} ms\n{out}", started.elapsed().as_millis());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    book.stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        worker.await.expect("a load worker");
+    }
+    let failures = book.failures.lock().unwrap().clone();
+    let acknowledged = book.acknowledged.lock().unwrap().clone();
+    println!(
+        "load during both switchovers: {} transfers acknowledged, failed calls {failures:?}, batches retried {}",
+        acknowledged.len(),
+        book.batches_retried.load(Ordering::Relaxed)
+    );
+    assert!(groups.keys().all(|cell| acknowledged_during.get(cell).copied().unwrap_or(0) > 0), "every cell served");
+    assert!(failures.is_empty(), "no request may fail during a switchover: {failures:?}");
+    assert_eq!(book.batches_retried.load(Ordering::Relaxed), 0);
+    assert!(book.unknown.lock().unwrap().is_empty());
+    assert!(acknowledged.values().all(|result| *result == CreateTransferResult::Ok));
+    cluster.assert_replicas_identical().await;
+}
