@@ -49,6 +49,26 @@ pub enum CtlCommand {
         #[arg(long, default_value_t = 30)]
         timeout_s: u64,
     },
+    /// Change a cell's replicas: add a non-voting learner, promote a learner
+    /// to voter, remove a replica. To replace a node's disk: --remove N, stop
+    /// it, wipe its data, start it, --add-learner N (it catches up), --promote N.
+    Member {
+        /// The cluster's topology file.
+        #[arg(long)]
+        cluster: PathBuf,
+        /// The cell to change, or `all` (every cell).
+        #[arg(long)]
+        cell: String,
+        #[arg(long)]
+        add_learner: Vec<u64>,
+        #[arg(long)]
+        promote: Vec<u64>,
+        #[arg(long)]
+        remove: Vec<u64>,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout_s: u64,
+    },
     /// Print the topology with live leaders and replica health.
     Topology {
         /// The cluster's topology file.
@@ -73,6 +93,20 @@ pub async fn run(args: CtlArgs) -> Result<()> {
         CtlCommand::Switchover { cluster, region, back, timeout_s } => {
             let topology = Topology::load(&cluster)?;
             switchover(&topology, &region, !back, Duration::from_secs(timeout_s)).await
+        }
+        CtlCommand::Member { cluster, cell, add_learner, promote, remove, timeout_s } => {
+            let topology = Topology::load(&cluster)?;
+            let cells: Vec<u64> = if cell == "all" {
+                topology.cells.iter().map(|c| c.id).collect()
+            } else {
+                vec![cell.parse().map_err(|_| anyhow::anyhow!("--cell takes a cell id or `all`, not {cell:?}"))?]
+            };
+            let change = Change { add_learners: add_learner, add_voters: promote, remove };
+            anyhow::ensure!(!change.is_empty(), "nothing to change: give --add-learner, --promote or --remove");
+            for cell in cells {
+                change_membership(&topology, cell, &change, Duration::from_secs(timeout_s)).await?;
+            }
+            Ok(())
         }
         CtlCommand::Topology { cluster, json } => {
             let topology = Topology::load(&cluster)?;
@@ -135,6 +169,94 @@ pub async fn switchover(topology: &Topology, region: &str, drained: bool, timeou
         anyhow::ensure!(started.elapsed() < timeout, "leaders did not move within {} s", timeout.as_secs());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A membership change of one cell.
+pub struct Change {
+    pub add_learners: Vec<u64>,
+    pub add_voters: Vec<u64>,
+    pub remove: Vec<u64>,
+}
+
+impl Change {
+    fn is_empty(&self) -> bool {
+        self.add_learners.is_empty() && self.add_voters.is_empty() && self.remove.is_empty()
+    }
+
+    /// Whether a replica's reported membership shows the change done.
+    fn done(&self, replica: &Value) -> bool {
+        let ids = |field: &str| -> Vec<u64> {
+            replica[field].as_array().map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default()
+        };
+        let (voters, learners) = (ids("voters"), ids("learners"));
+        self.add_learners.iter().all(|n| learners.contains(n))
+            && self.add_voters.iter().all(|n| voters.contains(n))
+            && self.remove.iter().all(|n| !voters.contains(n) && !learners.contains(n))
+    }
+}
+
+/// The leader's view of `cell`: `(leader node, its status of the cell)`.
+async fn leader_view(topology: &Topology, cell: u64) -> Option<(u64, Value)> {
+    let statuses = fetch_statuses(topology).await;
+    let leader = leaders(topology, &statuses).get(&cell).copied().flatten()?;
+    let status = statuses.get(&leader)?.as_ref()?;
+    let replica = status["cells"].as_array()?.iter().find(|c| c["cell"].as_u64() == Some(cell))?.clone();
+    (replica["role"] == "leader").then_some((leader, replica))
+}
+
+/// Proposes a membership change to the cell's leader, waits until it is in
+/// effect and, for new learners, until they have caught up with the leader.
+pub async fn change_membership(topology: &Topology, cell: u64, change: &Change, timeout: Duration) -> Result<()> {
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
+    let started = std::time::Instant::now();
+    let body = serde_json::json!({
+        "cell": cell, "add_learners": change.add_learners, "add_voters": change.add_voters, "remove": change.remove,
+    });
+    let mut proposed = false;
+    loop {
+        anyhow::ensure!(
+            started.elapsed() < timeout,
+            "cell {cell}: the change did not take effect in {} s",
+            timeout.as_secs()
+        );
+        let Some((leader, replica)) = leader_view(topology, cell).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        if change.done(&replica) {
+            break;
+        }
+        if !proposed {
+            let address = topology.node(leader).expect("leaders are topology nodes").client_address;
+            let url = format!("http://{address}/v1/cluster/membership");
+            let response = client.post(&url).json(&body).send().await?;
+            let status = response.status();
+            let text = response.text().await.unwrap_or_default();
+            if status.is_client_error() {
+                anyhow::bail!("cell {cell}: the change was refused: {text}");
+            }
+            proposed = status.is_success();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // New learners: wait until they hold what the leader had committed.
+    let target = leader_view(topology, cell).await.and_then(|(_, r)| r["commit_index"].as_u64()).unwrap_or(0);
+    for &learner in &change.add_learners {
+        loop {
+            anyhow::ensure!(started.elapsed() < timeout, "cell {cell}: node {learner} did not catch up");
+            let statuses = fetch_statuses(topology).await;
+            let applied = statuses.get(&learner).cloned().flatten().and_then(|status| {
+                let cells = status["cells"].as_array()?.clone();
+                cells.iter().find(|c| c["cell"].as_u64() == Some(cell))?["applied_index"].as_u64()
+            });
+            if applied.is_some_and(|applied| applied >= target) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    println!("cell {cell}: membership changed in {} ms", started.elapsed().as_millis());
+    Ok(())
 }
 
 /// Each cell's leader: the one named by the replica with the highest term.

@@ -49,7 +49,11 @@ use cellpay_ledger::{
 };
 use cellpay_storage::store::{Store, StoreDatabase, StoreError};
 use crossbeam_channel::{bounded, select, Receiver, Sender, TryRecvError, TrySendError};
-use raft::prelude::{ConfState, Entry, EntryType, Message, MessageType, Ready, Snapshot};
+use protobuf::Message as _;
+use raft::prelude::{
+    ConfChange, ConfChangeSingle, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, Message, MessageType,
+    Ready, Snapshot,
+};
 use raft::{RawNode, StateRole};
 use tokio::sync::oneshot;
 
@@ -292,6 +296,9 @@ pub struct CellStatus {
     pub elections: u64,
     /// Snapshots this replica installed since the process started.
     pub snapshots_installed: u64,
+    /// The cell's membership as this replica knows it.
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
     /// The ledger's state hash (see `Ledger::state_hash`) at index
     /// `state_hash_index`: computed when the cell has been idle for a tick,
     /// so replicas of a quiescent cell can be compared.
@@ -337,6 +344,20 @@ enum Control {
     /// Move every leader out of `region` and keep them out (`drained`), or
     /// let them return (`!drained`).
     Drain { region: String, drained: bool },
+    /// Propose a membership change of `cell` (this node must lead it).
+    Membership { cell: CellId, changes: Vec<MembershipChange>, reply: oneshot::Sender<Result<(), NodeError>> },
+}
+
+/// One step of a membership change. Several in one request are applied
+/// together (joint consensus), e.g. promote a learner and remove a voter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MembershipChange {
+    /// Add a non-voting replica: it is sent the log (or a snapshot) and applies it.
+    AddLearner(NodeId),
+    /// Make a node a voter (a learner is promoted).
+    AddVoter(NodeId),
+    /// Remove a replica.
+    Remove(NodeId),
 }
 
 struct Envelope {
@@ -538,6 +559,18 @@ impl NodeHandle {
     pub fn set_region_drained(&self, region: &str, drained: bool) -> Result<(), NodeError> {
         let control = Control::Drain { region: region.to_string(), drained };
         self.control.try_send(control).map_err(|_| NodeError::Overloaded { queue_requests_max: CONTROLS_QUEUED_MAX })
+    }
+
+    /// Proposes a membership change of `cell` on this node, which must be the
+    /// cell's leader; answers once the change is proposed (it takes effect
+    /// when committed and applied: watch the cell's status).
+    pub async fn change_membership(&self, cell: CellId, changes: Vec<MembershipChange>) -> Result<(), NodeError> {
+        let (reply, answer) = oneshot::channel();
+        let control = Control::Membership { cell, changes, reply };
+        self.control
+            .try_send(control)
+            .map_err(|_| NodeError::Overloaded { queue_requests_max: CONTROLS_QUEUED_MAX })?;
+        answer.await.unwrap_or(Err(NodeError::ShuttingDown))
     }
 
     pub fn is_running(&self) -> bool {
@@ -855,6 +888,8 @@ struct Replica {
     role: StateRole,
     /// Ledger records applied since the process started.
     records_applied: u64,
+    /// Checkpoint at the end of the round, whatever the ledger holds (after a membership change).
+    checkpoint_wanted: bool,
     /// `(applied index, state hash)` as of the last idle tick.
     state_hash: (u64, u64),
     applied_last_tick: u64,
@@ -912,16 +947,15 @@ impl Engine {
             let store = Arc::new(Store::open_in(&database, &snapshot::store_name(cell_id, generation))?);
             let checkpoint = store.checkpoint()?;
             let stored_base = snapshot::decode_consensus(&store.consensus()?);
+            let initial_conf =
+                ConfState { voters: cell.voters.clone(), learners: cell.learners.clone(), ..Default::default() };
             let mut cell_log = match cell_logs.remove(&cell_id) {
                 Some(cell_log) => cell_log,
                 None => {
-                    // First start: every replica starts from the topology's membership.
-                    let conf_state = ConfState {
-                        voters: cell.voters.clone(),
-                        learners: cell.learners.clone(),
-                        ..Default::default()
-                    };
-                    let cell_log = CellLog::new(conf_state);
+                    // First start: every replica starts from the topology's
+                    // membership (the state at index 0); later changes are
+                    // entries of the log or come with a snapshot.
+                    let cell_log = CellLog::new(initial_conf.clone());
                     log.append_base(cell_id, cell_log.base());
                     cell_log
                 }
@@ -971,8 +1005,13 @@ impl Engine {
                 read_only_option: raft::ReadOnlyOption::Safe,
                 ..Default::default()
             };
+            // Raft starts from the membership as of the applied index (the
+            // checkpoint's); later changes are re-applied from the log.
             if let Some(base) = stored_base {
+                cell_log.set_conf_state(base.conf_state.clone());
                 cell_log.set_snapshot_point(base);
+            } else if index == 0 {
+                cell_log.set_conf_state(initial_conf.clone());
             }
             let cell_logger = logger.new(slog::o!("cell" => cell_id));
             let raw = RawNode::new(&raft_config, cell_log, &cell_logger)
@@ -1001,6 +1040,7 @@ impl Engine {
                     snapshots_installed: 0,
                     role: StateRole::Follower,
                     records_applied: 0,
+                    checkpoint_wanted: false,
                     state_hash: (u64::MAX, 0),
                     applied_last_tick: index,
                 },
@@ -1164,7 +1204,35 @@ impl Engine {
                 }
                 self.place_leaders();
             }
+            Control::Membership { cell, changes, reply } => {
+                let _ = reply.send(self.propose_membership(cell, &changes));
+            }
         }
+    }
+
+    fn propose_membership(&mut self, cell: CellId, changes: &[MembershipChange]) -> Result<(), NodeError> {
+        let Some(replica) = self.replicas.get_mut(&cell) else { return Err(NodeError::CellNotHosted { cell }) };
+        if replica.raw.raft.state != StateRole::Leader {
+            let leader = Some(replica.raw.raft.leader_id).filter(|&id| id != raft::INVALID_ID);
+            return Err(NodeError::NotLeader { cell, leader });
+        }
+        let singles: Vec<ConfChangeSingle> = changes
+            .iter()
+            .map(|change| {
+                let (node, kind) = match *change {
+                    MembershipChange::AddLearner(node) => (node, ConfChangeType::AddLearnerNode),
+                    MembershipChange::AddVoter(node) => (node, ConfChangeType::AddNode),
+                    MembershipChange::Remove(node) => (node, ConfChangeType::RemoveNode),
+                };
+                ConfChangeSingle { change_type: kind, node_id: node, ..Default::default() }
+            })
+            .collect();
+        let change = ConfChangeV2 { changes: singles.into(), ..Default::default() };
+        tracing::info!(cell, ?changes, "proposing a membership change");
+        replica.raw.propose_conf_change(Vec::new(), change).map_err(|error| NodeError::Unavailable {
+            cell,
+            reason: format!("the membership change was refused: {error}"),
+        })
     }
 
     /// Where `node` ranks as a leader of `cell`: its datacenter's place in
@@ -1444,9 +1512,9 @@ impl Engine {
         self.snapshots_finished();
         self.serve_reads();
         for &cell in &cells {
-            let replica = &self.replicas[&cell];
+            let replica = self.replicas.get_mut(&cell).expect("hosted");
             let due = replica.ledger.transfers_new_count() >= self.config.checkpoint_transfers_max;
-            if due {
+            if due || std::mem::take(&mut replica.checkpoint_wanted) {
                 self.checkpoint_start(cell);
             }
         }
@@ -1534,6 +1602,8 @@ impl Engine {
             checkpoint_index: replica.checkpoint_index,
             elections: replica.elections,
             snapshots_installed: replica.snapshots_installed,
+            voters: log.base().conf_state.voters.clone(),
+            learners: log.base().conf_state.learners.clone(),
             state_hash: replica.state_hash.1,
             state_hash_index: replica.state_hash.0,
             accounts: replica.ledger.accounts_count(),
@@ -1696,7 +1766,8 @@ fn apply_entries(replica: &mut Replica, entries: Vec<Entry>, metrics: &Metrics) 
                 apply_record(replica, &record, metrics)
             }
             EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
-                panic!("cell {}: membership changes are not proposed yet", replica.cell)
+                apply_conf_change(replica, &entry);
+                None
             }
         };
         replica.applied = entry.index;
@@ -1717,6 +1788,33 @@ fn apply_entries(replica: &mut Replica, entries: Vec<Entry>, metrics: &Metrics) 
                 None => replica.pulse_in_flight = false,
             }
         }
+    }
+}
+
+/// Applies a committed membership change: Raft's configuration and the
+/// log's record of it (stored with the next checkpoint).
+fn apply_conf_change(replica: &mut Replica, entry: &Entry) {
+    let cell = replica.cell;
+    let applied = if entry.get_entry_type() == EntryType::EntryConfChange {
+        let change = ConfChange::parse_from_bytes(&entry.data).unwrap_or_else(|error| {
+            panic!("cell {cell}: committed membership change {} is malformed: {error}", entry.index)
+        });
+        replica.raw.apply_conf_change(&change)
+    } else {
+        let change = ConfChangeV2::parse_from_bytes(&entry.data).unwrap_or_else(|error| {
+            panic!("cell {cell}: committed membership change {} is malformed: {error}", entry.index)
+        });
+        replica.raw.apply_conf_change(&change)
+    };
+    match applied {
+        Ok(conf_state) => {
+            tracing::info!(cell, index = entry.index, voters = ?conf_state.voters, learners = ?conf_state.learners, "membership changed");
+            replica.raw.mut_store().set_conf_state(conf_state);
+            // A new replica needs a snapshot that includes it: checkpoint now.
+            replica.checkpoint_wanted = true;
+        }
+        // Raft refuses an invalid change (e.g. removing the last voter) the same way on every replica.
+        Err(error) => tracing::warn!(cell, index = entry.index, %error, "membership change not applied"),
     }
 }
 

@@ -248,6 +248,8 @@ enum SendFailure {
     Stalled,
     #[error("the store's checkpoint carries no consensus metadata")]
     NoMetadata,
+    #[error("the last checkpoint (index {index}) predates the replica's membership; a newer one is coming")]
+    NotMember { index: u64 },
 }
 
 /// Sends one message, waiting while the peer's queue is full.
@@ -284,6 +286,13 @@ fn send(transport: &Transport, job: SendJob) -> Result<SnapshotImage, SendFailur
     // the one Raft named when it asked: describe what is sent.
     let base = decode_consensus(&image.consensus).ok_or(SendFailure::NoMetadata)?;
     assert_eq!(base.index, image.checkpoint.op, "cell {cell}: consensus metadata of another checkpoint");
+    // A replica added after the checkpoint would refuse it (it is not in its
+    // membership); the engine checkpoints after every membership change, so
+    // a retry soon finds a newer image.
+    let conf = &base.conf_state;
+    if !conf.voters.contains(&to) && !conf.learners.contains(&to) {
+        return Err(SendFailure::NotMember { index: base.index });
+    }
     let metadata = message.mut_snapshot().mut_metadata();
     metadata.index = base.index;
     metadata.term = base.term;

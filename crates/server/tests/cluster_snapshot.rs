@@ -135,3 +135,87 @@ async fn a_replica_that_missed_compacted_entries_catches_up_from_a_snapshot() {
         node.shutdown();
     }
 }
+
+async fn transfers(handle: &cellpay_server::node::NodeHandle, first_id: u128, count: u128) {
+    let batch: Vec<Transfer> = (first_id..first_id + count)
+        .map(|id| Transfer {
+            id,
+            debit_account_id: account(1 + (id % 20) as u64),
+            credit_account_id: account(1 + ((id + 7) % 20) as u64),
+            amount: 1 + id,
+            ledger: 1,
+            code: 1,
+            ..Transfer::default()
+        })
+        .collect();
+    let Reply::CreateTransfers(results) = handle.submit(Request::CreateTransfers(batch)).await.unwrap() else {
+        panic!("wrong reply")
+    };
+    assert!(results.iter().all(|r| *r == CreateTransferResult::Ok), "{results:?}");
+}
+
+/// Replacing a node's disk without stopping the cell: remove the replica,
+/// wipe and restart the node, add it back as a learner (it catches up from a
+/// snapshot), then promote it; the cell commits throughout, and the new
+/// replica then counts as a voter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_new_empty_disk_replaces_a_replica_without_stopping_the_cell() {
+    use cellpay_server::node::MembershipChange;
+    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).try_init();
+    let dir = tempfile::tempdir().unwrap();
+    let topology = Arc::new(topology());
+    let mut nodes: Vec<Option<Node>> =
+        (1..=3).map(|node| Some(Node::start(config(dir.path(), &topology, node)).unwrap())).collect();
+    let leader_of = |nodes: &Vec<Option<Node>>| {
+        nodes.iter().flatten().find_map(|node| status(node).leader.filter(|&id| id == node.handle().node()))
+    };
+    wait_until("a leader is elected", Duration::from_secs(10), || leader_of(&nodes).is_some()).await;
+    let leader = leader_of(&nodes).unwrap();
+    let handle = nodes[leader as usize - 1].as_ref().unwrap().handle();
+    let accounts: Vec<Account> =
+        (1..=20).map(|user| Account { id: account(user), ledger: 1, code: 1, ..Account::default() }).collect();
+    handle.submit(Request::CreateAccounts(accounts)).await.unwrap();
+    transfers(&handle, 1, 100).await;
+
+    // 1. Remove the replica of the node whose disk is replaced.
+    let replaced = (1..=3u64).find(|&node| node != leader).unwrap();
+    let other = (1..=3u64).find(|&node| node != leader && node != replaced).unwrap();
+    handle.change_membership(1, vec![MembershipChange::Remove(replaced)]).await.unwrap();
+    let leader_node = nodes[leader as usize - 1].as_ref().unwrap();
+    wait_until("the replica is removed", Duration::from_secs(10), || !status(leader_node).voters.contains(&replaced))
+        .await;
+    // 2. The node stops and its disk is replaced; the cell goes on (2 of 2 voters).
+    nodes[replaced as usize - 1].take().unwrap().halt();
+    std::fs::remove_dir_all(dir.path().join(format!("n{replaced}"))).unwrap();
+    for round in 0..20 {
+        transfers(&handle, 1_000 + round * 100, 100).await;
+    }
+    // 3. It starts on the empty disk and is added back as a learner: it
+    //    catches up (from a snapshot: the log was compacted).
+    nodes[replaced as usize - 1] = Some(Node::start(config(dir.path(), &topology, replaced)).unwrap());
+    handle.change_membership(1, vec![MembershipChange::AddLearner(replaced)]).await.unwrap();
+    let target = status(nodes[leader as usize - 1].as_ref().unwrap()).commit;
+    let fresh = nodes[replaced as usize - 1].as_ref().unwrap();
+    wait_until("the new replica catches up", Duration::from_secs(30), || status(fresh).applied >= target).await;
+    assert!(status(fresh).snapshots_installed >= 1, "the new replica was sent a snapshot");
+    // 4. Promoted, it is a voter again.
+    handle.change_membership(1, vec![MembershipChange::AddVoter(replaced)]).await.unwrap();
+    let leader_node = nodes[leader as usize - 1].as_ref().unwrap();
+    wait_until("the replica is a voter again", Duration::from_secs(10), || {
+        let status = status(leader_node);
+        status.voters.contains(&replaced) && status.learners.is_empty()
+    })
+    .await;
+    // It counts: with the third node stopped, the leader and it are a majority.
+    nodes[other as usize - 1].take().unwrap().halt();
+    transfers(&handle, 10_000, 100).await;
+    wait_until("both live replicas hash the same state", Duration::from_secs(10), || {
+        let statuses: Vec<CellStatus> = nodes.iter().flatten().map(status).collect();
+        statuses.iter().all(|s| s.state_hash_index == statuses[0].applied && s.applied == statuses[0].applied)
+            && statuses.iter().all(|s| s.state_hash == statuses[0].state_hash)
+    })
+    .await;
+    for node in nodes.into_iter().flatten() {
+        node.shutdown();
+    }
+}

@@ -19,7 +19,7 @@ use cellpay_api::{DecodeError, ErrorCode, OPENAPI_JSON};
 use http_body_util::BodyExt;
 
 use super::{error_response, node_error_code, record_events};
-use crate::node::{NodeHandle, Reply, Request};
+use crate::node::{MembershipChange, NodeHandle, Reply, Request};
 
 /// The content type of `GET /metrics`: prometheus-client writes the OpenMetrics text format.
 pub(super) const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -36,6 +36,7 @@ pub(super) fn router(handle: NodeHandle) -> Router {
         .route("/health", get(health))
         .route("/v1/cluster/status", get(cluster_status))
         .route("/v1/cluster/drain", post(cluster_drain))
+        .route("/v1/cluster/membership", post(cluster_membership))
         .route("/openapi.json", get(openapi))
         .with_state(handle)
 }
@@ -128,6 +129,49 @@ async fn cluster_drain(State(handle): State<NodeHandle>, JsonBody(body): JsonBod
     }
 }
 
+/// `{"cell": 1, "add_learners": [6], "add_voters": [], "remove": [3]}`:
+/// proposes one membership change of the cell (all its steps together, by
+/// joint consensus). This node must lead the cell; else the error names the
+/// leader. Answers once proposed: the change is in effect when the cell's
+/// status shows it.
+async fn cluster_membership(State(handle): State<NodeHandle>, JsonBody(body): JsonBody) -> Response {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Membership {
+        cell: u64,
+        #[serde(default)]
+        add_learners: Vec<u64>,
+        #[serde(default)]
+        add_voters: Vec<u64>,
+        #[serde(default)]
+        remove: Vec<u64>,
+    }
+    let request: Membership = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(error) => return error_response(ErrorCode::InvalidJson, error.to_string()),
+    };
+    let changes: Vec<MembershipChange> = (request.add_learners.iter().map(|&n| MembershipChange::AddLearner(n)))
+        .chain(request.add_voters.iter().map(|&n| MembershipChange::AddVoter(n)))
+        .chain(request.remove.iter().map(|&n| MembershipChange::Remove(n)))
+        .collect();
+    let topology = handle.topology();
+    if changes.is_empty() || changes.len() > 16 {
+        return error_response(ErrorCode::InvalidJson, "a membership change has 1 to 16 steps");
+    }
+    let unknown = changes.iter().find_map(|change| {
+        let (MembershipChange::AddLearner(node) | MembershipChange::AddVoter(node) | MembershipChange::Remove(node)) =
+            *change;
+        topology.node(node).is_none().then_some(node)
+    });
+    if let Some(node) = unknown {
+        return error_response(ErrorCode::InvalidJson, format!("node {node} is not in the topology"));
+    }
+    match handle.change_membership(request.cell, changes).await {
+        Ok(()) => Json(serde_json::json!({"cell": request.cell, "proposed": true})).into_response(),
+        Err(error) => error_response(node_error_code(&error), error.to_string()),
+    }
+}
+
 /// This node's view of the cluster: where it is, every cell it hosts (role,
 /// leader, term, commit and applied index, log, state hash) and its links.
 async fn cluster_status(State(handle): State<NodeHandle>) -> Response {
@@ -152,6 +196,8 @@ async fn cluster_status(State(handle): State<NodeHandle>) -> Response {
                 "checkpoint_index": cell.checkpoint_index,
                 "elections_won": cell.elections,
                 "snapshots_installed": cell.snapshots_installed,
+                "voters": cell.voters,
+                "learners": cell.learners,
                 "accounts": cell.accounts,
                 "state_hash": format!("{:016x}", cell.state_hash),
                 "state_hash_index": cell.state_hash_index,
