@@ -19,6 +19,8 @@ use crate::node::{NodeError, Reply, Request};
 
 /// The metadata key that marks a forwarded call.
 pub const FORWARDED_KEY: &str = "cellpay-forwarded";
+/// The metadata key a node puts on a gRPC error that guarantees nothing was applied.
+pub const NOTHING_APPLIED_KEY: &str = "cellpay-nothing-applied";
 /// How long a forwarded call may take.
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -54,13 +56,18 @@ impl Forwarder {
         let Some(mut client) = self.client(topology, node) else {
             return Err(NodeError::Unavailable { cell, reason: format!("leader node {node} is not in the topology") });
         };
-        let failed = |status: tonic::Status| match status.code() {
-            tonic::Code::DeadlineExceeded => {
-                NodeError::Timeout { cell, timeout_ms: FORWARD_TIMEOUT.as_millis() as u64 }
+        // The leader marks the refusals that guarantee nothing was applied;
+        // anything else (a broken connection, a timeout) leaves the outcome unknown.
+        let failed = |status: tonic::Status| {
+            let reason = format!("leader node {node}: {}", status.message());
+            if status.metadata().contains_key(NOTHING_APPLIED_KEY) {
+                NodeError::Unavailable { cell, reason }
+            } else {
+                NodeError::ForwardFailed { cell, node, reason }
             }
-            _ => NodeError::Unavailable { cell, reason: format!("leader node {node}: {}", status.message()) },
         };
-        let malformed = |error: cellpay_api::DecodeError| NodeError::Unavailable {
+        let malformed = |error: cellpay_api::DecodeError| NodeError::ForwardFailed {
+            node,
             cell,
             reason: format!("leader node {node} answered a malformed reply: {error}"),
         };

@@ -222,6 +222,19 @@ pub enum NodeError {
     Timeout { cell: CellId, timeout_ms: u64 },
     #[error("cell {cell} is unavailable: {reason}; retry with the same ids")]
     Unavailable { cell: CellId, reason: String },
+    /// A call forwarded to the leader failed in a way that does not say
+    /// whether the leader applied it (the connection broke, it timed out).
+    #[error("cell {cell}: the call forwarded to leader node {node} failed ({reason}): its outcome is unknown; retry with the same ids")]
+    ForwardFailed { cell: CellId, node: NodeId, reason: String },
+}
+
+impl NodeError {
+    /// Whether the refusal guarantees that nothing was applied, so the
+    /// request may be retried and answered exactly as if it were the first
+    /// attempt (no `exists` for its own events).
+    pub fn nothing_applied(&self) -> bool {
+        !matches!(self, NodeError::Timeout { .. } | NodeError::ForwardFailed { .. })
+    }
 }
 
 fn leader_text(leader: Option<NodeId>) -> String {
@@ -473,9 +486,10 @@ impl NodeHandle {
     /// replica does not lead it. While the cell has no reachable leader (an
     /// election, a leader transfer), a client's request waits and is retried
     /// for up to [`LEADER_WAIT`]: a refusal for want of a leader means the
-    /// request was not applied, so the retry is exact. (A forwarded call cut
-    /// by the leader's crash may have been applied: its retry answers
-    /// `exists` for such transfers, never applies them twice.)
+    /// request was not applied, so the retry is exact. A forwarded call whose
+    /// outcome is unknown (the leader crashed during it) is not retried here:
+    /// the client is told, and its own retry answers `exists` for what was
+    /// applied.
     async fn submit_routed(&self, cell: CellId, request: Request, origin: Origin) -> Result<Reply, NodeError> {
         if origin == Origin::Forwarded {
             return self.submit_once(cell, request, origin).await;
@@ -587,6 +601,7 @@ fn outcome_name(result: &Result<Reply, NodeError>) -> &'static str {
         Err(NodeError::NotLeader { .. }) => "not_leader",
         Err(NodeError::Timeout { .. }) => "timeout",
         Err(NodeError::Unavailable { .. }) => "unavailable",
+        Err(NodeError::ForwardFailed { .. }) => "forward_failed",
         Err(_) => "invalid",
     }
 }

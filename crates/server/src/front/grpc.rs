@@ -15,7 +15,7 @@ use tonic::server::NamedService;
 use tonic::{Code, Status};
 
 use super::{grpc_response, node_error_code, record_events};
-use crate::forward::FORWARDED_KEY;
+use crate::forward::{FORWARDED_KEY, NOTHING_APPLIED_KEY};
 use crate::node::{NodeError, NodeHandle, Origin, Reply, Request};
 
 pub(super) fn router(handle: NodeHandle) -> Router {
@@ -42,7 +42,13 @@ impl GrpcLedger {
             }
             None => self.handle.submit_from(request, Origin::Client).await,
         };
-        result.map_err(|error| Status::new(node_error_code(&error).grpc_code(), error.to_string()))
+        result.map_err(|error| {
+            let mut status = Status::new(node_error_code(&error).grpc_code(), error.to_string());
+            if error.nothing_applied() {
+                status.metadata_mut().insert(NOTHING_APPLIED_KEY, tonic::metadata::MetadataValue::from_static("1"));
+            }
+            status
+        })
     }
 }
 

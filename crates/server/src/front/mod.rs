@@ -372,9 +372,10 @@ fn node_error_code(error: &NodeError) -> ErrorCode {
         NodeError::BatchTooLarge { .. } => ErrorCode::BatchTooLarge,
         NodeError::InvalidFilter(_) => ErrorCode::InvalidFilter,
         NodeError::CrossCell { .. } => ErrorCode::CrossCell,
-        NodeError::NotLeader { .. } | NodeError::CellNotHosted { .. } | NodeError::Unavailable { .. } => {
-            ErrorCode::Unavailable
-        }
+        NodeError::NotLeader { .. }
+        | NodeError::CellNotHosted { .. }
+        | NodeError::Unavailable { .. }
+        | NodeError::ForwardFailed { .. } => ErrorCode::Unavailable,
         NodeError::Timeout { .. } => ErrorCode::Timeout,
     }
 }
