@@ -32,7 +32,8 @@ fn topology() -> Topology {
         shards: (0..SHARDS_DEFAULT).collect(),
         voters: vec![1, 2, 3],
         learners: vec![],
-        leader_preference: vec!["r1-a".to_string()],
+        // No preference: leadership stays where the first election put it.
+        leader_preference: vec![],
     };
     Topology::new(SHARDS_DEFAULT, Latency::DISABLED, regions, vec![cell]).unwrap()
 }
@@ -129,6 +130,13 @@ async fn a_replica_that_missed_compacted_entries_catches_up_from_a_snapshot() {
     .await;
     let restarted_status = status(restarted);
     assert!(restarted_status.snapshots_installed >= 1, "the follower's state came from a snapshot");
+    // Per-cell metrics: leadership, term, indexes, log, elections.
+    let metrics = leader_node.handle().metrics().encode();
+    for name in ["cellpay_cell_is_leader", "cellpay_cell_term", "cellpay_cell_commit_index", "cellpay_cell_apply_lag"] {
+        assert!(metrics.contains(&format!("{name}{{cell=\"1\"}}")), "{name} in {metrics}");
+    }
+    assert!(metrics.contains("cellpay_cell_is_leader{cell=\"1\"} 1"), "{metrics}");
+    assert!(metrics.contains("cellpay_cell_elections_won{cell=\"1\"} 1"), "{metrics}");
     assert!(restarted_status.checkpoint_index > stopped_at);
     assert_eq!(restarted_status.accounts, 20);
     for node in nodes.into_iter().flatten() {
