@@ -403,6 +403,8 @@ pub enum Origin {
     Forwarded,
 }
 
+/// How long a leader waits for a majority to confirm a read index.
+const READ_INDEX_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a client's request waits for its cell to have a reachable leader.
 pub const LEADER_WAIT: Duration = Duration::from_secs(5);
 
@@ -876,6 +878,9 @@ struct ReadBatch {
     /// The read index, once Raft has confirmed leadership for it.
     index: Option<u64>,
     envelopes: Vec<Envelope>,
+    /// Raft may drop a read index (no quorum answered the heartbeat): past
+    /// this, the reads are refused (nothing was changed: a retry is exact).
+    deadline: Instant,
 }
 
 /// One cell's replica on this node.
@@ -1420,6 +1425,21 @@ impl Engine {
                     replica.pulse_in_flight = false;
                 }
             }
+            // Reads a new leader could not issue in time (nothing committed in its term).
+            if replica.reads_new.first().is_some_and(|e| now.duration_since(e.queued_at) >= READ_INDEX_TIMEOUT) {
+                for envelope in replica.reads_new.drain(..) {
+                    let reason = "the new leader has not committed an entry of its term yet".to_string();
+                    let _ = envelope.reply.send(Err(NodeError::Unavailable { cell: replica.cell, reason }));
+                }
+            }
+            // Reads whose read index no majority confirmed in time.
+            while replica.reads.front().is_some_and(|batch| batch.index.is_none() && batch.deadline <= now) {
+                let batch = replica.reads.pop_front().expect("checked");
+                for envelope in batch.envelopes {
+                    let reason = "no majority confirmed the leader's read index in time".to_string();
+                    let _ = envelope.reply.send(Err(NodeError::Unavailable { cell: replica.cell, reason }));
+                }
+            }
             // The leader expires pending transfers whose timeout has passed,
             // through the log like any write.
             let due = replica.ledger.expiry_next().is_some_and(|at| at <= timestamp);
@@ -1442,12 +1462,15 @@ impl Engine {
     /// One round of consensus I/O for every replica: see the module documentation.
     fn round(&mut self) {
         for replica in self.replicas.values_mut() {
-            if !replica.reads_new.is_empty() {
+            // Raft drops a read index asked before the leader has committed
+            // an entry of its term: the reads wait for that (a round or two).
+            if !replica.reads_new.is_empty() && replica.raw.raft.commit_to_current_term() {
                 let id = replica.read_id_next;
                 replica.read_id_next += 1;
                 replica.raw.read_index(id.to_le_bytes().to_vec());
                 let envelopes = std::mem::take(&mut replica.reads_new);
-                replica.reads.push_back(ReadBatch { id, index: None, envelopes });
+                let deadline = Instant::now() + READ_INDEX_TIMEOUT;
+                replica.reads.push_back(ReadBatch { id, index: None, envelopes, deadline });
             }
         }
         let mut persisting: Vec<Persisting> = Vec::new();
@@ -1731,10 +1754,9 @@ fn propose(replica: &mut Replica, data: Vec<u8>, envelope: Option<Envelope>, dea
 /// Answers the reads of a replica that is no longer the leader.
 fn fail_reads(replica: &mut Replica) {
     let leader = Some(replica.raw.raft.leader_id).filter(|&id| id != raft::INVALID_ID);
-    for batch in replica.reads.drain(..) {
-        for envelope in batch.envelopes {
-            let _ = envelope.reply.send(Err(NodeError::NotLeader { cell: replica.cell, leader }));
-        }
+    let waiting = replica.reads.drain(..).flat_map(|batch| batch.envelopes);
+    for envelope in waiting.chain(replica.reads_new.drain(..)) {
+        let _ = envelope.reply.send(Err(NodeError::NotLeader { cell: replica.cell, leader }));
     }
 }
 
