@@ -172,6 +172,62 @@ pub fn accounts_by_cell(count: u64, topology: Option<&Topology>) -> Vec<Vec<u64>
     groups.into_values().collect()
 }
 
+/// The cells that own at least one of the bench's accounts, by id.
+fn accounts_by_cell_ids(count: u64, topology: &Topology) -> Vec<u64> {
+    let mut ids: Vec<u64> = (0..count)
+        .map(|index| id::shard_of_account(bench_account_id(index), topology.shards))
+        .filter_map(|shard| topology.cell_of_shard(shard))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// Where each cell's leader is, refreshed every second from the nodes'
+/// status, with a client of every node.
+pub struct Routes {
+    leaders: Arc<std::sync::RwLock<std::collections::BTreeMap<u64, u64>>>,
+    clients: std::collections::BTreeMap<u64, Client>,
+    refresher: tokio::task::JoinHandle<()>,
+}
+
+impl Routes {
+    pub async fn start(topology: Topology) -> Result<Routes> {
+        let mut clients = std::collections::BTreeMap::new();
+        for node in topology.nodes() {
+            if let Ok(client) = Client::connect(&node.client_address.to_string()).await {
+                clients.insert(node.id, client);
+            }
+        }
+        let leaders = Arc::new(std::sync::RwLock::new(std::collections::BTreeMap::new()));
+        let shared = leaders.clone();
+        let refresher = tokio::spawn(async move {
+            loop {
+                let statuses = crate::ctl::fetch_statuses(&topology).await;
+                let known = crate::ctl::leaders(&topology, &statuses)
+                    .into_iter()
+                    .filter_map(|(cell, leader)| Some((cell, leader?)))
+                    .collect();
+                *shared.write().expect("routes lock") = known;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        Ok(Routes { leaders, clients, refresher })
+    }
+
+    /// A client of `cell`'s leader, if known.
+    pub fn client_for(&self, cell: u64) -> Option<Client> {
+        let leader = *self.leaders.read().expect("routes lock").get(&cell)?;
+        self.clients.get(&leader).cloned()
+    }
+}
+
+impl Drop for Routes {
+    fn drop(&mut self) {
+        self.refresher.abort();
+    }
+}
+
 /// Creates accounts `0..count` on `ledger` (no balance limits), accepting
 /// ones that exist; each request holds accounts of one cell only.
 pub async fn create_accounts(client: &mut Client, count: u64, ledger: u32, topology: Option<&Topology>) -> Result<()> {
@@ -268,6 +324,19 @@ pub async fn bench(args: &BenchArgs) -> Result<BenchResult> {
         groups.iter().all(|group| group.len() >= 2),
         "every cell needs at least 2 of the bench's accounts: raise --accounts"
     );
+    let cell_ids: Arc<Vec<u64>> = Arc::new(match &topology {
+        Some(topology) => {
+            let mut ids: Vec<u64> = topology.cells.iter().map(|cell| cell.id).collect();
+            ids.sort_unstable();
+            ids.retain(|&id| accounts_by_cell_ids(args.accounts, topology).contains(&id));
+            ids
+        }
+        None => vec![0],
+    });
+    let routes = match &topology {
+        Some(topology) => Some(Arc::new(Routes::start(topology.clone()).await?)),
+        None => None,
+    };
     let pickers: Arc<Vec<Picker>> = Arc::new(
         groups.iter().map(|group| Picker::new(group.len() as u64, args.distribution, args.zipf_exponent)).collect(),
     );
@@ -280,6 +349,7 @@ pub async fn bench(args: &BenchArgs) -> Result<BenchResult> {
     let mut workers = Vec::new();
     for worker in 0..args.concurrency {
         let (mut client, pickers, groups, args) = (client.clone(), pickers.clone(), groups.clone(), args.clone());
+        let (routes, cell_ids) = (routes.clone(), cell_ids.clone());
         let (batch_next, sent) = (batch_next.clone(), sent.clone());
         workers.push(tokio::spawn(async move {
             let mut rng = Rng::new(args.seed ^ ((worker as u64 + 1) << 32));
@@ -310,7 +380,12 @@ pub async fn bench(args: &BenchArgs) -> Result<BenchResult> {
                     });
                 }
                 let sent_at = Instant::now();
-                let results = client.create_transfers(&batch).await?;
+                // Straight to the cell's leader when it is known (no forwarding hop).
+                let leader_client = routes.as_ref().and_then(|routes| routes.client_for(cell_ids[cell]));
+                let results = match leader_client {
+                    Some(mut leader) => leader.create_transfers(&batch).await?,
+                    None => client.create_transfers(&batch).await?,
+                };
                 latency.saturating_record(sent_at.elapsed().as_micros() as u64);
                 for (transfer, result) in batch.iter().zip(&results) {
                     if *result == CreateTransferResult::Ok {
