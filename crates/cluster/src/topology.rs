@@ -96,8 +96,8 @@ pub type CellId = u64;
 
 /// The number of shards when the file does not say (the source system's "00"–"99").
 pub const SHARDS_DEFAULT: u32 = 100;
-/// The largest number of shards.
-pub const SHARDS_MAX: u32 = 65_536;
+/// The largest number of shards: the ledger's own limit (`cellpay_ledger::id::SHARDS_MAX`).
+pub const SHARDS_MAX: u32 = 10_000;
 /// The largest number of nodes in a cluster.
 pub const NODES_MAX: usize = 1024;
 /// The largest number of cells in a cluster.

@@ -327,8 +327,8 @@ fn validation_errors() {
     let latency =
         "shards = 4\n[latency]\nenabled = true\nsame_datacenter_us = 1\nsame_region_us = 10000001\ncross_region_us = 3";
     let cases: &[(&[(&str, &str)], String)] = &[
-        (&[("shards = 4", "shards = 0")], "shards = 0: must be in 1..=65536".into()),
-        (&[("shards = 4", "shards = 65537")], "shards = 65537: must be in 1..=65536".into()),
+        (&[("shards = 4", "shards = 0")], "shards = 0: must be in 1..=10000".into()),
+        (&[("shards = 4", "shards = 10001")], "shards = 10001: must be in 1..=10000".into()),
         (&[("shards = 4", latency)], "latency: same_region_us = 10000001 is more than the limit of 10000000 us".into()),
         (&[(r#"name = "r1""#, r#"name = "r 1""#)], region_name_error("r 1")),
         (&[(r#"name = "d2""#, r#"name = """#)], datacenter_name_error("")),
@@ -495,7 +495,7 @@ fn load_names_the_path() {
     let TopologyError::File { path, error: inner } = &error else { panic!("{error:?}") };
     assert_eq!(path, &bad);
     assert!(matches!(**inner, TopologyError::ShardCount { shards: 0 }), "{inner:?}");
-    assert_eq!(error.to_string(), format!("topology file {}: shards = 0: must be in 1..=65536", bad.display()));
+    assert_eq!(error.to_string(), format!("topology file {}: shards = 0: must be in 1..=10000", bad.display()));
     let binary = directory.path().join("binary.toml");
     std::fs::write(&binary, [0xff, 0xfe, 0x00]).unwrap();
     assert!(Topology::load(&binary).unwrap_err().to_string().contains("cannot read"));
