@@ -222,6 +222,10 @@ pub enum NodeError {
     Timeout { cell: CellId, timeout_ms: u64 },
     #[error("cell {cell} is unavailable: {reason}; retry with the same ids")]
     Unavailable { cell: CellId, reason: String },
+    /// The write was proposed but the node stopped (or replaced its state by
+    /// a snapshot) before learning whether it committed.
+    #[error("cell {cell}: {reason}: the write's outcome is unknown; retry with the same ids")]
+    OutcomeUnknown { cell: CellId, reason: String },
     /// A call forwarded to the leader failed in a way that does not say
     /// whether the leader applied it (the connection broke, it timed out).
     #[error("cell {cell}: the call forwarded to leader node {node} failed ({reason}): its outcome is unknown; retry with the same ids")]
@@ -233,7 +237,7 @@ impl NodeError {
     /// request may be retried and answered exactly as if it were the first
     /// attempt (no `exists` for its own events).
     pub fn nothing_applied(&self) -> bool {
-        !matches!(self, NodeError::Timeout { .. } | NodeError::ForwardFailed { .. })
+        !matches!(self, NodeError::Timeout { .. } | NodeError::ForwardFailed { .. } | NodeError::OutcomeUnknown { .. })
     }
 }
 
@@ -604,6 +608,7 @@ fn outcome_name(result: &Result<Reply, NodeError>) -> &'static str {
         Err(NodeError::Timeout { .. }) => "timeout",
         Err(NodeError::Unavailable { .. }) => "unavailable",
         Err(NodeError::ForwardFailed { .. }) => "forward_failed",
+        Err(NodeError::OutcomeUnknown { .. }) => "outcome_unknown",
         Err(_) => "invalid",
     }
 }
@@ -721,6 +726,15 @@ impl Node {
         let data_dir = &config.data_dir;
         std::fs::create_dir_all(data_dir).map_err(|source| StartError::DataDir { path: data_dir.clone(), source })?;
         let database = StoreDatabase::open(&data_dir.join("store"))?;
+        // Before anything can receive a snapshot: drop the store generations
+        // not in use (received but not installed, being received, or
+        // replaced, when the node stopped).
+        for cell in config.topology.cells_of_node(config.node) {
+            let current = database.registry_get(&snapshot::generation_key(cell))?.unwrap_or(0);
+            for unused in (0..snapshot::generation_next(&database, cell)?).filter(|&g| g != current) {
+                database.drop_store(&snapshot::store_name(cell, unused))?;
+            }
+        }
         let (staged_sender, staged) = bounded::<Staged>(1);
         let receiver = SnapshotReceiver::start(database.clone(), staged_sender);
         let (runtime, transport) = start_transport(&config, inbox_sender, receiver.sender())?;
@@ -960,10 +974,6 @@ impl Engine {
         for cell_id in config.topology.cells_of_node(config.node) {
             let cell = config.topology.cell(cell_id).expect("cells_of_node names known cells");
             let generation = database.registry_get(&snapshot::generation_key(cell_id))?.unwrap_or(0);
-            // Snapshots received but not installed, or being received, when the node stopped.
-            for unused in generation + 1..snapshot::generation_next(&database, cell_id)? {
-                database.drop_store(&snapshot::store_name(cell_id, unused))?;
-            }
             let store = Arc::new(Store::open_in(&database, &snapshot::store_name(cell_id, generation))?);
             let checkpoint = store.checkpoint()?;
             let stored_base = snapshot::decode_consensus(&store.consensus()?);
@@ -982,14 +992,14 @@ impl Engine {
             };
             let index = checkpoint.op;
             if index > 0 {
-                // An installed snapshot whose base record did not reach the log before a crash.
+                // An installed snapshot whose base record did not reach the
+                // log before a crash: the store's state replaces the log's
+                // (entries the log holds at or after it are of another history).
                 if let Some(base) =
-                    stored_base.clone().filter(|base| cell_log.term_of(index).is_none() && base.index == index)
+                    stored_base.clone().filter(|b| b.index == index && cell_log.term_of(index) != Some(b.term))
                 {
-                    if index > cell_log.last_index() {
-                        cell_log.set_base(base.clone());
-                        log.append_base(cell_id, &base);
-                    }
+                    cell_log.set_base(base.clone());
+                    log.append_base(cell_id, &base);
                 }
                 if cell_log.term_of(index).is_none() {
                     return Err(StartError::LogMismatch {
@@ -1168,9 +1178,11 @@ impl Engine {
     /// Answers every proposal and read still waiting (the engine is stopping).
     fn fail_waiting(&mut self, error: NodeError) {
         for replica in self.replicas.values_mut() {
+            // Proposed writes are in the log and may still commit.
             for proposal in replica.proposals.drain(..) {
                 if let Some(envelope) = proposal.envelope {
-                    let _ = envelope.reply.send(Err(error.clone()));
+                    let reason = "the node stopped before the write committed".to_string();
+                    let _ = envelope.reply.send(Err(NodeError::OutcomeUnknown { cell: replica.cell, reason }));
                 }
             }
             for envelope in replica.reads_new.drain(..) {
@@ -1300,6 +1312,14 @@ impl Engine {
 
     fn peer_message(&mut self, from: NodeId, message: PeerMessage) {
         let PeerMessage::Raft { cell, message } = message else { return };
+        // A snapshot is only accepted with its data (see `snapshot_staged`);
+        // entries over the log's record limit could never be logged.
+        let oversized =
+            message.entries.iter().any(|e| e.data.len() + e.context.len() > crate::raft_log::ENTRY_BYTES_MAX);
+        if message.get_msg_type() == MessageType::MsgSnapshot || oversized {
+            tracing::warn!(from, cell, kind = ?message.get_msg_type(), "dropped a malformed message from a peer");
+            return;
+        }
         let Some(replica) = self.replicas.get_mut(&cell) else {
             self.messages_unknown_cell += 1;
             if self.messages_unknown_cell.is_power_of_two() {
@@ -1368,10 +1388,11 @@ impl Engine {
         replica.applied = index;
         replica.checkpoint_index = index;
         replica.snapshots_installed += 1;
-        let leader = Some(replica.raw.raft.leader_id).filter(|&id| id != raft::INVALID_ID);
+        // The snapshot may or may not hold entries this node proposed.
         for proposal in replica.proposals.drain(..) {
             if let Some(envelope) = proposal.envelope {
-                let _ = envelope.reply.send(Err(NodeError::NotLeader { cell, leader }));
+                let reason = "a snapshot replaced the replica's state".to_string();
+                let _ = envelope.reply.send(Err(NodeError::OutcomeUnknown { cell, reason }));
             }
         }
         replica.pulse_in_flight = false;
@@ -1452,11 +1473,17 @@ impl Engine {
         for cell in self.replicas.keys().copied().collect::<Vec<_>>() {
             let replica = &self.replicas[&cell];
             let stale = replica.checkpoint_last.elapsed() >= self.config.checkpoint_idle_interval;
-            if stale && replica.ledger.transfers_new_count() > 0 && replica.checkpoint_in_flight.is_none() {
+            // Any applied entry counts (accounts, membership, a leader's empty
+            // entry): a cell that never checkpoints would hold the node's
+            // shared log from being truncated.
+            if stale && replica.applied > replica.checkpoint_index && replica.checkpoint_in_flight.is_none() {
                 self.checkpoint_start(cell);
             }
         }
         self.checkpoints_finish(false);
+        for replica in self.replicas.values() {
+            self.publish(replica);
+        }
     }
 
     /// One round of consensus I/O for every replica: see the module documentation.
@@ -1657,7 +1684,7 @@ impl Engine {
     /// the store while the engine goes on. At most one per cell is in
     /// flight: a second waits for the first (backpressure).
     fn checkpoint_start(&mut self, cell: CellId) {
-        if self.replicas[&cell].checkpoint_in_flight.is_some() {
+        while self.replicas[&cell].checkpoint_in_flight.is_some() || self.writer.is_full() {
             self.checkpoints_finish(true);
         }
         let replica = self.replicas.get_mut(&cell).expect("hosted");
@@ -1738,7 +1765,7 @@ fn propose(replica: &mut Replica, data: Vec<u8>, envelope: Option<Envelope>, dea
         Ok(()) => {
             let index = replica.raw.raft.raft_log.last_index();
             let term = replica.raw.raft.term;
-            replica.proposals.push_back(Proposal { index, term, envelope, deadline });
+            enqueue_proposal(replica, Proposal { index, term, envelope, deadline });
             true
         }
         Err(error) => {
@@ -1749,6 +1776,24 @@ fn propose(replica: &mut Replica, data: Vec<u8>, envelope: Option<Envelope>, dea
             false
         }
     }
+}
+
+/// Queues a proposal for its entry's application. Proposals of an earlier
+/// term at its index or after were overwritten (never committed: a new
+/// leader's log holds every committed entry), so nothing of them was
+/// applied: they are answered `NotLeader` now. The queue stays in index order.
+fn enqueue_proposal(replica: &mut Replica, proposal: Proposal) {
+    while replica.proposals.back().is_some_and(|p| p.index >= proposal.index) {
+        let overwritten = replica.proposals.pop_back().expect("checked");
+        assert!(overwritten.term < proposal.term, "cell {}: two proposals at one index in one term", replica.cell);
+        match overwritten.envelope {
+            Some(envelope) => {
+                let _ = envelope.reply.send(Err(NodeError::NotLeader { cell: replica.cell, leader: None }));
+            }
+            None => replica.pulse_in_flight = false,
+        }
+    }
+    replica.proposals.push_back(proposal);
 }
 
 /// Answers the reads of a replica that is no longer the leader.
@@ -1946,8 +1991,13 @@ impl CheckpointWriter {
         CheckpointWriter { sender: Some(sender), done, in_flight: 0, thread: Some(thread) }
     }
 
+    /// Whether another checkpoint must wait for one to finish.
+    fn is_full(&self) -> bool {
+        self.in_flight >= CHECKPOINTS_IN_FLIGHT_MAX
+    }
+
     fn send(&mut self, job: CheckpointJob) {
-        assert!(self.in_flight < CHECKPOINTS_IN_FLIGHT_MAX, "one checkpoint in flight per cell at most");
+        assert!(!self.is_full(), "checkpoints in flight over the limit");
         self.in_flight += 1;
         let sender = self.sender.as_ref().expect("writer running");
         sender.send(job).expect("the checkpoint writer stopped: see its panic");
@@ -2006,6 +2056,79 @@ mod tests {
         assert_eq!(parts.len(), 2);
         let Ok(Route::Split(parts)) = route(&topology, &Request::LookupTransfers(vec![5])) else { panic!() };
         assert_eq!(parts.len(), 4);
+    }
+
+    fn replica(dir: &std::path::Path, applied: u64) -> Replica {
+        let conf = ConfState { voters: vec![1], ..Default::default() };
+        let mut log = CellLog::new(conf);
+        let entries: Vec<Entry> = (1..=applied).map(|index| Entry { index, term: 1, ..Entry::default() }).collect();
+        log.append(&entries).unwrap();
+        log.set_hard_state(raft::prelude::HardState { term: 7, vote: 1, commit: applied, ..Default::default() });
+        let config = raft::Config { id: 1, applied, ..Default::default() };
+        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        Replica {
+            cell: 1,
+            raw: RawNode::new(&config, log, &logger).unwrap(),
+            ledger: Ledger::new(LedgerConfig::default()),
+            store: Arc::new(Store::open(dir).unwrap()),
+            generation: 0,
+            staged: None,
+            applied,
+            checkpoint_index: 0,
+            checkpoint_in_flight: None,
+            checkpoint_last: Instant::now(),
+            proposals: VecDeque::new(),
+            reads_new: Vec::new(),
+            reads: VecDeque::new(),
+            read_id_next: 1,
+            pulse_in_flight: false,
+            elections: 0,
+            snapshots_installed: 0,
+            role: StateRole::Leader,
+            records_applied: 0,
+            checkpoint_wanted: false,
+            state_hash: (0, 0),
+            applied_last_tick: 0,
+        }
+    }
+
+    fn proposal(index: u64, term: u64, id: u128) -> (Proposal, oneshot::Receiver<Result<Reply, NodeError>>) {
+        let (reply, answer) = oneshot::channel();
+        let accounts = vec![Account { id, ledger: 1, code: 1, ..Account::default() }];
+        let envelope =
+            Envelope { cell: 1, request: Request::CreateAccounts(accounts), reply, queued_at: Instant::now() };
+        (Proposal { index, term, envelope: Some(envelope), deadline: Instant::now() + Duration::from_secs(10) }, answer)
+    }
+
+    fn account_entry(index: u64, term: u64, id: u128) -> Entry {
+        let mut data = Vec::new();
+        let accounts = [Account { id, ledger: 1, code: 1, ..Account::default() }];
+        record::encode_create_accounts(&mut data, 1_000 + index, &accounts);
+        Entry { index, term, data: data.into(), ..Entry::default() }
+    }
+
+    /// Found in review: a leader of term 5 proposed entries 100 and 101, lost
+    /// leadership before they were replicated (the next leader overwrote its
+    /// log from 98), and was elected again in term 7; its new write lands at
+    /// index 99. The overwritten proposals are answered at once (nothing of
+    /// them was applied) and the new one is answered when entry 99 applies.
+    #[test]
+    fn a_proposal_at_a_lower_index_in_a_new_term_is_answered_when_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut replica = replica(dir.path(), 97);
+        let metrics = Metrics::new();
+        let (stale_a, mut answer_a) = proposal(100, 5, 1);
+        let (stale_b, mut answer_b) = proposal(101, 5, 2);
+        let (mine, mut answer) = proposal(99, 7, 3);
+        for proposal in [stale_a, stale_b, mine] {
+            enqueue_proposal(&mut replica, proposal);
+        }
+        assert!(matches!(answer_a.try_recv(), Ok(Err(NodeError::NotLeader { .. }))));
+        assert!(matches!(answer_b.try_recv(), Ok(Err(NodeError::NotLeader { .. }))));
+        let noop = Entry { index: 98, term: 7, ..Entry::default() };
+        apply_entries(&mut replica, vec![noop, account_entry(99, 7, 3)], &metrics);
+        assert_eq!(replica.ledger.accounts_count(), 1, "the write was applied");
+        assert!(matches!(answer.try_recv(), Ok(Ok(Reply::CreateAccounts(_)))), "and answered as applied");
     }
 
     #[test]

@@ -30,11 +30,14 @@
 //! index (or, if the log does not hold that entry with that term, empties it:
 //! a snapshot replaced it).
 //!
-//! Truncation: a cell needs the records of its entries after its compaction
-//! point and its latest hard state and base. Before old segments are deleted,
-//! every cell's hard state and base are logged again and synced, so segments
-//! are needed only for entries; the cut is the oldest op holding an entry
-//! some cell still needs.
+//! Truncation: after a restart a cell needs its entries after its durable
+//! point (the state its store holds: the last checkpoint or snapshot), its
+//! latest hard state and a base. Before old segments are deleted, every
+//! cell's hard state and durable point (as a base) are logged again and
+//! synced, so segments are needed only for entries; the cut is the oldest op
+//! holding an entry some cell still needs. Replay runs twice: the first pass
+//! finds each cell's newest base, the second starts each cell's log there
+//! (older bases and entries before it are skipped).
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -305,6 +308,16 @@ impl CellLog {
         self.snapshot_point = Some(base);
     }
 
+    /// Where recovery needs the log from: the store's state (the last
+    /// checkpoint or snapshot), else the log's base. Entries at or before it
+    /// are kept in memory only for followers that lag.
+    pub fn durable_point(&self) -> &LogBase {
+        match &self.snapshot_point {
+            Some(point) if point.index >= self.base.index => point,
+            _ => &self.base,
+        }
+    }
+
     /// A new replica's log: empty, with the cluster's initial membership.
     pub fn new(conf_state: ConfState) -> CellLog {
         CellLog { base: LogBase { conf_state, ..LogBase::default() }, ..CellLog::default() }
@@ -420,7 +433,11 @@ impl CellLog {
     /// log holds the entry at `base.index` with `base.term`, else drops every
     /// entry (a snapshot replaced the log).
     pub fn set_base(&mut self, base: LogBase) {
-        if self.term_of(base.index) == Some(base.term) && base.index >= self.base.index {
+        if base.index < self.base.index {
+            // An older base (replay meets it after starting from a newer one).
+            return;
+        }
+        if self.term_of(base.index) == Some(base.term) {
             self.compact_to(base.index);
             self.base.conf_state = base.conf_state;
         } else {
@@ -539,10 +556,36 @@ impl NodeLog {
     pub fn open(directory: &std::path::Path) -> Result<(NodeLog, NodeLogRecovery), NodeLogError> {
         let (wal, wal_recovery) = Wal::open(directory)?;
         let mut log = NodeLog { wal, payload: Vec::with_capacity(RECORD_PAYLOAD_MAX), cells: BTreeMap::new() };
-        let mut cells: BTreeMap<CellId, CellLog> = BTreeMap::new();
+        // First pass: each cell's newest base. Truncation keeps only the
+        // records a cell needs after its base and logs the base again at the
+        // end, so the replay of each cell starts from it.
+        let first_op = log.wal.first_op();
+        let mut bases: BTreeMap<CellId, LogBase> = BTreeMap::new();
+        let result = log.wal.replay(first_op, |op, payload| {
+            if payload.first() == Some(&KIND_BASE) {
+                if let LogRecord::Base { cell, base } =
+                    decode(payload).map_err(|source| NodeLogError::Record { op, source })?
+                {
+                    bases.insert(cell, base);
+                }
+            }
+            Ok::<(), NodeLogError>(())
+        });
+        match result {
+            Ok(()) => {}
+            Err(ReplayError::Wal(error)) => return Err(error.into()),
+            Err(ReplayError::Callback { error, .. }) => return Err(error),
+        }
+        let mut cells: BTreeMap<CellId, CellLog> = bases
+            .into_iter()
+            .map(|(cell, base)| {
+                let mut cell_log = CellLog::default();
+                cell_log.set_base(base);
+                (cell, cell_log)
+            })
+            .collect();
         let mut records = 0u64;
         let records_by_cell = &mut log.cells;
-        let first_op = log.wal.first_op();
         let result = log.wal.replay(first_op, |op, payload| {
             records += 1;
             match decode(payload).map_err(|source| NodeLogError::Record { op, source })? {
@@ -565,6 +608,12 @@ impl NodeLog {
             Ok(()) => {}
             Err(ReplayError::Wal(error)) => return Err(error.into()),
             Err(ReplayError::Callback { error, .. }) => return Err(error),
+        }
+        // A hard state replayed before the base may name a commit below it.
+        for cell_log in cells.values_mut() {
+            if cell_log.hard_state.commit < cell_log.base.index {
+                cell_log.hard_state.commit = cell_log.base.index;
+            }
         }
         Ok((log, NodeLogRecovery { wal: wal_recovery, records, cells }))
     }
@@ -627,15 +676,20 @@ impl NodeLog {
     /// first (and syncs), so that the deleted segments held nothing else any
     /// cell needs.
     pub fn truncate<'a>(&mut self, cells: impl Iterator<Item = (CellId, &'a CellLog)> + Clone) {
+        // Recovery needs each cell's log only after its durable point (its
+        // store's state); entries kept in memory before it for followers
+        // that lag are not needed after a restart.
         for (cell, log) in cells.clone() {
-            self.append_base(cell, log.base());
+            let point = LogBase { conf_state: log.base().conf_state.clone(), ..log.durable_point().clone() };
+            self.append_base(cell, &point);
             self.append_hard_state(cell, log.hard_state());
         }
         self.sync();
         let mut needed_op = self.wal.last_op();
         for (cell, log) in cells {
             let records = self.cells.entry(cell).or_default();
-            while records.entries.front().is_some_and(|&(_, last_index)| last_index <= log.base().index) {
+            let point = log.durable_point().index;
+            while records.entries.front().is_some_and(|&(_, last_index)| last_index <= point) {
                 records.entries.pop_front();
             }
             if let Some(&(op, _)) = records.entries.front() {
@@ -771,5 +825,42 @@ mod tests {
         let again = &recovery.cells[&1];
         assert_eq!((again.first_index(), again.last_index(), again.base().term), (3, 3, 2));
         assert_eq!(again.hard_state().commit, 3);
+    }
+
+    /// Found in review: a log whose first segments were deleted must reopen
+    /// (its first kept record holds entries far after index 1).
+    #[test]
+    fn reopen_after_a_segment_was_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = ConfState { voters: vec![1], ..Default::default() };
+        let mut cell = CellLog::new(conf);
+        let megabyte = vec![7u8; 1 << 20];
+        {
+            let (mut log, _) = NodeLog::open(dir.path()).unwrap();
+            log.append_base(1, cell.base());
+            // 100 entries of 1 MiB: two 64 MiB segments at least.
+            for index in 1..=100u64 {
+                let entries = [entry(index, 1, &megabyte)];
+                log.append_entries(1, &entries);
+                cell.append(&entries).unwrap();
+                log.sync();
+            }
+            cell.set_hard_state(HardState { term: 1, vote: 1, commit: 100, ..Default::default() });
+            log.append_hard_state(1, cell.hard_state());
+            log.sync();
+            assert!(log.segment_count() >= 2, "{} segments", log.segment_count());
+            // A checkpoint at 100 keeping 20 MiB of entries: compacts to 80.
+            let to = cell.compaction_index(100, 20 << 20);
+            cell.compact_to(to);
+            cell.set_snapshot_point(LogBase { index: 100, term: 1, conf_state: cell.base().conf_state.clone() });
+            let before = log.segment_count();
+            log.truncate([(1, &cell)].into_iter());
+            assert!(log.segment_count() < before, "truncation deleted no segment");
+        }
+        let (_, recovery) = NodeLog::open(dir.path()).expect("the truncated log reopens");
+        let again = &recovery.cells[&1];
+        // The entries kept for followers that lag are not needed after a restart.
+        assert_eq!((again.first_index(), again.last_index(), again.hard_state().commit), (101, 100, 100));
+        assert_eq!(again.base().term, 1);
     }
 }

@@ -367,7 +367,14 @@ fn receive_loop(database: &StoreDatabase, incoming: &Receiver<(NodeId, PeerMessa
                 }
             }
             Ok(Received::Interrupted(message)) => next = message,
-            Err(error) => tracing::warn!(cell, from, %error, "snapshot abandoned; the leader will send it again"),
+            Err((error, generation)) => {
+                tracing::warn!(cell, from, %error, "snapshot abandoned; the leader will send it again");
+                if let Some(generation) = generation {
+                    if let Err(error) = database.drop_store(&store_name(cell, generation)) {
+                        tracing::warn!(cell, generation, %error, "could not drop an abandoned snapshot");
+                    }
+                }
+            }
         }
     }
 }
@@ -386,37 +393,39 @@ enum ReceiveFailure {
     Stalled,
 }
 
+/// Receives one image; on failure, the error and the generation to drop (if one was started).
 fn receive_one(
     database: &StoreDatabase,
     incoming: &Receiver<(NodeId, PeerMessage)>,
     from: NodeId,
     cell: CellId,
     first_chunk: Vec<u8>,
-) -> Result<Received, ReceiveFailure> {
-    let generation = generation_next(database, cell)?;
-    database.registry_set(&generation_next_key(cell), generation + 1)?;
+) -> Result<Received, (ReceiveFailure, Option<u64>)> {
+    let generation = generation_next(database, cell).map_err(|error| (error.into(), None))?;
+    database.registry_set(&generation_next_key(cell), generation + 1).map_err(|error| (error.into(), None))?;
+    let fail = |error: ReceiveFailure| (error, Some(generation));
     let name = store_name(cell, generation);
-    let store = Arc::new(Store::open_in(database, &name)?);
+    let store = Arc::new(Store::open_in(database, &name).map_err(|error| fail(error.into()))?);
     tracing::info!(cell, from, generation, "receiving a snapshot");
     let outcome = {
-        let mut importer = store.import()?;
-        importer.chunk(&first_chunk)?;
+        let mut importer = store.import().map_err(|error| fail(error.into()))?;
+        importer.chunk(&first_chunk).map_err(|error| fail(error.into()))?;
         loop {
             let message = match incoming.recv_timeout(SNAPSHOT_CHUNK_WAIT_MAX) {
                 Ok(message) => message,
-                Err(RecvTimeoutError::Timeout) => return Err(ReceiveFailure::Stalled),
+                Err(RecvTimeoutError::Timeout) => return Err(fail(ReceiveFailure::Stalled)),
                 Err(RecvTimeoutError::Disconnected) => break Received::Interrupted(None),
             };
             match message {
                 (sender, PeerMessage::Chunk { cell: chunk_cell, first: false, bytes })
                     if sender == from && chunk_cell == cell =>
                 {
-                    importer.chunk(&bytes)?;
+                    importer.chunk(&bytes).map_err(|error| fail(error.into()))?;
                 }
                 (sender, PeerMessage::SnapshotMessage { cell: message_cell, message })
                     if sender == from && message_cell == cell =>
                 {
-                    let image = importer.finish()?;
+                    let image = importer.finish().map_err(|error| fail(error.into()))?;
                     break Received::Staged(Staged { cell, from, generation, store: store.clone(), image, message });
                 }
                 other => break Received::Interrupted(Some(other)),
@@ -425,7 +434,7 @@ fn receive_one(
     };
     if let Received::Interrupted(_) = &outcome {
         drop(store);
-        database.drop_store(&name)?;
+        database.drop_store(&name).map_err(|error| (error.into(), None))?;
     }
     Ok(outcome)
 }

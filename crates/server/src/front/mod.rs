@@ -376,7 +376,7 @@ fn node_error_code(error: &NodeError) -> ErrorCode {
         | NodeError::CellNotHosted { .. }
         | NodeError::Unavailable { .. }
         | NodeError::ForwardFailed { .. } => ErrorCode::Unavailable,
-        NodeError::Timeout { .. } => ErrorCode::Timeout,
+        NodeError::Timeout { .. } | NodeError::OutcomeUnknown { .. } => ErrorCode::Timeout,
     }
 }
 
