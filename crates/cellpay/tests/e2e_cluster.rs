@@ -99,6 +99,7 @@ struct CellStatus {
     accounts: u64,
     state_hash: String,
     state_hash_index: u64,
+    voters: Vec<u64>,
 }
 
 struct Cluster {
@@ -1131,5 +1132,60 @@ async fn a_switchover_moves_every_leader_out_of_a_region_and_back_with_no_failed
     assert_eq!(book.batches_retried.load(Ordering::Relaxed), 0);
     assert!(book.unknown.lock().unwrap().is_empty());
     assert!(acknowledged.values().all(|result| *result == CreateTransferResult::Ok));
+    cluster.assert_replicas_identical().await;
+}
+
+/// `cellpay ctl member`, run as an operator would; returns its output.
+fn member(cluster: &Cluster, change: &[&str]) -> String {
+    let path = cluster.topology_path.to_str().expect("a UTF-8 path");
+    let mut args = vec!["ctl", "member", "--cluster", path, "--cell", "all"];
+    args.extend(change);
+    let output = Command::new(env!("CARGO_BIN_EXE_cellpay")).args(&args).output().expect("run cellpay ctl member");
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(
+        output.status.success(),
+        "ctl member {change:?} failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// The documented procedure to replace a node's disk, with the real binary:
+/// remove its replicas, wipe its data, start it, add it back as a learner of
+/// every cell, promote it. Writes keep committing throughout, and at the end
+/// every replica of every cell, the new one included, holds the same state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_disk_is_replaced_with_ctl_member_while_the_cells_serve() {
+    let _serial = SERIAL.lock().await;
+    let mut cluster = Cluster::start(false);
+    cluster.wait_for_leaders(ELECTION_DEADLINE).await;
+    let groups = Arc::new(accounts_by_cell(&cluster.topology, LOAD_USERS));
+    create_accounts(&cluster, &groups).await;
+    let book = Arc::new(Ledgerbook::default());
+    // The load avoids node 5, whose disk is replaced.
+    let clients: Vec<LedgerClient<Channel>> =
+        (1..NODES).map(|node| grpc(cluster.client_address(node), LOAD_REQUEST_TIMEOUT)).collect();
+    let workers: Vec<_> = (0..LOAD_WORKERS / 2)
+        .map(|worker| tokio::spawn(load_worker(worker, clients.clone(), groups.clone(), book.clone())))
+        .collect();
+    let replaced = NODES;
+    println!("{}", member(&cluster, &["--remove", &replaced.to_string()]));
+    cluster.kill(replaced);
+    std::fs::remove_dir_all(cluster.node_dir(replaced).join("data")).expect("wipe the node's data");
+    let before: u64 = book.acknowledged_by_cell().values().sum();
+    cluster.spawn(replaced);
+    println!("{}", member(&cluster, &["--add-learner", &replaced.to_string()]));
+    println!("{}", member(&cluster, &["--promote", &replaced.to_string()]));
+    let after: u64 = book.acknowledged_by_cell().values().sum();
+    assert!(after > before, "the cells committed while the node was replaced");
+    book.stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        worker.await.expect("a load worker");
+    }
+    assert!(book.failures.lock().unwrap().is_empty(), "no request failed: {:?}", book.failures.lock().unwrap());
+    let statuses = cluster.statuses().await;
+    for cell in &statuses[&1].cells {
+        assert!(cell.voters.contains(&replaced), "cell {}: node {replaced} is a voter again", cell.cell);
+    }
     cluster.assert_replicas_identical().await;
 }
