@@ -929,6 +929,44 @@ struct Replica {
     applied_last_tick: u64,
 }
 
+impl Replica {
+    /// A replica whose ledger and log are restored up to `applied` (its
+    /// store's checkpoint), with nothing in flight.
+    fn new(
+        cell: CellId,
+        raw: RawNode<CellLog>,
+        ledger: Ledger,
+        store: Arc<Store>,
+        generation: u64,
+        applied: u64,
+    ) -> Replica {
+        Replica {
+            cell,
+            raw,
+            ledger,
+            store,
+            generation,
+            staged: None,
+            applied,
+            checkpoint_index: applied,
+            checkpoint_in_flight: None,
+            checkpoint_last: Instant::now(),
+            proposals: VecDeque::new(),
+            reads_new: Vec::new(),
+            reads: VecDeque::new(),
+            read_id_next: 1,
+            pulse_in_flight: false,
+            elections: 0,
+            snapshots_installed: 0,
+            role: StateRole::Follower,
+            records_applied: 0,
+            checkpoint_wanted: false,
+            state_hash: (u64::MAX, 0),
+            applied_last_tick: applied,
+        }
+    }
+}
+
 /// A ready taken from a replica, waiting for the round's sync.
 struct Persisting {
     cell: CellId,
@@ -1048,33 +1086,7 @@ impl Engine {
                 .map_err(|source| StartError::Raft { cell: cell_id, source })?;
             let ledger =
                 Ledger::restore(config.ledger, store.accounts()?, store.open_pending()?, checkpoint.timestamp_last);
-            replicas.insert(
-                cell_id,
-                Replica {
-                    cell: cell_id,
-                    raw,
-                    ledger,
-                    store,
-                    generation,
-                    staged: None,
-                    applied: index,
-                    checkpoint_index: index,
-                    checkpoint_in_flight: None,
-                    checkpoint_last: Instant::now(),
-                    proposals: VecDeque::new(),
-                    reads_new: Vec::new(),
-                    reads: VecDeque::new(),
-                    read_id_next: 1,
-                    pulse_in_flight: false,
-                    elections: 0,
-                    snapshots_installed: 0,
-                    role: StateRole::Follower,
-                    records_applied: 0,
-                    checkpoint_wanted: false,
-                    state_hash: (u64::MAX, 0),
-                    applied_last_tick: index,
-                },
-            );
+            replicas.insert(cell_id, Replica::new(cell_id, raw, ledger, store, generation, index));
         }
         log.sync();
         let engine = Engine {
@@ -2066,30 +2078,12 @@ mod tests {
         log.set_hard_state(raft::prelude::HardState { term: 7, vote: 1, commit: applied, ..Default::default() });
         let config = raft::Config { id: 1, applied, ..Default::default() };
         let logger = slog::Logger::root(slog::Discard, slog::o!());
-        Replica {
-            cell: 1,
-            raw: RawNode::new(&config, log, &logger).unwrap(),
-            ledger: Ledger::new(LedgerConfig::default()),
-            store: Arc::new(Store::open(dir).unwrap()),
-            generation: 0,
-            staged: None,
-            applied,
-            checkpoint_index: 0,
-            checkpoint_in_flight: None,
-            checkpoint_last: Instant::now(),
-            proposals: VecDeque::new(),
-            reads_new: Vec::new(),
-            reads: VecDeque::new(),
-            read_id_next: 1,
-            pulse_in_flight: false,
-            elections: 0,
-            snapshots_installed: 0,
-            role: StateRole::Leader,
-            records_applied: 0,
-            checkpoint_wanted: false,
-            state_hash: (0, 0),
-            applied_last_tick: 0,
-        }
+        let raw = RawNode::new(&config, log, &logger).unwrap();
+        let store = Arc::new(Store::open(dir).unwrap());
+        let mut replica = Replica::new(1, raw, Ledger::new(LedgerConfig::default()), store, 0, applied);
+        replica.checkpoint_index = 0;
+        replica.role = StateRole::Leader;
+        replica
     }
 
     fn proposal(index: u64, term: u64, id: u128) -> (Proposal, oneshot::Receiver<Result<Reply, NodeError>>) {

@@ -64,22 +64,30 @@ fn account(user: u64) -> u128 {
     id::account_id(user, 1).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replica_that_missed_compacted_entries_catches_up_from_a_snapshot() {
+/// Three nodes with one cell, a leader elected and 20 accounts created:
+/// the topology, the nodes (by id - 1) and the leader's id.
+async fn start_three(dir: &std::path::Path) -> (Arc<Topology>, Vec<Option<Node>>, u64) {
     let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).try_init();
-    let dir = tempfile::tempdir().unwrap();
     let topology = Arc::new(topology());
-    let mut nodes: Vec<Option<Node>> =
-        (1..=3).map(|node| Some(Node::start(config(dir.path(), &topology, node)).unwrap())).collect();
+    let nodes: Vec<Option<Node>> =
+        (1..=3).map(|node| Some(Node::start(config(dir, &topology, node)).unwrap())).collect();
     let leader_of = |nodes: &Vec<Option<Node>>| {
         nodes.iter().flatten().find_map(|node| status(node).leader.filter(|&id| id == node.handle().node()))
     };
     wait_until("a leader is elected", Duration::from_secs(10), || leader_of(&nodes).is_some()).await;
     let leader = leader_of(&nodes).unwrap();
-    let handle = nodes[leader as usize - 1].as_ref().unwrap().handle();
     let accounts: Vec<Account> =
         (1..=20).map(|user| Account { id: account(user), ledger: 1, code: 1, ..Account::default() }).collect();
+    let handle = nodes[leader as usize - 1].as_ref().unwrap().handle();
     handle.submit(Request::CreateAccounts(accounts)).await.unwrap();
+    (topology, nodes, leader)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_missed_compacted_entries_catches_up_from_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let (topology, mut nodes, leader) = start_three(dir.path()).await;
+    let handle = nodes[leader as usize - 1].as_ref().unwrap().handle();
 
     // Stop a follower, then commit enough for several checkpoints: the
     // others' logs are compacted far past where it stopped.
@@ -87,26 +95,8 @@ async fn a_replica_that_missed_compacted_entries_catches_up_from_a_snapshot() {
     let stopping = nodes[follower as usize - 1].take().unwrap();
     let stopped_at = status(&stopping).log_last;
     stopping.halt();
-    let mut id = 0u128;
-    for _ in 0..400 {
-        let batch: Vec<Transfer> = (0..100)
-            .map(|i| {
-                id += 1;
-                Transfer {
-                    id,
-                    debit_account_id: account(1 + i % 20),
-                    credit_account_id: account(1 + (i + 7) % 20),
-                    amount: 1 + id,
-                    ledger: 1,
-                    code: 1,
-                    ..Transfer::default()
-                }
-            })
-            .collect();
-        let Reply::CreateTransfers(results) = handle.submit(Request::CreateTransfers(batch)).await.unwrap() else {
-            panic!("wrong reply")
-        };
-        assert!(results.iter().all(|r| *r == CreateTransferResult::Ok));
+    for round in 0..400 {
+        transfers(&handle, 1 + round * 100, 100).await;
     }
     let leader_node = nodes[leader as usize - 1].as_ref().unwrap();
     wait_until("the leader's log is compacted past the stopped follower", Duration::from_secs(20), || {
@@ -169,20 +159,9 @@ async fn transfers(handle: &cellpay_server::node::NodeHandle, first_id: u128, co
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_with_a_new_empty_disk_replaces_a_replica_without_stopping_the_cell() {
     use cellpay_server::node::MembershipChange;
-    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).try_init();
     let dir = tempfile::tempdir().unwrap();
-    let topology = Arc::new(topology());
-    let mut nodes: Vec<Option<Node>> =
-        (1..=3).map(|node| Some(Node::start(config(dir.path(), &topology, node)).unwrap())).collect();
-    let leader_of = |nodes: &Vec<Option<Node>>| {
-        nodes.iter().flatten().find_map(|node| status(node).leader.filter(|&id| id == node.handle().node()))
-    };
-    wait_until("a leader is elected", Duration::from_secs(10), || leader_of(&nodes).is_some()).await;
-    let leader = leader_of(&nodes).unwrap();
+    let (topology, mut nodes, leader) = start_three(dir.path()).await;
     let handle = nodes[leader as usize - 1].as_ref().unwrap().handle();
-    let accounts: Vec<Account> =
-        (1..=20).map(|user| Account { id: account(user), ledger: 1, code: 1, ..Account::default() }).collect();
-    handle.submit(Request::CreateAccounts(accounts)).await.unwrap();
     transfers(&handle, 1, 100).await;
 
     // 1. Remove the replica of the node whose disk is replaced.
