@@ -398,7 +398,6 @@ async fn workload(cluster: &Cluster, cells: &[CellAccounts], args: &DemoArgs) ->
         for (cell, authorised) in cells.iter().zip(authorised.iter_mut()) {
             batches.push(cell_batch(cell, per_cell, authorised, &mut rng, &mut id_next));
         }
-        let sent_at = Instant::now();
         let replies = futures_join(cells.iter().zip(&batches).map(|(cell, (batch, _))| {
             let handle = cluster.handle_for(cell.cell).clone();
             let request = Request::CreateTransfers(batch.clone());
@@ -409,7 +408,6 @@ async fn workload(cluster: &Cluster, cells: &[CellAccounts], args: &DemoArgs) ->
             }
         }))
         .await;
-        let _ = sent_at;
         for ((reply, elapsed), ((batch, pending_ids), authorised)) in
             replies.into_iter().zip(batches.iter().zip(authorised.iter_mut()))
         {
