@@ -183,8 +183,9 @@ impl Change {
         self.add_learners.is_empty() && self.add_voters.is_empty() && self.remove.is_empty()
     }
 
-    /// Whether a replica's reported membership shows the change done.
-    fn done(&self, replica: &Value) -> bool {
+    /// Whether the leader's reported membership shows the change done; a
+    /// removal also waits until the removed node no longer leads.
+    fn done(&self, leader: u64, replica: &Value) -> bool {
         let ids = |field: &str| -> Vec<u64> {
             replica[field].as_array().map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default()
         };
@@ -192,6 +193,7 @@ impl Change {
         self.add_learners.iter().all(|n| learners.contains(n))
             && self.add_voters.iter().all(|n| voters.contains(n))
             && self.remove.iter().all(|n| !voters.contains(n) && !learners.contains(n))
+            && !self.remove.contains(&leader)
     }
 }
 
@@ -223,7 +225,7 @@ pub async fn change_membership(topology: &Topology, cell: u64, change: &Change, 
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        if change.done(&replica) {
+        if change.done(leader, &replica) {
             break;
         }
         if !proposed {

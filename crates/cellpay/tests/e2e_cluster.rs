@@ -361,7 +361,7 @@ impl Drop for Cluster {
         if std::thread::panicking() {
             for node in 1..=NODES {
                 let log = std::fs::read_to_string(self.log_path(node)).unwrap_or_default();
-                eprintln!("---- node {node} stderr (last lines) ----\n{}", tail(&log, 15));
+                eprintln!("---- node {node} stderr (last lines) ----\n{}", tail(&log, 6));
             }
             if let Some(dir) = self.dir.take() {
                 let kept = dir.keep();
@@ -596,7 +596,8 @@ impl Ledgerbook {
 
     fn record_failure(&self, status: &tonic::Status) {
         assert_ne!(status.code(), tonic::Code::InvalidArgument, "the test sent a bad request: {}", status.message());
-        *self.failures.lock().unwrap().entry(format!("{:?}", status.code())).or_default() += 1;
+        let message: String = status.message().chars().take(160).collect();
+        *self.failures.lock().unwrap().entry(format!("{:?}: {message}", status.code())).or_default() += 1;
     }
 }
 

@@ -1255,11 +1255,46 @@ impl Engine {
     }
 
     fn propose_membership(&mut self, cell: CellId, changes: &[MembershipChange]) -> Result<(), NodeError> {
-        let Some(replica) = self.replicas.get_mut(&cell) else { return Err(NodeError::CellNotHosted { cell }) };
+        let Some(replica) = self.replicas.get(&cell) else { return Err(NodeError::CellNotHosted { cell }) };
         if replica.raw.raft.state != StateRole::Leader {
             let leader = Some(replica.raw.raft.leader_id).filter(|&id| id != raft::INVALID_ID);
             return Err(NodeError::NotLeader { cell, leader });
         }
+        // A leader never removes or demotes itself: raft-rs 0.7 keeps such a
+        // leader leading (nobody tells it of a newer term) and panics on its
+        // next append response. Leadership moves first; the caller retries.
+        let me = self.config.node;
+        let leaving = |node: NodeId| {
+            changes
+                .iter()
+                .any(|c| matches!(*c, MembershipChange::Remove(n) | MembershipChange::AddLearner(n) if n == node))
+        };
+        if leaving(me) {
+            let raft = &replica.raw.raft;
+            let last_index = raft.raft_log.last_index();
+            let successor = raft
+                .prs()
+                .conf()
+                .voters()
+                .ids()
+                .iter()
+                .filter(|&node| node != me && !leaving(node))
+                .filter(|&node| raft.prs().get(node).is_some_and(|p| p.recent_active && p.matched == last_index))
+                .map(|node| (self.leader_rank(cell, node), node))
+                .min()
+                .map(|(_, node)| node);
+            let replica = self.replicas.get_mut(&cell).expect("checked");
+            let reason = match successor {
+                Some(successor) => {
+                    tracing::info!(cell, successor, "handing leadership over before this replica leaves the cell");
+                    replica.raw.transfer_leader(successor);
+                    format!("node {me} leads the cell and cannot remove itself: leadership moves to node {successor} first; retry")
+                }
+                None => format!("node {me} leads the cell and no other voter is caught up to take over; retry"),
+            };
+            return Err(NodeError::Unavailable { cell, reason });
+        }
+        let replica = self.replicas.get_mut(&cell).expect("checked");
         let singles: Vec<ConfChangeSingle> = changes
             .iter()
             .map(|change| {
@@ -1344,6 +1379,23 @@ impl Engine {
             }
             return;
         };
+        let mut message = message;
+        // A heartbeat carries the commit index the leader believes this
+        // replica can reach; raft-rs panics if it is past the log's end.
+        // That happens only when the replica lost entries it acknowledged
+        // (a wiped disk not removed from the cell first) or the heartbeat was
+        // queued for an earlier incarnation of this node: clamp and warn.
+        let last_index = replica.raw.raft.raft_log.last_index();
+        if message.get_msg_type() == MessageType::MsgHeartbeat && message.commit > last_index {
+            tracing::warn!(
+                cell,
+                from,
+                commit = message.commit,
+                last_index,
+                "a heartbeat's commit index is past this replica's log (a lost disk or a stale message)"
+            );
+            message.commit = last_index;
+        }
         if let Err(error) = replica.raw.step(message) {
             tracing::debug!(cell, from, %error, "raft refused a message");
         }

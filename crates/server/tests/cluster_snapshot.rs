@@ -206,3 +206,38 @@ async fn a_node_with_a_new_empty_disk_replaces_a_replica_without_stopping_the_ce
         node.shutdown();
     }
 }
+
+/// A leader asked to remove its own replica refuses (nothing applied: raft-rs
+/// would keep a self-removed leader leading, then panic) and hands
+/// leadership to another voter; the change then goes through the new leader,
+/// and the cell commits without the removed replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_hands_leadership_over_before_its_replica_is_removed() {
+    use cellpay_server::node::{MembershipChange, NodeError};
+    let dir = tempfile::tempdir().unwrap();
+    let (_topology, mut nodes, leader) = start_three(dir.path()).await;
+    let handle = nodes[leader as usize - 1].as_ref().unwrap().handle();
+    transfers(&handle, 1, 100).await;
+    let error = handle.change_membership(1, vec![MembershipChange::Remove(leader)]).await.unwrap_err();
+    assert!(matches!(error, NodeError::Unavailable { .. }) && error.nothing_applied(), "{error:?}");
+    let successor_of = |nodes: &Vec<Option<Node>>| {
+        nodes.iter().flatten().find_map(|node| {
+            let status = status(node);
+            (status.role == "leader" && node.handle().node() != leader).then_some(node.handle().node())
+        })
+    };
+    wait_until("leadership moves", Duration::from_secs(5), || successor_of(&nodes).is_some()).await;
+    let successor = nodes[successor_of(&nodes).unwrap() as usize - 1].as_ref().unwrap().handle();
+    successor.change_membership(1, vec![MembershipChange::Remove(leader)]).await.unwrap();
+    let successor_node = nodes[successor.node() as usize - 1].as_ref().unwrap();
+    wait_until("the replica is removed", Duration::from_secs(5), || !status(successor_node).voters.contains(&leader))
+        .await;
+    let removed = nodes[leader as usize - 1].take().unwrap();
+    assert!(removed.handle().is_running(), "the removed node's engine is still running");
+    removed.halt();
+    transfers(&successor, 1_000, 100).await;
+    assert_eq!(status(nodes[successor.node() as usize - 1].as_ref().unwrap()).voters.len(), 2);
+    for node in nodes.into_iter().flatten() {
+        node.shutdown();
+    }
+}
