@@ -6,6 +6,7 @@ mod commands;
 mod ctl;
 mod demo;
 mod server;
+mod sim;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -38,6 +39,8 @@ enum Command {
     History(commands::HistoryArgs),
     /// Generate load against a server and report throughput and latency.
     Bench(bench::BenchArgs),
+    /// Run the deterministic simulator: the whole cluster under faults, one seed.
+    Sim(sim::SimArgs),
 }
 
 fn main() -> Result<()> {
@@ -50,6 +53,15 @@ fn main() -> Result<()> {
         std::process::abort();
     }));
     let cli = Cli::parse();
+    if let Command::Sim(args) = cli.command {
+        // Quiet unless asked: the engines log every election of every run.
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into());
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+        if !sim::main(args)? {
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -69,6 +81,7 @@ fn main() -> Result<()> {
             Command::Lookup(args) => commands::lookup(args).await,
             Command::History(args) => commands::history(args).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Sim(_) => unreachable!("run above"),
         }
     })
 }

@@ -25,3 +25,4 @@ pub mod forward;
 pub mod raft_log;
 pub mod raft_logger;
 pub mod snapshot;
+pub mod world;

@@ -38,7 +38,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use cellpay_cluster::topology::{CellId, NodeId, Topology};
 use cellpay_cluster::transport::{Deliver, PeerConfig, Transport, TransportConfig};
@@ -61,6 +61,7 @@ use crate::metrics::Metrics;
 use crate::raft_log::{CellLog, LogBase, NodeLog, NodeLogError};
 use crate::record::{self, Record, RecordError};
 use crate::snapshot::{self, PeerMessage, SnapshotReceiver, SnapshotSender, Staged};
+use crate::world::{Bug, Fault, RealWorld, World};
 
 /// A node's limits and tuning.
 #[derive(Clone, Debug)]
@@ -89,6 +90,10 @@ pub struct NodeConfig {
     /// Ticks without a leader's heartbeat before a follower campaigns
     /// (randomised in `[election_ticks, 2 × election_ticks)`).
     pub election_ticks: usize,
+    /// Whether Raft randomises the election timeout (it draws from the
+    /// thread's random generator). The simulator turns it off for
+    /// determinism and gives each node its own `election_ticks` instead.
+    pub election_ticks_randomised: bool,
     pub heartbeat_ticks: usize,
     /// Bytes of log entries kept beyond a checkpoint, for followers that lag.
     pub log_retained_bytes: u64,
@@ -120,6 +125,7 @@ impl NodeConfig {
             checkpoint_idle_interval: Duration::from_secs(10),
             tick_interval: Duration::from_millis(100),
             election_ticks: 10,
+            election_ticks_randomised: true,
             heartbeat_ticks: 2,
             log_retained_bytes: 64 << 20,
             uncommitted_bytes_max: 256 << 20,
@@ -738,8 +744,18 @@ impl Node {
         let (staged_sender, staged) = bounded::<Staged>(1);
         let receiver = SnapshotReceiver::start(database.clone(), staged_sender);
         let (runtime, transport) = start_transport(&config, inbox_sender, receiver.sender())?;
-        let (mut engine, mut recovery) =
-            Engine::open(config.clone(), database, metrics.clone(), status.clone(), transport, receiver)?;
+        let world = Box::new(RealWorld { transport: transport.clone() });
+        // A node alone has no peers: nothing to send snapshots to or receive from.
+        let snapshots = transport.map(|transport| (transport, receiver));
+        let (mut engine, mut recovery) = Engine::open(
+            config.clone(),
+            database,
+            metrics.clone(),
+            status.clone(),
+            world,
+            snapshots,
+            CheckpointWriter::start(),
+        )?;
         engine.catch_up_local();
         for cell in recovery.cells.iter_mut() {
             cell.records_replayed = engine.replicas[&cell.cell].records_applied;
@@ -816,6 +832,95 @@ impl Drop for Node {
     }
 }
 
+/// A node's engine stepped by its caller, one event at a time, instead of by
+/// a thread of its own: how the deterministic simulator runs the production
+/// engine. Time and the network are the caller's `world`; there are no
+/// threads (checkpoints are written when they start) and no snapshots are
+/// shipped (a replica that would need one waits, and Raft retries).
+pub struct SteppedNode {
+    engine: Engine,
+}
+
+impl SteppedNode {
+    /// Opens (or creates) the node's data and recovers every hosted cell.
+    pub fn open(config: NodeConfig, world: Box<dyn World>) -> Result<(SteppedNode, RecoveryReport), StartError> {
+        if config.topology.node(config.node).is_none() {
+            return Err(StartError::UnknownNode { node: config.node });
+        }
+        let data_dir = &config.data_dir;
+        std::fs::create_dir_all(data_dir).map_err(|source| StartError::DataDir { path: data_dir.clone(), source })?;
+        let database = StoreDatabase::open(&data_dir.join("store"))?;
+        let metrics = Arc::new(Metrics::new());
+        let status = Arc::new(StatusBoard::default());
+        let (mut engine, recovery) =
+            Engine::open(config, database, metrics, status, world, None, CheckpointWriter::inline())?;
+        engine.catch_up_local();
+        for replica in engine.replicas.values() {
+            if let Err(error) = replica.ledger.audit() {
+                panic!("cell {}: ledger fails its audit after recovery: {error}", replica.cell);
+            }
+        }
+        Ok((SteppedNode { engine }, recovery))
+    }
+
+    /// Hands a request for `cell` to the engine (as a node's queue would);
+    /// the answer comes once a later step has it.
+    pub fn submit(&mut self, cell: CellId, request: Request) -> oneshot::Receiver<Result<Reply, NodeError>> {
+        let (reply, answer) = oneshot::channel();
+        if let Err(error) = validate(&request) {
+            let _ = reply.send(Err(error));
+            return answer;
+        }
+        self.engine.metrics.queue_requests.inc();
+        let queued_at = self.engine.world.now();
+        self.engine.request(Envelope { cell, request, reply, queued_at });
+        answer
+    }
+
+    /// A message from a peer, as the transport delivers it.
+    pub fn receive(&mut self, from: NodeId, payload: &[u8]) {
+        match snapshot::decode(payload) {
+            Some(message @ PeerMessage::Raft { .. }) => self.engine.peer_message(from, message),
+            Some(_) => {}
+            None => tracing::warn!(from, bytes = payload.len(), "dropped an undecodable message from a peer"),
+        }
+    }
+
+    /// When the next tick is due (by the world's clock).
+    pub fn tick_next(&self) -> Instant {
+        self.engine.tick_next
+    }
+
+    pub fn tick(&mut self) {
+        self.engine.tick();
+    }
+
+    /// One round of consensus I/O, application and answers.
+    pub fn round(&mut self) {
+        self.engine.round();
+    }
+
+    pub fn status(&self) -> &Arc<StatusBoard> {
+        &self.engine.status
+    }
+
+    /// The cells' replicas on this node: `(cell, applied index, the ledger, its history store)`.
+    pub fn replicas(&self) -> impl Iterator<Item = (CellId, u64, &Ledger, &Store)> {
+        self.engine.replicas.values().map(|r| (r.cell, r.applied, &r.ledger, r.store.as_ref()))
+    }
+
+    /// The write-ahead log's last durable op: what a crash now keeps.
+    pub fn wal_durable_op(&self) -> u64 {
+        self.engine.log.durable_op()
+    }
+
+    /// Stops cleanly: answers what waits and writes a final checkpoint.
+    pub fn shutdown(mut self) {
+        self.engine.fail_waiting(NodeError::ShuttingDown);
+        self.engine.checkpoints_all();
+    }
+}
+
 /// Starts the transport to the node's peers on a runtime of its own (none
 /// for a node alone).
 fn start_transport(
@@ -868,13 +973,6 @@ fn start_transport(
         }
     };
     Ok((Some(runtime), Some(Arc::new(transport))))
-}
-
-/// The wall clock in nanoseconds since the Unix epoch. Only a leader reads
-/// it, to stamp the entries it proposes; the ledger makes applied timestamps
-/// strictly increasing whatever it returns.
-fn clock_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// A write this node proposed, waiting for its entry to be applied.
@@ -939,6 +1037,7 @@ impl Replica {
         store: Arc<Store>,
         generation: u64,
         applied: u64,
+        now: Instant,
     ) -> Replica {
         Replica {
             cell,
@@ -950,7 +1049,7 @@ impl Replica {
             applied,
             checkpoint_index: applied,
             checkpoint_in_flight: None,
-            checkpoint_last: Instant::now(),
+            checkpoint_last: now,
             proposals: VecDeque::new(),
             reads_new: Vec::new(),
             reads: VecDeque::new(),
@@ -978,11 +1077,12 @@ struct Engine {
     replicas: BTreeMap<CellId, Replica>,
     log: NodeLog,
     database: StoreDatabase,
-    transport: Option<Arc<Transport>>,
+    /// Time and the network (see `world.rs`).
+    world: Box<dyn World>,
     snapshot_sender: Option<SnapshotSender>,
     /// Snapshots sent and not yet answered: `(cell, to, when)`, oldest first.
     snapshots_sent: Vec<(CellId, NodeId, Instant)>,
-    _snapshot_receiver: SnapshotReceiver,
+    _snapshot_receiver: Option<SnapshotReceiver>,
     writer: CheckpointWriter,
     metrics: Arc<Metrics>,
     status: Arc<StatusBoard>,
@@ -999,8 +1099,9 @@ impl Engine {
         database: StoreDatabase,
         metrics: Arc<Metrics>,
         status: Arc<StatusBoard>,
-        transport: Option<Arc<Transport>>,
-        snapshot_receiver: SnapshotReceiver,
+        world: Box<dyn World>,
+        snapshots: Option<(Arc<Transport>, SnapshotReceiver)>,
+        writer: CheckpointWriter,
     ) -> Result<(Engine, RecoveryReport), StartError> {
         let data_dir = &config.data_dir;
         let (mut log, log_recovery) = NodeLog::open(&data_dir.join("wal"))?;
@@ -1063,6 +1164,13 @@ impl Engine {
             let raft_config = raft::Config {
                 id: config.node,
                 election_tick: config.election_ticks,
+                // Raft draws the timeout from `[min, max)`: one value when not randomised.
+                min_election_tick: config.election_ticks,
+                max_election_tick: if config.election_ticks_randomised {
+                    2 * config.election_ticks
+                } else {
+                    config.election_ticks + 1
+                },
                 heartbeat_tick: config.heartbeat_ticks,
                 applied: index,
                 max_size_per_msg: 4 << 20,
@@ -1086,20 +1194,24 @@ impl Engine {
                 .map_err(|source| StartError::Raft { cell: cell_id, source })?;
             let ledger =
                 Ledger::restore(config.ledger, store.accounts()?, store.open_pending()?, checkpoint.timestamp_last);
-            replicas.insert(cell_id, Replica::new(cell_id, raw, ledger, store, generation, index));
+            replicas.insert(cell_id, Replica::new(cell_id, raw, ledger, store, generation, index, world.now()));
         }
         log.sync();
+        let (snapshot_sender, snapshot_receiver) = match snapshots {
+            Some((transport, receiver)) => (Some(SnapshotSender::start(transport)), Some(receiver)),
+            None => (None, None),
+        };
         let engine = Engine {
-            tick_next: Instant::now() + config.tick_interval,
+            tick_next: world.now() + config.tick_interval,
             config,
             replicas,
             log,
             database,
-            snapshot_sender: transport.clone().map(SnapshotSender::start),
+            world,
+            snapshot_sender,
             snapshots_sent: Vec::new(),
             _snapshot_receiver: snapshot_receiver,
-            transport,
-            writer: CheckpointWriter::start(),
+            writer,
             metrics,
             status,
             ticks: 0,
@@ -1156,7 +1268,7 @@ impl Engine {
                     break;
                 }
             }
-            let timeout = self.tick_next.saturating_duration_since(Instant::now());
+            let timeout = self.tick_next.saturating_duration_since(self.world.now());
             select! {
                 recv(requests) -> envelope => if let Ok(envelope) = envelope { self.request(envelope) },
                 recv(inbox) -> message => if let Ok((from, message)) = message { self.peer_message(from, message) },
@@ -1178,7 +1290,7 @@ impl Engine {
                     Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
                 }
             }
-            if Instant::now() >= self.tick_next {
+            if self.world.now() >= self.tick_next {
                 self.tick();
             }
             self.round();
@@ -1225,7 +1337,7 @@ impl Engine {
             return;
         }
         // The leader stamps the entry; every replica applies it with this timestamp.
-        let timestamp = clock_ns();
+        let timestamp = self.world.timestamp_ns();
         let mut data =
             Vec::with_capacity(record::HEADER_SIZE + envelope.request.events() * cellpay_ledger::RECORD_SIZE);
         match &envelope.request {
@@ -1233,7 +1345,22 @@ impl Engine {
             Request::CreateTransfers(transfers) => record::encode_create_transfers(&mut data, timestamp, transfers),
             _ => unreachable!("writes only"),
         }
-        let deadline = Instant::now() + self.config.proposal_timeout;
+        let deadline = self.world.now() + self.config.proposal_timeout;
+        if self.world.bug(Bug::AckBeforeCommit) {
+            // Deliberate bug: answered `ok` now, whether or not the entry commits.
+            let reply = match &envelope.request {
+                Request::CreateAccounts(accounts) => {
+                    Reply::CreateAccounts(vec![CreateAccountResult::Ok; accounts.len()])
+                }
+                Request::CreateTransfers(transfers) => {
+                    Reply::CreateTransfers(vec![CreateTransferResult::Ok; transfers.len()])
+                }
+                _ => unreachable!("writes only"),
+            };
+            let _ = envelope.reply.send(Ok(reply));
+            propose(replica, data, None, deadline);
+            return;
+        }
         propose(replica, data, Some(envelope), deadline);
     }
 
@@ -1488,13 +1615,29 @@ impl Engine {
         if self.ticks.is_multiple_of(PREFERENCE_CHECK_TICKS) {
             self.place_leaders();
         }
-        let now = Instant::now();
+        let now = self.world.now();
         while self.tick_next <= now {
             self.tick_next += self.config.tick_interval;
         }
-        let timestamp = clock_ns();
+        let timestamp = self.world.timestamp_ns();
+        let delayed = self.world.buggify(Fault::DelayedTick);
         for replica in self.replicas.values_mut() {
-            replica.raw.tick();
+            // A late timer: Raft's clock misses this tick.
+            if !delayed {
+                replica.raw.tick();
+            }
+            if replica.raw.raft.state == StateRole::Leader && self.world.buggify(Fault::LeaderStepDown) {
+                let raft = &replica.raw.raft;
+                let last_index = raft.raft_log.last_index();
+                let voters = raft.prs().conf().voters().ids();
+                let successor = voters
+                    .iter()
+                    .find(|&node| node != raft.id && raft.prs().get(node).is_some_and(|p| p.matched == last_index));
+                if let Some(successor) = successor {
+                    tracing::info!(cell = replica.cell, successor, "fault point: the leader steps down");
+                    replica.raw.transfer_leader(successor);
+                }
+            }
             // Hashing the state sorts every account: only for a cell idle since the last tick.
             if replica.applied == replica.applied_last_tick && replica.state_hash.0 != replica.applied {
                 replica.state_hash = (replica.applied, replica.ledger.state_hash());
@@ -1536,7 +1679,7 @@ impl Engine {
         }
         for cell in self.replicas.keys().copied().collect::<Vec<_>>() {
             let replica = &self.replicas[&cell];
-            let stale = replica.checkpoint_last.elapsed() >= self.config.checkpoint_idle_interval;
+            let stale = now.saturating_duration_since(replica.checkpoint_last) >= self.config.checkpoint_idle_interval;
             // Any applied entry counts (accounts, membership, a leader's empty
             // entry): a cell that never checkpoints would hold the node's
             // shared log from being truncated.
@@ -1560,7 +1703,7 @@ impl Engine {
                 replica.read_id_next += 1;
                 replica.raw.read_index(id.to_le_bytes().to_vec());
                 let envelopes = std::mem::take(&mut replica.reads_new);
-                let deadline = Instant::now() + READ_INDEX_TIMEOUT;
+                let deadline = self.world.now() + READ_INDEX_TIMEOUT;
                 replica.reads.push_back(ReadBatch { id, index: None, envelopes, deadline });
             }
         }
@@ -1572,7 +1715,7 @@ impl Engine {
                 continue;
             }
             let mut ready = replica.raw.ready();
-            let snapshots = send_messages(self.transport.as_deref(), cell, ready.take_messages(), &mut replica.raw);
+            let snapshots = send_messages(&*self.world, cell, ready.take_messages(), &mut replica.raw);
             self.snapshots_offer(cell, snapshots);
             let replica = self.replicas.get_mut(&cell).expect("hosted");
             if let Some(soft) = ready.ss() {
@@ -1602,7 +1745,8 @@ impl Engine {
             }
             let replica = self.replicas.get_mut(&cell).expect("hosted");
             let committed = ready.take_committed_entries();
-            apply_entries(replica, committed, &self.metrics);
+            let clock = follower_clock(&*self.world, replica);
+            apply_entries(replica, committed, &self.metrics, clock);
             if !ready.entries().is_empty() {
                 self.log.append_entries(cell, ready.entries());
                 if let Err(error) = replica.raw.mut_store().append(ready.entries()) {
@@ -1620,21 +1764,26 @@ impl Engine {
             return;
         }
         let started = Instant::now();
-        if self.log.sync() {
+        // Deliberate bug: Raft goes on as if the round's entries were durable.
+        if !self.world.bug(Bug::AckBeforeFsync) && self.log.sync() {
             self.metrics.fsync_seconds.observe(started.elapsed().as_secs_f64());
+            if self.world.buggify(Fault::SlowFsync) {
+                self.world.stall();
+            }
         }
         for Persisting { cell, mut ready } in persisting {
             let replica = self.replicas.get_mut(&cell).expect("hosted");
             let persisted = ready.take_persisted_messages();
-            let mut snapshots = send_messages(self.transport.as_deref(), cell, persisted, &mut replica.raw);
+            let mut snapshots = send_messages(&*self.world, cell, persisted, &mut replica.raw);
             let mut light = replica.raw.advance(ready);
             if let Some(commit) = light.commit_index() {
                 replica.raw.mut_store().set_commit(commit);
                 let hard_state = replica.raw.store().hard_state().clone();
                 self.log.append_hard_state(cell, &hard_state);
             }
-            snapshots.extend(send_messages(self.transport.as_deref(), cell, light.take_messages(), &mut replica.raw));
-            apply_entries(replica, light.take_committed_entries(), &self.metrics);
+            snapshots.extend(send_messages(&*self.world, cell, light.take_messages(), &mut replica.raw));
+            let clock = follower_clock(&*self.world, replica);
+            apply_entries(replica, light.take_committed_entries(), &self.metrics, clock);
             replica.raw.advance_apply();
             self.snapshots_offer(cell, snapshots);
         }
@@ -1654,10 +1803,7 @@ impl Engine {
     }
 
     fn publish_peers(&self) {
-        let Some(transport) = &self.transport else { return };
-        let peers =
-            transport.peers().into_iter().map(|node| PeerStatus { node, connected: transport.peer_connected(node) });
-        *self.status.peers.write().expect("status lock") = peers.collect();
+        *self.status.peers.write().expect("status lock") = self.world.peers();
     }
 
     /// Hands Raft's snapshot messages to the sender thread (or tells Raft
@@ -1682,7 +1828,7 @@ impl Engine {
     /// ignores that if the follower has moved on) and Raft sends a new one.
     fn snapshots_finished(&mut self) {
         let Some(sender) = self.snapshot_sender.as_mut() else { return };
-        let now = Instant::now();
+        let now = self.world.now();
         for done in sender.finished() {
             if done.ok {
                 self.snapshots_sent.push((done.cell, done.to, now));
@@ -1708,7 +1854,8 @@ impl Engine {
                 let batch = replica.reads.pop_front().expect("checked");
                 for envelope in batch.envelopes {
                     let reply = read(replica, &envelope.request);
-                    self.metrics.commit_seconds.observe(envelope.queued_at.elapsed().as_secs_f64());
+                    let waited = self.world.now().saturating_duration_since(envelope.queued_at);
+                    self.metrics.commit_seconds.observe(waited.as_secs_f64());
                     let _ = envelope.reply.send(reply);
                 }
             }
@@ -1765,7 +1912,7 @@ impl Engine {
         let consensus = snapshot::encode_consensus(cell, &base);
         let delta = replica.ledger.checkpoint_begin();
         replica.checkpoint_in_flight = Some(index);
-        replica.checkpoint_last = Instant::now();
+        replica.checkpoint_last = self.world.now();
         self.writer.send(CheckpointJob { cell, index, base, consensus, store: replica.store.clone(), delta });
     }
 
@@ -1871,16 +2018,7 @@ fn fail_reads(replica: &mut Replica) {
 
 /// Sends Raft messages to their peers; returns the snapshot messages, which
 /// need their data shipped first (see `snapshot.rs`).
-fn send_messages(
-    transport: Option<&Transport>,
-    cell: CellId,
-    messages: Vec<Message>,
-    raw: &mut RawNode<CellLog>,
-) -> Vec<Message> {
-    let Some(transport) = transport else {
-        assert!(messages.is_empty(), "a node alone has no one to send messages to");
-        return Vec::new();
-    };
+fn send_messages(world: &dyn World, cell: CellId, messages: Vec<Message>, raw: &mut RawNode<CellLog>) -> Vec<Message> {
     let mut snapshots = Vec::new();
     for message in messages {
         if message.get_msg_type() == MessageType::MsgSnapshot {
@@ -1888,7 +2026,7 @@ fn send_messages(
             continue;
         }
         let to = message.to;
-        if transport.send(to, snapshot::encode_raft(cell, &message)).is_err() {
+        if !world.send(to, snapshot::encode_raft(cell, &message)) {
             raw.report_unreachable(to);
         }
     }
@@ -1896,7 +2034,16 @@ fn send_messages(
 }
 
 /// Applies committed entries in order, answering the writes this node proposed.
-fn apply_entries(replica: &mut Replica, entries: Vec<Entry>, metrics: &Metrics) {
+/// The clock a replica applies entries with: `None` (the entries' own
+/// timestamps) unless the deliberate bug [`Bug::FollowerClock`] is on.
+fn follower_clock(world: &dyn World, replica: &Replica) -> Option<u64> {
+    let follower = replica.raw.raft.state != StateRole::Leader;
+    (follower && world.bug(Bug::FollowerClock)).then(|| world.timestamp_ns())
+}
+
+/// `clock`: only with the deliberate bug [`Bug::FollowerClock`], a
+/// follower's own clock, used instead of the entries' timestamps.
+fn apply_entries(replica: &mut Replica, entries: Vec<Entry>, metrics: &Metrics, clock: Option<u64>) {
     for entry in entries {
         assert_eq!(entry.index, replica.applied + 1, "cell {}: entries apply in order", replica.cell);
         let reply = match entry.get_entry_type() {
@@ -1909,7 +2056,7 @@ fn apply_entries(replica: &mut Replica, entries: Vec<Entry>, metrics: &Metrics) 
                     }
                 };
                 replica.records_applied += 1;
-                apply_record(replica, &record, metrics)
+                apply_record(replica, &record, metrics, clock)
             }
             EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
                 apply_conf_change(replica, &entry);
@@ -1965,20 +2112,22 @@ fn apply_conf_change(replica: &mut Replica, entry: &Entry) {
 }
 
 /// Applies one logged record to a replica's ledger.
-fn apply_record(replica: &mut Replica, record: &Record, metrics: &Metrics) -> Option<Reply> {
+fn apply_record(replica: &mut Replica, record: &Record, metrics: &Metrics, clock: Option<u64>) -> Option<Reply> {
     match record {
         Record::CreateAccounts { timestamp, accounts } => {
-            let results = replica.ledger.create_accounts(*timestamp, accounts);
+            let timestamp = clock.unwrap_or(*timestamp);
+            let results = replica.ledger.create_accounts(timestamp, accounts);
             metrics.results("create_accounts", &results, CreateAccountResult::as_str);
             Some(Reply::CreateAccounts(results))
         }
         Record::CreateTransfers { timestamp, transfers } => {
-            let results = replica.ledger.create_transfers(*timestamp, transfers, replica.store.as_ref());
+            let timestamp = clock.unwrap_or(*timestamp);
+            let results = replica.ledger.create_transfers(timestamp, transfers, replica.store.as_ref());
             metrics.results("create_transfers", &results, CreateTransferResult::as_str);
             Some(Reply::CreateTransfers(results))
         }
         Record::Pulse { timestamp } => {
-            replica.ledger.pulse(*timestamp);
+            replica.ledger.pulse(clock.unwrap_or(*timestamp));
             None
         }
     }
@@ -2011,6 +2160,19 @@ struct CheckpointJob {
     delta: Arc<CheckpointDelta>,
 }
 
+impl CheckpointJob {
+    /// Writes the checkpoint to the cell's store, durably.
+    fn write(self) -> CheckpointDone {
+        let started = Instant::now();
+        if let Err(error) = self.store.apply_checkpoint_with(self.index, &self.delta, &self.consensus) {
+            panic!("cell {}: checkpoint write failed, stopping to recover on restart: {error}", self.cell);
+        }
+        let transfers = self.delta.transfers.len();
+        let seconds = started.elapsed().as_secs_f64();
+        CheckpointDone { cell: self.cell, index: self.index, base: self.base, transfers, seconds }
+    }
+}
+
 /// A finished checkpoint write.
 struct CheckpointDone {
     cell: CellId,
@@ -2020,12 +2182,15 @@ struct CheckpointDone {
     seconds: f64,
 }
 
-/// The thread that writes checkpoints to the stores, one at a time.
+/// The thread that writes checkpoints to the stores, one at a time (or,
+/// under the simulator, no thread: each is written when it is sent).
 struct CheckpointWriter {
     sender: Option<Sender<CheckpointJob>>,
     done: Receiver<CheckpointDone>,
     in_flight: usize,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Inline mode: the checkpoints written, not yet polled.
+    written: Option<VecDeque<CheckpointDone>>,
 }
 
 /// Checkpoints queued or being written, all cells together.
@@ -2039,20 +2204,19 @@ impl CheckpointWriter {
             .name("cellpay-checkpoint".to_string())
             .spawn(move || {
                 for job in jobs {
-                    let started = Instant::now();
-                    if let Err(error) = job.store.apply_checkpoint_with(job.index, &job.delta, &job.consensus) {
-                        panic!("cell {}: checkpoint write failed, stopping to recover on restart: {error}", job.cell);
-                    }
-                    let transfers = job.delta.transfers.len();
-                    let seconds = started.elapsed().as_secs_f64();
-                    let done = CheckpointDone { cell: job.cell, index: job.index, base: job.base, transfers, seconds };
-                    if done_sender.send(done).is_err() {
+                    if done_sender.send(job.write()).is_err() {
                         return;
                     }
                 }
             })
             .expect("spawn the checkpoint writer");
-        CheckpointWriter { sender: Some(sender), done, in_flight: 0, thread: Some(thread) }
+        CheckpointWriter { sender: Some(sender), done, in_flight: 0, thread: Some(thread), written: None }
+    }
+
+    /// No thread: each checkpoint is written when it is sent (the simulator).
+    fn inline() -> CheckpointWriter {
+        let (_, done) = bounded(0);
+        CheckpointWriter { sender: None, done, in_flight: 0, thread: None, written: Some(VecDeque::new()) }
     }
 
     /// Whether another checkpoint must wait for one to finish.
@@ -2063,6 +2227,10 @@ impl CheckpointWriter {
     fn send(&mut self, job: CheckpointJob) {
         assert!(!self.is_full(), "checkpoints in flight over the limit");
         self.in_flight += 1;
+        if let Some(written) = self.written.as_mut() {
+            written.push_back(job.write());
+            return;
+        }
         let sender = self.sender.as_ref().expect("writer running");
         sender.send(job).expect("the checkpoint writer stopped: see its panic");
     }
@@ -2072,7 +2240,9 @@ impl CheckpointWriter {
         if self.in_flight == 0 {
             return None;
         }
-        let done = if wait {
+        let done = if let Some(written) = self.written.as_mut() {
+            written.pop_front()
+        } else if wait {
             Some(self.done.recv().expect("the checkpoint writer stopped: see its panic"))
         } else {
             match self.done.try_recv() {
@@ -2132,7 +2302,7 @@ mod tests {
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let raw = RawNode::new(&config, log, &logger).unwrap();
         let store = Arc::new(Store::open(dir).unwrap());
-        let mut replica = Replica::new(1, raw, Ledger::new(LedgerConfig::default()), store, 0, applied);
+        let mut replica = Replica::new(1, raw, Ledger::new(LedgerConfig::default()), store, 0, applied, Instant::now());
         replica.checkpoint_index = 0;
         replica.role = StateRole::Leader;
         replica
@@ -2172,7 +2342,7 @@ mod tests {
         assert!(matches!(answer_a.try_recv(), Ok(Err(NodeError::NotLeader { .. }))));
         assert!(matches!(answer_b.try_recv(), Ok(Err(NodeError::NotLeader { .. }))));
         let noop = Entry { index: 98, term: 7, ..Entry::default() };
-        apply_entries(&mut replica, vec![noop, account_entry(99, 7, 3)], &metrics);
+        apply_entries(&mut replica, vec![noop, account_entry(99, 7, 3)], &metrics, None);
         assert_eq!(replica.ledger.accounts_count(), 1, "the write was applied");
         assert!(matches!(answer.try_recv(), Ok(Ok(Reply::CreateAccounts(_)))), "and answered as applied");
     }

@@ -666,6 +666,11 @@ impl NodeLog {
         self.wal.last_op()
     }
 
+    /// The last op a crash now would keep.
+    pub fn durable_op(&self) -> u64 {
+        self.wal.durable_op()
+    }
+
     pub fn segment_count(&self) -> usize {
         self.wal.segment_count()
     }

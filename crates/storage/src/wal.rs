@@ -686,6 +686,42 @@ impl Wal {
     }
 }
 
+/// What a crash leaves of the log in `directory` (for the simulator, after
+/// the log is dropped): every record after `durable_op` is lost, as the page
+/// cache would lose it, and `torn` (a fragment of a write in progress, or
+/// garbage) is left where the first lost record began. Returns the bytes lost.
+pub fn crash_lose_unsynced(directory: &Path, durable_op: u64, torn: &[u8]) -> Result<u64, WalError> {
+    let mut lost_bytes = 0;
+    let mut payload = Vec::new();
+    for segment in segments_list(directory)? {
+        let size_file_bytes = fs::metadata(&segment.path).map_err(io_error(&segment.path))?.len();
+        if segment.op_first > durable_op + 1 {
+            // Created after the last sync: the directory entry is lost too.
+            fs::remove_file(&segment.path).map_err(io_error(&segment.path))?;
+            lost_bytes += size_file_bytes;
+            continue;
+        }
+        let file = File::open(&segment.path).map_err(io_error(&segment.path))?;
+        let mut reader = RecordReader::new(&file, &segment.path, size_file_bytes);
+        let mut op = segment.op_first;
+        while op <= durable_op {
+            match reader.next(op, &mut payload, false)? {
+                RecordRead::Record { .. } => op += 1,
+                RecordRead::End | RecordRead::Fault(_) => break,
+            }
+        }
+        let keep = reader.offset;
+        drop(file);
+        if keep < size_file_bytes {
+            lost_bytes += size_file_bytes - keep;
+            let file = OpenOptions::new().write(true).open(&segment.path).map_err(io_error(&segment.path))?;
+            file.set_len(keep).map_err(io_error(&segment.path))?;
+            file.write_all_at(torn, keep).map_err(io_error(&segment.path))?;
+        }
+    }
+    Ok(lost_bytes)
+}
+
 fn io_error(path: &Path) -> impl FnOnce(io::Error) -> WalError + '_ {
     move |source| WalError::Io { path: path.to_path_buf(), source }
 }

@@ -1,0 +1,519 @@
+//! The deterministic simulator: the whole cluster (five nodes across three
+//! regions, every cell a five-replica Raft group) in one thread, running the
+//! production engine (`cellpay_server::node::SteppedNode`) under virtual
+//! time, a simulated network and a crashing disk, all driven by one seed.
+//!
+//! A run:
+//! 1. **chaos** for `steps` events: clients send batches and lookups; the
+//!    network delays (per region pair, with jitter that reorders), loses and
+//!    duplicates messages; the fault schedule crashes nodes (the write-ahead
+//!    log loses what was not fsynced, sometimes leaving a torn write),
+//!    restarts them, cuts links one way or both ways, isolates nodes and
+//!    cuts whole regions; the engines' fault points (slow fsyncs, late
+//!    ticks, leader step-downs) fire as the seed chooses;
+//! 2. **heal**: faults stop, every node restarts, every link heals; every
+//!    client's request in doubt must resolve and every cell must commit
+//!    within [`LIVENESS_BOUND_NS`];
+//! 3. **quiesce**: the clients stop and the replicas converge; then the
+//!    checkers (one file each in `checkers/`) examine every replica.
+//!
+//! Everything that happens is folded into a trace hash: the same seed gives
+//! the same hash. The store (fjall) runs on a real temporary directory; its
+//! contents are deterministic (what was written), its timing is not used.
+
+pub mod checkers;
+pub mod rng;
+pub mod workload;
+pub mod world;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use cellpay_cluster::topology::{NodeId, Topology};
+use cellpay_server::node::{NodeConfig, SteppedNode};
+use cellpay_server::world::Bug;
+
+use crate::checkers::Failure;
+use crate::rng::Rng;
+use crate::workload::{Action, Book, Client};
+use crate::world::{FaultRates, Shared, SimWorld};
+
+pub const NODES: u64 = 5;
+pub const CELLS: u32 = 3;
+pub const CLIENTS: u64 = 6;
+const TICK_NS: u64 = 100_000_000;
+/// After the faults stop, every request in doubt resolves and every cell
+/// commits within this (virtual) time.
+pub const LIVENESS_BOUND_NS: u64 = 30_000_000_000;
+/// How long the replicas get to converge once the clients stop.
+const QUIESCE_BOUND_NS: u64 = 30_000_000_000;
+
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    pub seed: u64,
+    /// Events of the chaos phase.
+    pub steps: u64,
+    /// Deliberate bugs to switch on (the checkers must catch them).
+    pub bugs: Vec<Bug>,
+}
+
+impl SimConfig {
+    pub fn new(seed: u64, steps: u64) -> SimConfig {
+        SimConfig { seed, steps, bugs: Vec::new() }
+    }
+
+    /// The command that replays this run.
+    pub fn command(&self) -> String {
+        let bugs: String = self.bugs.iter().map(|b| format!(" --bug {}", bug_name(*b))).collect();
+        format!("cellpay sim --seed {} --steps {}{bugs}", self.seed, self.steps)
+    }
+}
+
+pub fn bug_name(bug: Bug) -> &'static str {
+    match bug {
+        Bug::AckBeforeFsync => "ack-before-fsync",
+        Bug::FollowerClock => "follower-clock",
+        Bug::AckBeforeCommit => "ack-before-commit",
+    }
+}
+
+pub fn bug_from_name(name: &str) -> Option<Bug> {
+    [Bug::AckBeforeFsync, Bug::FollowerClock, Bug::AckBeforeCommit].into_iter().find(|&b| bug_name(b) == name)
+}
+
+/// What a run did and found.
+#[derive(Debug, Default)]
+pub struct SimReport {
+    pub seed: u64,
+    pub steps: u64,
+    pub trace_hash: u64,
+    pub virtual_seconds: f64,
+    pub batches_acknowledged: u64,
+    pub transfers_acknowledged: u64,
+    pub retries: u64,
+    pub crashes: u64,
+    pub torn_writes: u64,
+    pub link_cuts: u64,
+    pub region_cuts: u64,
+    pub messages_sent: u64,
+    pub messages_lost: u64,
+    pub messages_duplicated: u64,
+    /// Fault points taken: slow fsyncs, late ticks, leader step-downs.
+    pub fault_points: [u64; 3],
+    pub failures: Vec<Failure>,
+}
+
+impl SimReport {
+    pub fn passed(&self) -> bool {
+        self.failures.is_empty()
+    }
+}
+
+#[derive(Debug)]
+enum Event {
+    Deliver { from: NodeId, to: NodeId, payload: Vec<u8> },
+    Tick { node: NodeId },
+    Restart { node: NodeId },
+    Heal { cut: usize },
+    Chaos,
+}
+
+/// A cut: messages from `from` to `to` are dropped while it lasts.
+type Link = (NodeId, NodeId);
+
+struct Sim {
+    config: SimConfig,
+    topology: Arc<Topology>,
+    dir: tempfile::TempDir,
+    shared: Arc<Mutex<Shared>>,
+    base: Instant,
+    rng: Rng,
+    net_rng: Rng,
+    nodes: BTreeMap<NodeId, Option<SteppedNode>>,
+    /// A stalled node handles nothing before this.
+    busy_until: BTreeMap<NodeId, u64>,
+    skews: BTreeMap<NodeId, u64>,
+    election_ticks: BTreeMap<NodeId, usize>,
+    events: BTreeMap<(u64, u64), Event>,
+    sequence: u64,
+    /// Active cuts, by id: each a set of one-way links.
+    cuts: BTreeMap<usize, Vec<Link>>,
+    cut_next: usize,
+    loss_per_million: u64,
+    duplicate_per_million: u64,
+    jitter_ns: u64,
+    clients: Vec<Client>,
+    book: Book,
+    chaos: bool,
+    trace: u64,
+    report: SimReport,
+}
+
+/// FNV-1a over the trace, one record at a time.
+fn fold(hash: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(hash, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01B3))
+}
+
+impl Sim {
+    fn new(config: SimConfig) -> Sim {
+        let mut rng = Rng::new(config.seed);
+        let topology = Arc::new(Topology::local(20_000, CELLS));
+        let shm = PathBuf::from("/dev/shm");
+        let dir = if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() }.expect("a temp dir");
+        // Which fault points this run takes, and how often (FoundationDB's BUGGIFY: on for some runs only).
+        let mut rate = |per_million: u64| if rng.chance(500_000) { per_million } else { 0 };
+        let rates = FaultRates { slow_fsync: rate(20_000), delayed_tick: rate(50_000), leader_step_down: rate(2_000) };
+        let nodes: Vec<NodeId> = topology.nodes().map(|n| n.id).collect();
+        let shared = Arc::new(Mutex::new(Shared {
+            now_ns: 0,
+            outbox: Vec::new(),
+            stalls: Vec::new(),
+            rng: rng.fork(),
+            rates,
+            bugs: config.bugs.clone(),
+            faults_taken: [0; 3],
+            peers: nodes.clone(),
+        }));
+        let net_rng = rng.fork();
+        let loss_per_million = [0, 1_000, 10_000, 50_000][rng.below(4) as usize];
+        let duplicate_per_million = [0, 1_000, 10_000][rng.below(3) as usize];
+        let jitter_ns = [0, 1_000_000, 10_000_000, 50_000_000][rng.below(4) as usize];
+        let mut skews = BTreeMap::new();
+        let mut election_ticks = BTreeMap::new();
+        for &node in &nodes {
+            skews.insert(node, rng.below(2_000_000_000));
+            election_ticks.insert(node, 10 + rng.below(10) as usize);
+        }
+        let clients = (0..CLIENTS)
+            .map(|i| {
+                let cell = topology.cells[(i % u64::from(CELLS)) as usize].id;
+                Client::new(i + 1, cell, &topology, rng.fork())
+            })
+            .collect();
+        let report = SimReport { seed: config.seed, ..SimReport::default() };
+        let mut sim = Sim {
+            config,
+            topology,
+            dir,
+            shared,
+            base: Instant::now(),
+            rng,
+            net_rng,
+            nodes: BTreeMap::new(),
+            busy_until: BTreeMap::new(),
+            skews,
+            election_ticks,
+            events: BTreeMap::new(),
+            sequence: 0,
+            cuts: BTreeMap::new(),
+            cut_next: 0,
+            loss_per_million,
+            duplicate_per_million,
+            jitter_ns,
+            clients,
+            book: Book::default(),
+            chaos: true,
+            trace: 0xcbf2_9ce4_8422_2325,
+            report,
+        };
+        for node in nodes {
+            sim.start(node);
+            let first_tick = sim.rng.below(TICK_NS);
+            sim.schedule(first_tick, Event::Tick { node });
+        }
+        sim.schedule(1_000_000_000, Event::Chaos);
+        sim
+    }
+
+    fn now(&self) -> u64 {
+        self.shared.lock().expect("sim lock").now_ns
+    }
+
+    fn schedule(&mut self, at: u64, event: Event) {
+        self.sequence += 1;
+        self.events.insert((at, self.sequence), event);
+    }
+
+    fn record(&mut self, parts: &[u64]) {
+        for part in parts {
+            self.trace = fold(self.trace, &part.to_le_bytes());
+        }
+    }
+
+    fn start(&mut self, node: NodeId) {
+        let mut config = NodeConfig::cluster(self.dir.path().join(format!("node-{node}")), self.topology.clone(), node);
+        config.election_ticks = self.election_ticks[&node];
+        config.election_ticks_randomised = false;
+        // No checkpoints yet: a node restarts from its checkpoint with its log
+        // compacted to it, and a replica behind that needs a snapshot, which
+        // the stepped engine does not ship yet (the next slice).
+        config.checkpoint_transfers_max = usize::MAX;
+        config.checkpoint_idle_interval = std::time::Duration::from_secs(1 << 40);
+        let world = SimWorld { node, shared: self.shared.clone(), base: self.base, skew_ns: self.skews[&node] };
+        let (stepped, _) = SteppedNode::open(config, Box::new(world))
+            .unwrap_or_else(|error| panic!("node {node} does not start: {error}; replay: {}", self.config.command()));
+        self.nodes.insert(node, Some(stepped));
+        self.flush_outbox();
+    }
+
+    /// A crash: the node's process is gone; its log keeps only what was fsynced.
+    fn crash(&mut self, node: NodeId) {
+        let Some(stepped) = self.nodes.insert(node, None).flatten() else { return };
+        let durable = stepped.wal_durable_op();
+        drop(stepped);
+        let torn: Vec<u8> = if self.rng.chance(500_000) {
+            self.report.torn_writes += 1;
+            (0..self.rng.between(1, 300)).map(|_| self.rng.below(256) as u8).collect()
+        } else {
+            Vec::new()
+        };
+        let wal = self.dir.path().join(format!("node-{node}")).join("wal");
+        cellpay_storage::wal::crash_lose_unsynced(&wal, durable, &torn)
+            .unwrap_or_else(|error| panic!("cutting node {node}'s log: {error}"));
+        self.report.crashes += 1;
+        self.record(&[0xC0, node, durable]);
+        // Messages sent before the crash may still arrive; none after.
+        self.shared.lock().expect("sim lock").outbox.retain(|(from, _, _)| *from != node);
+    }
+
+    fn blocked(&self, from: NodeId, to: NodeId) -> bool {
+        self.cuts.values().any(|links| links.contains(&(from, to)))
+    }
+
+    /// Puts what the engines sent on the simulated network.
+    fn flush_outbox(&mut self) {
+        let (sent, stalls) = {
+            let mut shared = self.shared.lock().expect("sim lock");
+            (std::mem::take(&mut shared.outbox), std::mem::take(&mut shared.stalls))
+        };
+        let now = self.now();
+        for node in stalls {
+            let until = now + self.rng.between(10_000_000, 500_000_000);
+            self.busy_until.insert(node, until);
+        }
+        for (from, to, payload) in sent {
+            self.report.messages_sent += 1;
+            if self.blocked(from, to) || (self.chaos && self.net_rng.chance(self.loss_per_million)) {
+                self.report.messages_lost += 1;
+                continue;
+            }
+            let copies = if self.chaos && self.net_rng.chance(self.duplicate_per_million) { 2 } else { 1 };
+            self.report.messages_duplicated += copies - 1;
+            for _ in 0..copies {
+                let delay = self.topology.one_way_delay(from, to).as_nanos() as u64
+                    + if self.jitter_ns > 0 { self.net_rng.below(self.jitter_ns) } else { 0 };
+                self.schedule(now + delay.max(1), Event::Deliver { from, to, payload: payload.clone() });
+            }
+        }
+    }
+
+    /// Handles one event; false when there is none.
+    fn step(&mut self) -> bool {
+        let Some(((at, _), event)) = self.events.pop_first() else { return false };
+        self.shared.lock().expect("sim lock").now_ns = at;
+        // A stalled node's events wait for it.
+        let target = match &event {
+            Event::Deliver { to, .. } => Some(*to),
+            Event::Tick { node } => Some(*node),
+            _ => None,
+        };
+        if let Some(node) = target {
+            if let Some(&until) = self.busy_until.get(&node) {
+                if until > at {
+                    self.schedule(until, event);
+                    return true;
+                }
+            }
+        }
+        match event {
+            Event::Deliver { from, to, payload } => {
+                self.record(&[1, at, from, to, payload.len() as u64]);
+                if let Some(Some(node)) = self.nodes.get_mut(&to) {
+                    node.receive(from, &payload);
+                    node.round();
+                }
+            }
+            Event::Tick { node } => {
+                self.record(&[2, at, node]);
+                if let Some(Some(stepped)) = self.nodes.get_mut(&node) {
+                    stepped.tick();
+                    stepped.round();
+                }
+                self.schedule(at + TICK_NS, Event::Tick { node });
+            }
+            Event::Restart { node } => {
+                self.record(&[3, at, node]);
+                if self.nodes[&node].is_none() {
+                    self.start(node);
+                }
+            }
+            Event::Heal { cut } => {
+                self.record(&[4, at, cut as u64]);
+                self.cuts.remove(&cut);
+            }
+            Event::Chaos => {
+                if self.chaos {
+                    self.chaos_event();
+                    let next = at + self.rng.between(200_000_000, 2_000_000_000);
+                    self.schedule(next, Event::Chaos);
+                }
+            }
+        }
+        self.flush_outbox();
+        self.clients_step();
+        true
+    }
+
+    fn clients_step(&mut self) {
+        let now = self.now();
+        let live: Vec<NodeId> = self.nodes.iter().filter(|(_, n)| n.is_some()).map(|(&id, _)| id).collect();
+        let all: Vec<NodeId> = self.nodes.keys().copied().collect();
+        for index in 0..self.clients.len() {
+            let client = &mut self.clients[index];
+            let Action::Send { node, request } = client.poll(now, &all, &mut self.book) else { continue };
+            let cell = client.cell;
+            self.trace = fold(self.trace, &[5, index as u8, node as u8]);
+            match self.nodes.get_mut(&node) {
+                Some(Some(stepped)) => {
+                    let answer = stepped.submit(cell, request.clone());
+                    stepped.round();
+                    self.clients[index].sent(now, node, request, answer);
+                }
+                // The node is down: the call fails at once (connection refused), nothing applied.
+                _ => {
+                    let (reply, answer) = tokio::sync::oneshot::channel();
+                    let reason = "connection refused".to_string();
+                    let _ = reply.send(Err(cellpay_server::node::NodeError::Unavailable { cell, reason }));
+                    let other = live.first().copied().unwrap_or(node);
+                    self.clients[index].sent(now, other, request, answer);
+                }
+            }
+            self.flush_outbox();
+        }
+    }
+
+    fn chaos_event(&mut self) {
+        let now = self.now();
+        let down: Vec<NodeId> = self.nodes.iter().filter(|(_, n)| n.is_none()).map(|(&id, _)| id).collect();
+        let nodes: Vec<NodeId> = self.nodes.keys().copied().collect();
+        let node = nodes[self.rng.below(nodes.len() as u64) as usize];
+        match self.rng.below(6) {
+            // Crash a node (at most two down at once), restart it later.
+            0 | 1 if down.len() < 2 && !down.contains(&node) => {
+                self.crash(node);
+                let restart = now + self.rng.between(500_000_000, 8_000_000_000);
+                self.schedule(restart, Event::Restart { node });
+            }
+            // Cut one link one way.
+            2 => {
+                let other = nodes[self.rng.below(nodes.len() as u64) as usize];
+                if other != node {
+                    self.cut(vec![(node, other)]);
+                }
+            }
+            // Isolate a node both ways.
+            3 => {
+                let links = nodes.iter().filter(|&&o| o != node).flat_map(|&o| [(node, o), (o, node)]).collect();
+                self.cut(links);
+            }
+            // Cut a whole region off.
+            4 => {
+                let region = self.topology.location(node).expect("a topology node").region.to_string();
+                let inside: BTreeSet<NodeId> = self.topology.region_nodes(&region).into_iter().collect();
+                let mut links = Vec::new();
+                for &a in &inside {
+                    for &b in nodes.iter().filter(|n| !inside.contains(n)) {
+                        links.extend([(a, b), (b, a)]);
+                    }
+                }
+                self.report.region_cuts += 1;
+                self.cut(links);
+            }
+            _ => {}
+        }
+    }
+
+    fn cut(&mut self, links: Vec<Link>) {
+        let id = self.cut_next;
+        self.cut_next += 1;
+        self.record(&[6, id as u64, links.len() as u64]);
+        self.report.link_cuts += 1;
+        self.cuts.insert(id, links);
+        let heal = self.now() + self.rng.between(500_000_000, 6_000_000_000);
+        self.schedule(heal, Event::Heal { cut: id });
+    }
+
+    /// Stops every fault: restarts the crashed nodes, heals every link.
+    fn heal(&mut self) {
+        self.chaos = false;
+        self.cuts.clear();
+        self.shared.lock().expect("sim lock").rates = FaultRates::default();
+        let down: Vec<NodeId> = self.nodes.iter().filter(|(_, n)| n.is_none()).map(|(&id, _)| id).collect();
+        for node in down {
+            self.start(node);
+        }
+    }
+
+    fn run_until(&mut self, deadline: u64, mut done: impl FnMut(&Sim) -> bool) -> bool {
+        while !done(self) {
+            if self.now() >= deadline || !self.step() {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Runs one seed.
+pub fn run(config: SimConfig) -> SimReport {
+    let mut sim = Sim::new(config.clone());
+    let mut steps = 0;
+    while steps < config.steps && sim.step() {
+        steps += 1;
+    }
+    sim.report.steps = steps;
+    sim.heal();
+    checkers::liveness::check(&mut sim);
+    for client in &mut sim.clients {
+        client.stopped = true;
+    }
+    let deadline = sim.now() + QUIESCE_BOUND_NS;
+    let quiet = sim
+        .run_until(deadline, |sim| !sim.clients.iter().any(Client::is_waiting) && checkers::replicas::converged(sim));
+    if !quiet {
+        let replicas: Vec<String> = sim
+            .nodes
+            .iter()
+            .flat_map(|(node, stepped)| stepped.iter().flat_map(|s| s.status().cells()).map(move |c| (node, c)))
+            .map(|(node, c)| {
+                format!(
+                    "node {node} cell {}: {} commit {} applied {} term {}",
+                    c.cell, c.role, c.commit, c.applied, c.term
+                )
+            })
+            .collect();
+        sim.report.failures.push(Failure::new(
+            "liveness",
+            format!(
+                "the clients' requests did not resolve or the replicas did not converge within {} s of quiet: {}",
+                QUIESCE_BOUND_NS / 1_000_000_000,
+                replicas.join("; ")
+            ),
+        ));
+    }
+    checkers::run_all(&mut sim);
+    let shared = sim.shared.lock().expect("sim lock");
+    sim.report.fault_points = shared.faults_taken;
+    drop(shared);
+    sim.report.virtual_seconds = sim.now() as f64 / 1e9;
+    sim.report.batches_acknowledged = sim.book.batches_acknowledged;
+    sim.report.transfers_acknowledged = sim.book.sent.keys().filter(|id| sim.book.acknowledged(**id)).count() as u64;
+    sim.report.retries = sim.book.retries;
+    sim.report.trace_hash = sim.trace;
+    for node in std::mem::take(&mut sim.nodes).into_values().flatten() {
+        node.shutdown();
+    }
+    std::mem::take(&mut sim.report)
+}

@@ -1,0 +1,322 @@
+//! The clients: each works in one cell's accounts, sends cell-local batches
+//! (transfers, two-phase transfers with post, void and timeouts, linked
+//! chains) and lookups, and retries a batch with the same ids after a
+//! timeout, a crash or a refusal until it is answered.
+
+use std::collections::BTreeMap;
+
+use cellpay_cluster::topology::{CellId, NodeId, Topology};
+use cellpay_ledger::{Account, AccountFlags, CreateAccountResult, CreateTransferResult, Transfer, TransferFlags};
+use cellpay_server::node::{NodeError, Reply, Request};
+use tokio::sync::oneshot;
+
+use crate::rng::Rng;
+
+pub const LEDGER: u32 = 1;
+/// Accounts a client owns besides the cell's bank account.
+pub const USERS_PER_CELL: usize = 6;
+/// How long a client waits for an answer before it retries (virtual).
+pub const CLIENT_TIMEOUT_NS: u64 = 3_000_000_000;
+/// How long a client waits before retrying a refused request.
+pub const RETRY_BACKOFF_NS: u64 = 50_000_000;
+/// Events in a client's batch, at most.
+pub const BATCH_EVENTS_MAX: u64 = 8;
+
+/// Everything the clients were told, for the checkers.
+#[derive(Default)]
+pub struct Book {
+    /// Every transfer sent, by id (the same every attempt), with its cell.
+    pub sent: BTreeMap<u128, (CellId, Transfer)>,
+    /// Every answer a transfer got, in order.
+    pub results: BTreeMap<u128, Vec<CreateTransferResult>>,
+    /// The cell of every account.
+    pub accounts: BTreeMap<u128, CellId>,
+    /// Lookups of acknowledged transfers that did not find them.
+    pub lookups_missing: Vec<(u128, NodeId)>,
+    pub batches_acknowledged: u64,
+    pub retries: u64,
+}
+
+impl Book {
+    /// Whether a transfer was acknowledged as applied (`ok`, or `exists` on a retry).
+    pub fn acknowledged(&self, id: u128) -> bool {
+        self.results
+            .get(&id)
+            .is_some_and(|r| r.iter().any(|r| matches!(r, CreateTransferResult::Ok | CreateTransferResult::Exists)))
+    }
+}
+
+enum Phase {
+    /// The cell's accounts are not all created yet.
+    Setup,
+    Idle,
+    Waiting {
+        request: Request,
+        answer: oneshot::Receiver<Result<Reply, NodeError>>,
+        node: NodeId,
+        deadline: u64,
+    },
+    /// A request to send again at `at`.
+    Retry {
+        request: Request,
+        at: u64,
+    },
+}
+
+pub struct Client {
+    pub id: u64,
+    pub cell: CellId,
+    bank: u128,
+    users: Vec<u128>,
+    rng: Rng,
+    phase: Phase,
+    leader_hint: Option<NodeId>,
+    sequence: u64,
+    /// Pending transfers acknowledged and not yet resolved by this client.
+    pending: Vec<u128>,
+    /// Virtual time this client's current request was first sent.
+    pub waiting_since: Option<u64>,
+    /// Requests answered (applied or found), all kinds.
+    pub answered: u64,
+    pub stopped: bool,
+}
+
+/// What a client wants the simulator to do.
+pub enum Action {
+    Nothing,
+    Send { node: NodeId, request: Request },
+}
+
+impl Client {
+    pub fn new(id: u64, cell: CellId, topology: &Topology, rng: Rng) -> Client {
+        // Users whose shard the cell owns; the client's id keeps them apart.
+        let users: Vec<u64> = (1..)
+            .map(|i| i * crate::CLIENTS + id)
+            .filter(|&user| topology.cell_of_shard((user % u64::from(topology.shards)) as u32) == Some(cell))
+            .take(USERS_PER_CELL + 1)
+            .collect();
+        let account = |user: u64| cellpay_ledger::id::account_id(user, 1).expect("a valid id");
+        Client {
+            id,
+            cell,
+            bank: account(users[0]),
+            users: users[1..].iter().map(|&u| account(u)).collect(),
+            rng,
+            phase: Phase::Setup,
+            leader_hint: None,
+            sequence: 0,
+            pending: Vec::new(),
+            waiting_since: None,
+            answered: 0,
+            stopped: false,
+        }
+    }
+
+    pub fn accounts(&self) -> impl Iterator<Item = u128> + '_ {
+        std::iter::once(self.bank).chain(self.users.iter().copied())
+    }
+
+    pub fn is_waiting(&self) -> bool {
+        matches!(self.phase, Phase::Waiting { .. } | Phase::Retry { .. })
+    }
+
+    fn node(&mut self, nodes: &[NodeId]) -> NodeId {
+        match self.leader_hint {
+            Some(node) => node,
+            None => nodes[self.rng.below(nodes.len() as u64) as usize],
+        }
+    }
+
+    fn transfer_id(&mut self) -> u128 {
+        self.sequence += 1;
+        (u128::from(self.id) << 64) | u128::from(self.sequence)
+    }
+
+    fn accounts_request(&self) -> Request {
+        let account =
+            |id: u128, flags: AccountFlags| Account { id, ledger: LEDGER, code: 1, flags, ..Account::default() };
+        let mut accounts = vec![account(self.bank, AccountFlags::default())];
+        accounts.extend(self.users.iter().map(|&id| account(id, AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS)));
+        Request::CreateAccounts(accounts)
+    }
+
+    fn next_request(&mut self, book: &mut Book) -> Request {
+        // A tenth of the requests look up some of this client's transfers.
+        if self.sequence > 0 && self.rng.chance(100_000) {
+            let ids = (0..4).map(|_| (u128::from(self.id) << 64) | u128::from(self.rng.between(1, self.sequence)));
+            return Request::LookupTransfers(ids.collect());
+        }
+        let count = self.rng.between(1, BATCH_EVENTS_MAX);
+        let mut transfers = Vec::new();
+        while (transfers.len() as u64) < count {
+            let roll = self.rng.below(100);
+            let id = self.transfer_id();
+            let (debit, credit) = self.pair();
+            let amount = u128::from(self.rng.between(1, 300));
+            let base = Transfer {
+                id,
+                debit_account_id: debit,
+                credit_account_id: credit,
+                amount,
+                ledger: LEDGER,
+                code: 1,
+                ..Transfer::default()
+            };
+            if roll < 55 {
+                transfers.push(base);
+            } else if roll < 70 {
+                let timeout_s = if self.rng.chance(500_000) { 0 } else { self.rng.between(1, 4) as u32 };
+                transfers.push(Transfer { flags: TransferFlags::PENDING, timeout_s, ..base });
+            } else if roll < 85 && !self.pending.is_empty() {
+                let index = self.rng.below(self.pending.len() as u64) as usize;
+                let pending_id = self.pending.swap_remove(index);
+                let flags = if self.rng.chance(600_000) {
+                    TransferFlags::POST_PENDING_TRANSFER
+                } else {
+                    TransferFlags::VOID_PENDING_TRANSFER
+                };
+                transfers.push(Transfer { id, pending_id, flags, ledger: LEDGER, code: 1, ..Transfer::default() });
+            } else {
+                // A linked chain of two: both or neither.
+                let (debit2, credit2) = self.pair();
+                let second_id = self.transfer_id();
+                transfers.push(Transfer { flags: TransferFlags::LINKED, ..base });
+                transfers.push(Transfer {
+                    id: second_id,
+                    debit_account_id: debit2,
+                    credit_account_id: credit2,
+                    ..base
+                });
+            }
+        }
+        for transfer in &transfers {
+            book.sent.insert(transfer.id, (self.cell, *transfer));
+        }
+        Request::CreateTransfers(transfers)
+    }
+
+    fn pair(&mut self) -> (u128, u128) {
+        // A tenth of the transfers fund a user from the bank (no limit).
+        if self.rng.chance(100_000) {
+            let user = self.users[self.rng.below(self.users.len() as u64) as usize];
+            return (self.bank, user);
+        }
+        let debit = self.rng.below(self.users.len() as u64) as usize;
+        let credit = (debit + 1 + self.rng.below(self.users.len() as u64 - 1) as usize) % self.users.len();
+        (self.users[debit], self.users[credit])
+    }
+
+    /// Called on every simulator step: what the client does now.
+    pub fn poll(&mut self, now: u64, nodes: &[NodeId], book: &mut Book) -> Action {
+        let phase = std::mem::replace(&mut self.phase, Phase::Idle);
+        match phase {
+            Phase::Setup => {
+                let node = self.node(nodes);
+                self.waiting_since = Some(now);
+                Action::Send { node, request: self.accounts_request() }
+            }
+            Phase::Idle if self.stopped => Action::Nothing,
+            Phase::Idle => {
+                let node = self.node(nodes);
+                self.waiting_since = Some(now);
+                Action::Send { node, request: self.next_request(book) }
+            }
+            Phase::Retry { request, at } if at <= now => {
+                book.retries += 1;
+                let node = self.node(nodes);
+                Action::Send { node, request }
+            }
+            phase @ Phase::Retry { .. } => {
+                self.phase = phase;
+                Action::Nothing
+            }
+            Phase::Waiting { request, mut answer, node, deadline } => match answer.try_recv() {
+                Ok(result) => {
+                    self.answered(now, request, node, result, book);
+                    Action::Nothing
+                }
+                Err(oneshot::error::TryRecvError::Empty) if now < deadline => {
+                    self.phase = Phase::Waiting { request, answer, node, deadline };
+                    Action::Nothing
+                }
+                // No answer in time, or the node crashed: the outcome is unknown; same ids again.
+                Err(_) => {
+                    self.leader_hint = None;
+                    self.phase = Phase::Retry { request, at: now };
+                    Action::Nothing
+                }
+            },
+        }
+    }
+
+    /// The simulator sent `request` to `node`.
+    pub fn sent(
+        &mut self,
+        now: u64,
+        node: NodeId,
+        request: Request,
+        answer: oneshot::Receiver<Result<Reply, NodeError>>,
+    ) {
+        self.phase = Phase::Waiting { request, answer, node, deadline: now + CLIENT_TIMEOUT_NS };
+    }
+
+    fn answered(
+        &mut self,
+        now: u64,
+        request: Request,
+        node: NodeId,
+        result: Result<Reply, NodeError>,
+        book: &mut Book,
+    ) {
+        if result.is_ok() {
+            self.answered += 1;
+        }
+        match result {
+            Ok(Reply::CreateAccounts(results)) => {
+                let created =
+                    results.iter().all(|r| matches!(r, CreateAccountResult::Ok | CreateAccountResult::Exists));
+                assert!(created, "client {}: the accounts could not be created: {results:?}", self.id);
+                for id in self.accounts().collect::<Vec<_>>() {
+                    book.accounts.insert(id, self.cell);
+                }
+                self.leader_hint = Some(node);
+                self.waiting_since = None;
+            }
+            Ok(Reply::CreateTransfers(results)) => {
+                let Request::CreateTransfers(transfers) = &request else { unreachable!("a transfers reply") };
+                for (transfer, result) in transfers.iter().zip(&results) {
+                    book.results.entry(transfer.id).or_default().push(*result);
+                    let fresh_pending = transfer.flags.contains(TransferFlags::PENDING)
+                        && *result == CreateTransferResult::Ok
+                        && !self.pending.contains(&transfer.id);
+                    if fresh_pending {
+                        self.pending.push(transfer.id);
+                    }
+                }
+                book.batches_acknowledged += 1;
+                self.leader_hint = Some(node);
+                self.waiting_since = None;
+            }
+            Ok(Reply::Transfers(found)) => {
+                let Request::LookupTransfers(ids) = &request else { unreachable!("a lookup reply") };
+                for id in ids {
+                    if book.acknowledged(*id) && !found.iter().any(|t| t.id == *id) {
+                        book.lookups_missing.push((*id, node));
+                    }
+                }
+                self.leader_hint = Some(node);
+                self.waiting_since = None;
+            }
+            Ok(_) => unreachable!("the clients send no other request"),
+            Err(error) => {
+                self.leader_hint = match &error {
+                    NodeError::NotLeader { leader, .. } => *leader,
+                    _ => None,
+                };
+                // Refused (nothing applied): after a pause; outcome unknown: at once. The same ids.
+                let at = if error.nothing_applied() { now + RETRY_BACKOFF_NS } else { now };
+                self.phase = Phase::Retry { request, at };
+            }
+        }
+    }
+}

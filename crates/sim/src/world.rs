@@ -1,0 +1,90 @@
+//! Each simulated node's world: virtual time, the simulated network's
+//! outbox, fault points and deliberate bugs, all owned by the simulator.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cellpay_cluster::topology::NodeId;
+use cellpay_server::node::PeerStatus;
+use cellpay_server::world::{Bug, Fault, World};
+
+use crate::rng::Rng;
+
+/// Virtual wall-clock time at the start of every run (2026-01-01T00:00:00Z).
+pub const EPOCH_NS: u64 = 1_767_225_600_000_000_000;
+
+/// Which fault points this run takes, and how often (per million calls).
+#[derive(Clone, Debug, Default)]
+pub struct FaultRates {
+    pub slow_fsync: u64,
+    pub delayed_tick: u64,
+    pub leader_step_down: u64,
+}
+
+/// What the simulator shares with every node's world.
+pub struct Shared {
+    pub now_ns: u64,
+    /// Messages sent since the simulator last looked: `(from, to, payload)`.
+    pub outbox: Vec<(NodeId, NodeId, Vec<u8>)>,
+    /// Nodes that asked to stall (a slow fsync), in order.
+    pub stalls: Vec<NodeId>,
+    pub rng: Rng,
+    /// Zero once the faults stop.
+    pub rates: FaultRates,
+    pub bugs: Vec<Bug>,
+    /// Fault points taken, by kind.
+    pub faults_taken: [u64; 3],
+    pub peers: Vec<NodeId>,
+}
+
+pub struct SimWorld {
+    pub node: NodeId,
+    pub shared: Arc<Mutex<Shared>>,
+    /// The real instant standing for virtual time zero.
+    pub base: Instant,
+    /// This node's clock error (wall clock only; monotonic time is exact).
+    pub skew_ns: u64,
+}
+
+impl World for SimWorld {
+    fn now(&self) -> Instant {
+        self.base + Duration::from_nanos(self.shared.lock().expect("sim lock").now_ns)
+    }
+
+    fn timestamp_ns(&self) -> u64 {
+        EPOCH_NS + self.shared.lock().expect("sim lock").now_ns + self.skew_ns
+    }
+
+    fn send(&self, to: NodeId, payload: Vec<u8>) -> bool {
+        self.shared.lock().expect("sim lock").outbox.push((self.node, to, payload));
+        true
+    }
+
+    fn peers(&self) -> Vec<PeerStatus> {
+        let shared = self.shared.lock().expect("sim lock");
+        shared.peers.iter().filter(|&&p| p != self.node).map(|&node| PeerStatus { node, connected: true }).collect()
+    }
+
+    fn buggify(&self, fault: Fault) -> bool {
+        let mut shared = self.shared.lock().expect("sim lock");
+        let (slot, rate) = match fault {
+            Fault::SlowFsync => (0, shared.rates.slow_fsync),
+            Fault::DelayedTick => (1, shared.rates.delayed_tick),
+            Fault::LeaderStepDown => (2, shared.rates.leader_step_down),
+        };
+        if rate == 0 {
+            return false;
+        }
+        let taken = shared.rng.chance(rate);
+        shared.faults_taken[slot] += u64::from(taken);
+        taken
+    }
+
+    fn stall(&self) {
+        self.shared.lock().expect("sim lock").stalls.push(self.node);
+    }
+
+    fn bug(&self, bug: Bug) -> bool {
+        self.shared.lock().expect("sim lock").bugs.contains(&bug)
+    }
+}

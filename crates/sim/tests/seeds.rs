@@ -1,0 +1,63 @@
+//! The simulator in CI: a fixed set of seeds must pass every checker, a seed
+//! must replay exactly, and deliberately injected bugs must be caught.
+
+use cellpay_server::world::Bug;
+use cellpay_sim::{run, SimConfig};
+
+/// The CI seed set: a few minutes on two cores.
+fn ci_seeds() -> std::ops::RangeInclusive<u64> {
+    1..=200
+}
+const CI_STEPS: u64 = 30_000;
+
+#[test]
+fn the_ci_seeds_pass_every_checker() {
+    let started = std::time::Instant::now();
+    for seed in ci_seeds() {
+        let config = SimConfig::new(seed, CI_STEPS);
+        let report = run(config.clone());
+        assert!(report.passed(), "seed {seed} failed: {:#?}\nreplay: {}", report.failures, config.command());
+        assert!(report.transfers_acknowledged > 0, "seed {seed}: the workload made progress");
+    }
+    let seeds = ci_seeds().count();
+    println!("{seeds} seeds of {CI_STEPS} steps in {:?}", started.elapsed());
+}
+
+#[test]
+fn a_seed_replays_exactly() {
+    let first = run(SimConfig::new(7, 10_000));
+    let second = run(SimConfig::new(7, 10_000));
+    assert_eq!(first.trace_hash, second.trace_hash);
+    assert_eq!(first.transfers_acknowledged, second.transfers_acknowledged);
+    let other = run(SimConfig::new(8, 10_000));
+    assert_ne!(first.trace_hash, other.trace_hash, "another seed, another run");
+}
+
+/// The first CI seed whose run a checker fails with `bug` on, and the checkers that failed.
+fn caught(bug: Bug) -> Option<(u64, Vec<&'static str>)> {
+    ci_seeds().find_map(|seed| {
+        let report = run(SimConfig { bugs: vec![bug], ..SimConfig::new(seed, CI_STEPS) });
+        (!report.passed()).then(|| (seed, report.failures.iter().map(|f| f.checker).collect()))
+    })
+}
+
+#[test]
+fn acknowledging_before_the_fsync_is_caught() {
+    let (seed, checkers) = caught(Bug::AckBeforeFsync).expect("a CI seed catches the bug");
+    println!("ack-before-fsync: seed {seed}: {checkers:?}");
+    assert!(checkers.contains(&"acknowledged") || checkers.contains(&"replicas"), "{checkers:?}");
+}
+
+#[test]
+fn applying_with_a_followers_clock_is_caught() {
+    let (seed, checkers) = caught(Bug::FollowerClock).expect("a CI seed catches the bug");
+    println!("follower-clock: seed {seed}: {checkers:?}");
+    assert!(checkers.contains(&"replicas"), "{checkers:?}");
+}
+
+#[test]
+fn acknowledging_before_the_commit_is_caught() {
+    let (seed, checkers) = caught(Bug::AckBeforeCommit).expect("a CI seed catches the bug");
+    println!("ack-before-commit: seed {seed}: {checkers:?}");
+    assert!(checkers.contains(&"acknowledged"), "{checkers:?}");
+}
