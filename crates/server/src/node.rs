@@ -723,24 +723,10 @@ impl Node {
     /// Opens (or creates) the node's data, recovers every hosted cell, and
     /// starts the transport and the engine thread.
     pub fn start(config: NodeConfig) -> Result<Node, StartError> {
-        if config.topology.node(config.node).is_none() {
-            return Err(StartError::UnknownNode { node: config.node });
-        }
+        let database = open_database(&config)?;
         let metrics = Arc::new(Metrics::new());
         let status = Arc::new(StatusBoard::default());
         let (inbox_sender, inbox) = bounded::<(NodeId, PeerMessage)>(config.inbox_messages_max);
-        let data_dir = &config.data_dir;
-        std::fs::create_dir_all(data_dir).map_err(|source| StartError::DataDir { path: data_dir.clone(), source })?;
-        let database = StoreDatabase::open(&data_dir.join("store"))?;
-        // Before anything can receive a snapshot: drop the store generations
-        // not in use (received but not installed, being received, or
-        // replaced, when the node stopped).
-        for cell in config.topology.cells_of_node(config.node) {
-            let current = database.registry_get(&snapshot::generation_key(cell))?.unwrap_or(0);
-            for unused in (0..snapshot::generation_next(&database, cell)?).filter(|&g| g != current) {
-                database.drop_store(&snapshot::store_name(cell, unused))?;
-            }
-        }
         let (staged_sender, staged) = bounded::<Staged>(1);
         let receiver = SnapshotReceiver::start(database.clone(), staged_sender);
         let (runtime, transport) = start_transport(&config, inbox_sender, receiver.sender())?;
@@ -764,11 +750,6 @@ impl Node {
         recovery.accounts = engine.replicas.values().map(|r| r.ledger.accounts_count()).sum();
         recovery.pending_open = engine.replicas.values().map(|r| r.ledger.pending_open_count()).sum();
         recovery.wal_op_last = engine.log.last_op();
-        for replica in engine.replicas.values() {
-            if let Err(error) = replica.ledger.audit() {
-                panic!("cell {}: ledger fails its audit after recovery: {error}", replica.cell);
-            }
-        }
         tracing::info!(?recovery, "recovered");
         let (sender, receiver) = bounded(config.queue_requests_max);
         let (control, controls) = bounded(CONTROLS_QUEUED_MAX);
@@ -844,22 +825,12 @@ pub struct SteppedNode {
 impl SteppedNode {
     /// Opens (or creates) the node's data and recovers every hosted cell.
     pub fn open(config: NodeConfig, world: Box<dyn World>) -> Result<(SteppedNode, RecoveryReport), StartError> {
-        if config.topology.node(config.node).is_none() {
-            return Err(StartError::UnknownNode { node: config.node });
-        }
-        let data_dir = &config.data_dir;
-        std::fs::create_dir_all(data_dir).map_err(|source| StartError::DataDir { path: data_dir.clone(), source })?;
-        let database = StoreDatabase::open(&data_dir.join("store"))?;
+        let database = open_database(&config)?;
         let metrics = Arc::new(Metrics::new());
         let status = Arc::new(StatusBoard::default());
         let (mut engine, recovery) =
             Engine::open(config, database, metrics, status, world, None, CheckpointWriter::inline())?;
         engine.catch_up_local();
-        for replica in engine.replicas.values() {
-            if let Err(error) = replica.ledger.audit() {
-                panic!("cell {}: ledger fails its audit after recovery: {error}", replica.cell);
-            }
-        }
         Ok((SteppedNode { engine }, recovery))
     }
 
@@ -884,11 +855,6 @@ impl SteppedNode {
             Some(_) => {}
             None => tracing::warn!(from, bytes = payload.len(), "dropped an undecodable message from a peer"),
         }
-    }
-
-    /// When the next tick is due (by the world's clock).
-    pub fn tick_next(&self) -> Instant {
-        self.engine.tick_next
     }
 
     pub fn tick(&mut self) {
@@ -919,6 +885,26 @@ impl SteppedNode {
         self.engine.fail_waiting(NodeError::ShuttingDown);
         self.engine.checkpoints_all();
     }
+}
+
+/// Checks the node is in the topology and opens its store database,
+/// dropping the store generations not in use (received but not installed,
+/// being received, or replaced, when the node stopped) before anything can
+/// receive a snapshot.
+fn open_database(config: &NodeConfig) -> Result<StoreDatabase, StartError> {
+    if config.topology.node(config.node).is_none() {
+        return Err(StartError::UnknownNode { node: config.node });
+    }
+    let data_dir = &config.data_dir;
+    std::fs::create_dir_all(data_dir).map_err(|source| StartError::DataDir { path: data_dir.clone(), source })?;
+    let database = StoreDatabase::open(&data_dir.join("store"))?;
+    for cell in config.topology.cells_of_node(config.node) {
+        let current = database.registry_get(&snapshot::generation_key(cell))?.unwrap_or(0);
+        for unused in (0..snapshot::generation_next(&database, cell)?).filter(|&g| g != current) {
+            database.drop_store(&snapshot::store_name(cell, unused))?;
+        }
+    }
+    Ok(database)
 }
 
 /// Starts the transport to the node's peers on a runtime of its own (none
@@ -1224,8 +1210,8 @@ impl Engine {
         Ok((engine, report))
     }
 
-    /// Applies what the local log already holds as committed (recovery), and
-    /// elects a cell's only voter at once.
+    /// Applies what the local log already holds as committed (recovery),
+    /// elects a cell's only voter at once, and audits every ledger.
     fn catch_up_local(&mut self) {
         for replica in self.replicas.values_mut() {
             let cell = self.config.topology.cell(replica.cell).expect("hosted cells are in the topology");
@@ -1234,6 +1220,11 @@ impl Engine {
             }
         }
         self.round();
+        for replica in self.replicas.values() {
+            if let Err(error) = replica.ledger.audit() {
+                panic!("cell {}: ledger fails its audit after recovery: {error}", replica.cell);
+            }
+        }
     }
 
     fn run(
@@ -1397,16 +1388,9 @@ impl Engine {
                 .any(|c| matches!(*c, MembershipChange::Remove(n) | MembershipChange::AddLearner(n) if n == node))
         };
         if leaving(me) {
-            let raft = &replica.raw.raft;
-            let last_index = raft.raft_log.last_index();
-            let successor = raft
-                .prs()
-                .conf()
-                .voters()
-                .ids()
-                .iter()
-                .filter(|&node| node != me && !leaving(node))
-                .filter(|&node| raft.prs().get(node).is_some_and(|p| p.recent_active && p.matched == last_index))
+            let successor = caught_up_voters(&replica.raw.raft)
+                .into_iter()
+                .filter(|&node| !leaving(node))
                 .map(|node| (self.leader_rank(cell, node), node))
                 .min()
                 .map(|(_, node)| node);
@@ -1464,14 +1448,7 @@ impl Engine {
                 continue;
             }
             let my_rank = self.leader_rank(cell, self.config.node);
-            let last_index = raft.raft_log.last_index();
-            let voters: Vec<NodeId> = raft.prs().conf().voters().ids().iter().collect();
-            let best = voters
-                .into_iter()
-                .filter(|&node| node != self.config.node)
-                .filter(|&node| raft.prs().get(node).is_some_and(|p| p.recent_active && p.matched == last_index))
-                .map(|node| (self.leader_rank(cell, node), node))
-                .min();
+            let best = caught_up_voters(raft).into_iter().map(|node| (self.leader_rank(cell, node), node)).min();
             if let Some((rank, node)) = best {
                 if rank < my_rank {
                     transfers.push((cell, node));
@@ -1627,13 +1604,7 @@ impl Engine {
                 replica.raw.tick();
             }
             if replica.raw.raft.state == StateRole::Leader && self.world.buggify(Fault::LeaderStepDown) {
-                let raft = &replica.raw.raft;
-                let last_index = raft.raft_log.last_index();
-                let voters = raft.prs().conf().voters().ids();
-                let successor = voters
-                    .iter()
-                    .find(|&node| node != raft.id && raft.prs().get(node).is_some_and(|p| p.matched == last_index));
-                if let Some(successor) = successor {
+                if let Some(&successor) = caught_up_voters(&replica.raw.raft).first() {
                     tracing::info!(cell = replica.cell, successor, "fault point: the leader steps down");
                     replica.raw.transfer_leader(successor);
                 }
@@ -1958,6 +1929,15 @@ impl Engine {
             }
         }
     }
+}
+
+/// A leader's other voters that are active and hold its whole log: those it
+/// can hand leadership to at once, in id order.
+fn caught_up_voters(raft: &raft::Raft<CellLog>) -> Vec<NodeId> {
+    let last_index = raft.raft_log.last_index();
+    let voters = raft.prs().conf().voters().ids();
+    let caught_up = |node: NodeId| raft.prs().get(node).is_some_and(|p| p.recent_active && p.matched == last_index);
+    voters.iter().filter(|&node| node != raft.id && caught_up(node)).collect()
 }
 
 fn role_name(role: StateRole) -> &'static str {

@@ -368,7 +368,6 @@ impl Sim {
 
     fn clients_step(&mut self) {
         let now = self.now();
-        let live: Vec<NodeId> = self.nodes.iter().filter(|(_, n)| n.is_some()).map(|(&id, _)| id).collect();
         let all: Vec<NodeId> = self.nodes.keys().copied().collect();
         for index in 0..self.clients.len() {
             let client = &mut self.clients[index];
@@ -386,8 +385,7 @@ impl Sim {
                     let (reply, answer) = tokio::sync::oneshot::channel();
                     let reason = "connection refused".to_string();
                     let _ = reply.send(Err(cellpay_server::node::NodeError::Unavailable { cell, reason }));
-                    let other = live.first().copied().unwrap_or(node);
-                    self.clients[index].sent(now, other, request, answer);
+                    self.clients[index].sent(now, node, request, answer);
                 }
             }
             self.flush_outbox();
