@@ -32,9 +32,9 @@ pub fn main(args: SimArgs) -> Result<bool> {
         let config = SimConfig { bugs: bugs.clone(), ..SimConfig::new(seed, args.steps) };
         let started = std::time::Instant::now();
         let report = run(config.clone());
-        let [slow_fsyncs, late_ticks, step_downs] = report.fault_points;
+        let [slow_fsyncs, late_ticks, step_downs, connections_dropped] = report.fault_points;
         println!(
-            "seed {seed}: {} · trace {:016x} · {} steps, {:.1} s simulated in {:.2} s · {} transfers acknowledged, {} retries · {} crashes ({} torn writes), {} cuts ({} regions), {} of {} messages lost, {} duplicated · fault points: {slow_fsyncs} slow fsyncs, {late_ticks} late ticks, {step_downs} step-downs",
+            "seed {seed}: {} · trace {:016x} · {} steps, {:.1} s simulated in {:.2} s · {} transfers acknowledged, {} retries · {} crashes ({} torn writes), {} cuts ({} regions), {} connections dropped, {} logs damaged ({} caught, {} cut as torn, {} disks replaced), {} of {} messages lost, {} duplicated · {} snapshots installed · fault points: {slow_fsyncs} slow fsyncs, {late_ticks} late ticks, {step_downs} step-downs, {connections_dropped} connections dropped",
             if report.passed() { "ok" } else { "FAILED" },
             report.trace_hash,
             report.steps,
@@ -46,9 +46,15 @@ pub fn main(args: SimArgs) -> Result<bool> {
             report.torn_writes,
             report.link_cuts,
             report.region_cuts,
+            report.connection_drops,
+            report.damaged_logs,
+            report.damage_caught,
+            report.damage_cut_as_torn,
+            report.disks_replaced,
             report.messages_lost,
             report.messages_sent,
             report.messages_duplicated,
+            report.snapshots_installed,
         );
         if !report.passed() {
             all_passed = false;

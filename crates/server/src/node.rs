@@ -90,10 +90,6 @@ pub struct NodeConfig {
     /// Ticks without a leader's heartbeat before a follower campaigns
     /// (randomised in `[election_ticks, 2 × election_ticks)`).
     pub election_ticks: usize,
-    /// Whether Raft randomises the election timeout (it draws from the
-    /// thread's random generator). The simulator turns it off for
-    /// determinism and gives each node its own `election_ticks` instead.
-    pub election_ticks_randomised: bool,
     pub heartbeat_ticks: usize,
     /// Bytes of log entries kept beyond a checkpoint, for followers that lag.
     pub log_retained_bytes: u64,
@@ -125,7 +121,6 @@ impl NodeConfig {
             checkpoint_idle_interval: Duration::from_secs(10),
             tick_interval: Duration::from_millis(100),
             election_ticks: 10,
-            election_ticks_randomised: true,
             heartbeat_ticks: 2,
             log_retained_bytes: 64 << 20,
             uncommitted_bytes_max: 256 << 20,
@@ -732,14 +727,14 @@ impl Node {
         let (runtime, transport) = start_transport(&config, inbox_sender, receiver.sender())?;
         let world = Box::new(RealWorld { transport: transport.clone() });
         // A node alone has no peers: nothing to send snapshots to or receive from.
-        let snapshots = transport.map(|transport| (transport, receiver));
+        let shipping = transport.map_or(Shipping::Off, |transport| Shipping::Threads(transport, receiver));
         let (mut engine, mut recovery) = Engine::open(
             config.clone(),
             database,
             metrics.clone(),
             status.clone(),
             world,
-            snapshots,
+            shipping,
             CheckpointWriter::start(),
         )?;
         engine.catch_up_local();
@@ -816,10 +811,12 @@ impl Drop for Node {
 /// A node's engine stepped by its caller, one event at a time, instead of by
 /// a thread of its own: how the deterministic simulator runs the production
 /// engine. Time and the network are the caller's `world`; there are no
-/// threads (checkpoints are written when they start) and no snapshots are
-/// shipped (a replica that would need one waits, and Raft retries).
+/// threads: checkpoints are written when they start, snapshots are exported
+/// and sent through the world when Raft asks, and loaded when their last
+/// message arrives.
 pub struct SteppedNode {
     engine: Engine,
+    receiver: snapshot::InlineReceiver,
 }
 
 impl SteppedNode {
@@ -828,10 +825,11 @@ impl SteppedNode {
         let database = open_database(&config)?;
         let metrics = Arc::new(Metrics::new());
         let status = Arc::new(StatusBoard::default());
+        let receiver = snapshot::InlineReceiver::new(database.clone());
         let (mut engine, recovery) =
-            Engine::open(config, database, metrics, status, world, None, CheckpointWriter::inline())?;
+            Engine::open(config, database, metrics, status, world, Shipping::Inline, CheckpointWriter::inline())?;
         engine.catch_up_local();
-        Ok((SteppedNode { engine }, recovery))
+        Ok((SteppedNode { engine, receiver }, recovery))
     }
 
     /// Hands a request for `cell` to the engine (as a node's queue would);
@@ -852,13 +850,22 @@ impl SteppedNode {
     pub fn receive(&mut self, from: NodeId, payload: &[u8]) {
         match snapshot::decode(payload) {
             Some(message @ PeerMessage::Raft { .. }) => self.engine.peer_message(from, message),
-            Some(_) => {}
+            Some(message) => {
+                if let Some(staged) = self.receiver.receive(from, message) {
+                    self.engine.snapshot_staged(staged);
+                }
+            }
             None => tracing::warn!(from, bytes = payload.len(), "dropped an undecodable message from a peer"),
         }
     }
 
     pub fn tick(&mut self) {
         self.engine.tick();
+    }
+
+    /// Proposes a membership change of `cell`, as `NodeHandle::change_membership` does.
+    pub fn change_membership(&mut self, cell: CellId, changes: &[MembershipChange]) -> Result<(), NodeError> {
+        self.engine.propose_membership(cell, changes)
     }
 
     /// One round of consensus I/O, application and answers.
@@ -1058,6 +1065,16 @@ struct Persisting {
     ready: Ready,
 }
 
+/// How an engine ships snapshots.
+enum Shipping {
+    /// A node alone: no peers.
+    Off,
+    /// A node's sender and receiver threads, over its transport.
+    Threads(Arc<Transport>, SnapshotReceiver),
+    /// Within the engine's steps, through its world (`SteppedNode`).
+    Inline,
+}
+
 struct Engine {
     config: NodeConfig,
     replicas: BTreeMap<CellId, Replica>,
@@ -1086,7 +1103,7 @@ impl Engine {
         metrics: Arc<Metrics>,
         status: Arc<StatusBoard>,
         world: Box<dyn World>,
-        snapshots: Option<(Arc<Transport>, SnapshotReceiver)>,
+        shipping: Shipping,
         writer: CheckpointWriter,
     ) -> Result<(Engine, RecoveryReport), StartError> {
         let data_dir = &config.data_dir;
@@ -1150,13 +1167,8 @@ impl Engine {
             let raft_config = raft::Config {
                 id: config.node,
                 election_tick: config.election_ticks,
-                // Raft draws the timeout from `[min, max)`: one value when not randomised.
                 min_election_tick: config.election_ticks,
-                max_election_tick: if config.election_ticks_randomised {
-                    2 * config.election_ticks
-                } else {
-                    config.election_ticks + 1
-                },
+                max_election_tick: 2 * config.election_ticks,
                 heartbeat_tick: config.heartbeat_ticks,
                 applied: index,
                 max_size_per_msg: 4 << 20,
@@ -1183,11 +1195,12 @@ impl Engine {
             replicas.insert(cell_id, Replica::new(cell_id, raw, ledger, store, generation, index, world.now()));
         }
         log.sync();
-        let (snapshot_sender, snapshot_receiver) = match snapshots {
-            Some((transport, receiver)) => (Some(SnapshotSender::start(transport)), Some(receiver)),
-            None => (None, None),
+        let (snapshot_sender, snapshot_receiver) = match shipping {
+            Shipping::Off => (None, None),
+            Shipping::Threads(transport, receiver) => (Some(SnapshotSender::start(transport)), Some(receiver)),
+            Shipping::Inline => (Some(SnapshotSender::inline()), None),
         };
-        let engine = Engine {
+        let mut engine = Engine {
             tick_next: world.now() + config.tick_interval,
             config,
             replicas,
@@ -1204,6 +1217,7 @@ impl Engine {
             messages_unknown_cell: 0,
             drained_regions: std::collections::BTreeSet::new(),
         };
+        engine.election_timeouts_draw();
         for replica in engine.replicas.values() {
             engine.publish(replica);
         }
@@ -1437,6 +1451,21 @@ impl Engine {
         }
     }
 
+    /// Raft draws a replica's election timeout whenever it resets its timer
+    /// (a new term or role; the timer also restarts on every message from
+    /// the leader). A world that draws its own (the simulator, from its
+    /// seed) replaces Raft's draw here, before the next tick can use it.
+    fn election_timeouts_draw(&mut self) {
+        let ticks = self.config.election_ticks..2 * self.config.election_ticks;
+        for replica in self.replicas.values_mut() {
+            if replica.raw.raft.election_elapsed == 0 {
+                if let Some(timeout) = self.world.election_timeout(ticks.clone()) {
+                    replica.raw.raft.set_randomized_election_timeout(timeout);
+                }
+            }
+        }
+    }
+
     /// For every cell this node leads: if a caught-up, active replica ranks
     /// better (see `leader_rank`), hand leadership to the best one. Leaders
     /// so settle in their preferred datacenter and leave drained regions.
@@ -1666,6 +1695,7 @@ impl Engine {
 
     /// One round of consensus I/O for every replica: see the module documentation.
     fn round(&mut self) {
+        self.election_timeouts_draw();
         for replica in self.replicas.values_mut() {
             // Raft drops a read index asked before the leader has committed
             // an entry of its term: the reads wait for that (a round or two).
@@ -1784,7 +1814,7 @@ impl Engine {
             let to = message.to;
             let replica = self.replicas.get_mut(&cell).expect("hosted");
             let accepted = match self.snapshot_sender.as_mut() {
-                Some(sender) => sender.offer(cell, to, message, replica.store.clone()),
+                Some(sender) => sender.offer(&*self.world, cell, to, message, replica.store.clone()),
                 None => false,
             };
             if !accepted {
@@ -2006,6 +2036,9 @@ fn send_messages(world: &dyn World, cell: CellId, messages: Vec<Message>, raw: &
             continue;
         }
         let to = message.to;
+        if world.buggify(Fault::DroppedConnection) {
+            world.drop_connection(to);
+        }
         if !world.send(to, snapshot::encode_raft(cell, &message)) {
             raw.report_unreachable(to);
         }

@@ -12,11 +12,14 @@
 //!    waiting when the peer's queue is full; then it sends the Raft message,
 //!    its metadata set to the exported checkpoint's, and tells the engine
 //!    (which reports the snapshot to Raft as finished or failed);
-//! 2. the follower's **receiver** thread loads the chunks into a fresh store
-//!    generation (`cell{C}.g{N}.`, N never used before: the registry keeps
-//!    the next number), checking every chunk, record and checksum; at the
-//!    Raft message it makes the image durable and hands it, with the
-//!    message, to the engine;
+//! 2. the follower's **receiver** thread routes the chunks by cell to a
+//!    worker per transfer (transfers of different cells, from different
+//!    leaders, load side by side; a new transfer for a cell replaces the
+//!    one under way), which loads them into a fresh store generation
+//!    (`cell{C}.g{N}.`, N never used before: the registry keeps the next
+//!    number), checking every chunk, record and checksum; at the Raft
+//!    message, which must name the image loaded, it makes the image durable
+//!    and hands it, with the message, to the engine;
 //! 3. the engine steps the message; if Raft accepts the snapshot, the engine
 //!    switches the cell to the new generation (recorded durably in the store
 //!    database's registry), rebuilds the ledger from it, resets the cell's log
@@ -28,7 +31,13 @@
 //! sent snapshot as finished: the follower's answer after installing it moves
 //! Raft on; if none comes within [`SNAPSHOT_REPLY_WAIT`], the leader reports
 //! a failure and Raft sends a new one.
+//!
+//! The simulator's stepped engine has no threads: its sender exports and
+//! sends within the engine's step, and its [`InlineReceiver`] holds a
+//! transfer's chunks until the Raft message, then loads them with the same
+//! code as the worker.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,6 +49,7 @@ use protobuf::Message as _;
 use raft::prelude::Message;
 
 use crate::raft_log::{self, LogBase, LogRecord};
+use crate::world::World;
 
 /// Snapshots a node sends at once (all cells and peers together).
 pub const SNAPSHOT_SENDS_MAX: usize = 2;
@@ -49,8 +59,10 @@ pub const SNAPSHOT_SEND_STALL_MAX: Duration = Duration::from_secs(30);
 pub const SNAPSHOT_CHUNK_WAIT_MAX: Duration = Duration::from_secs(30);
 /// How long a leader waits for a follower to install a snapshot it sent.
 pub const SNAPSHOT_REPLY_WAIT: Duration = Duration::from_secs(10);
-/// Chunks and messages queued for the receiver thread.
+/// Chunks and messages queued for the receiver thread, and for each transfer's worker.
 pub const SNAPSHOT_RECEIVE_QUEUE_MAX: usize = 64;
+/// Snapshots a node receives at once (one per cell at most).
+pub const SNAPSHOT_RECEIVES_MAX: usize = 4;
 
 const KIND_RAFT: u8 = 1;
 const KIND_CHUNK: u8 = 2;
@@ -163,12 +175,18 @@ pub struct SendDone {
     pub ok: bool,
 }
 
-/// The leader side: one thread that exports and sends snapshots, one at a time.
+/// The leader side: exports and sends snapshots, one at a time per thread.
 pub struct SnapshotSender {
-    jobs: Option<Sender<SendJob>>,
-    done: Receiver<SendDone>,
+    mode: SendMode,
     in_flight: Vec<(CellId, NodeId)>,
-    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+enum SendMode {
+    /// A node's own thread: exports and sends while the engine goes on.
+    Thread { jobs: Option<Sender<SendJob>>, done: Receiver<SendDone>, thread: Option<std::thread::JoinHandle<()>> },
+    /// Within `offer`, through the engine's `World` (the simulator: one
+    /// thread, and a network that never makes a sender wait).
+    Inline { done: Vec<SendDone> },
 }
 
 impl SnapshotSender {
@@ -180,34 +198,41 @@ impl SnapshotSender {
             .spawn(move || {
                 for job in receiver {
                     let (cell, to) = (job.cell, job.to);
-                    let ok = match send(&transport, job) {
-                        Ok(image) => {
-                            tracing::info!(cell, to, index = image.checkpoint.op, bytes = image.bytes, "snapshot sent");
-                            true
-                        }
-                        Err(error) => {
-                            tracing::warn!(cell, to, %error, "snapshot not sent");
-                            false
-                        }
-                    };
-                    if done_sender.send(SendDone { cell, to, ok }).is_err() {
+                    let result = send(job, |payload| send_waiting(&transport, to, payload));
+                    if done_sender.send(sent(cell, to, result)).is_err() {
                         return;
                     }
                 }
             })
             .expect("spawn the snapshot sender");
-        SnapshotSender { jobs: Some(jobs), done, in_flight: Vec::new(), thread: Some(thread) }
+        let mode = SendMode::Thread { jobs: Some(jobs), done, thread: Some(thread) };
+        SnapshotSender { mode, in_flight: Vec::new() }
     }
 
-    /// Queues a snapshot for `to`; `false` (Raft should be told it failed) if
-    /// one is already going there or too many are in flight.
-    pub fn offer(&mut self, cell: CellId, to: NodeId, message: Message, store: Arc<Store>) -> bool {
+    /// A sender that does its work inside [`SnapshotSender::offer`].
+    pub fn inline() -> SnapshotSender {
+        SnapshotSender { mode: SendMode::Inline { done: Vec::new() }, in_flight: Vec::new() }
+    }
+
+    /// Queues a snapshot for `to` (an inline sender sends it now, through
+    /// `world`); `false` (Raft should be told it failed) if one is already
+    /// going there or too many are in flight.
+    pub fn offer(&mut self, world: &dyn World, cell: CellId, to: NodeId, message: Message, store: Arc<Store>) -> bool {
         if self.in_flight.len() >= SNAPSHOT_SENDS_MAX || self.in_flight.contains(&(cell, to)) {
             return false;
         }
-        let jobs = self.jobs.as_ref().expect("sender running");
-        if jobs.try_send(SendJob { cell, to, message, store }).is_err() {
-            return false;
+        let job = SendJob { cell, to, message, store };
+        match &mut self.mode {
+            SendMode::Thread { jobs, .. } => {
+                if jobs.as_ref().expect("sender running").try_send(job).is_err() {
+                    return false;
+                }
+            }
+            SendMode::Inline { done } => {
+                let result =
+                    send(job, |payload| if world.send(to, payload) { Ok(()) } else { Err(SendFailure::Refused) });
+                done.push(sent(cell, to, result));
+            }
         }
         self.in_flight.push((cell, to));
         true
@@ -215,25 +240,47 @@ impl SnapshotSender {
 
     /// Sends that finished since the last call.
     pub fn finished(&mut self) -> Vec<SendDone> {
-        let mut finished = Vec::new();
-        loop {
-            match self.done.try_recv() {
-                Ok(done) => {
-                    self.in_flight.retain(|&pair| pair != (done.cell, done.to));
-                    finished.push(done);
+        let finished = match &mut self.mode {
+            SendMode::Inline { done } => std::mem::take(done),
+            SendMode::Thread { done, .. } => {
+                let mut finished = Vec::new();
+                loop {
+                    match done.try_recv() {
+                        Ok(one) => finished.push(one),
+                        Err(TryRecvError::Empty) => break finished,
+                        Err(TryRecvError::Disconnected) => panic!("the snapshot sender stopped: see its panic"),
+                    }
                 }
-                Err(TryRecvError::Empty) => return finished,
-                Err(TryRecvError::Disconnected) => panic!("the snapshot sender stopped: see its panic"),
             }
+        };
+        for done in &finished {
+            self.in_flight.retain(|&pair| pair != (done.cell, done.to));
         }
+        finished
     }
 }
 
 impl Drop for SnapshotSender {
     fn drop(&mut self) {
-        self.jobs.take();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        if let SendMode::Thread { jobs, thread, .. } = &mut self.mode {
+            jobs.take();
+            if let Some(thread) = thread.take() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+/// Logs a send's outcome.
+fn sent(cell: CellId, to: NodeId, result: Result<SnapshotImage, SendFailure>) -> SendDone {
+    match result {
+        Ok(image) => {
+            tracing::info!(cell, to, index = image.checkpoint.op, bytes = image.bytes, "snapshot sent");
+            SendDone { cell, to, ok: true }
+        }
+        Err(error) => {
+            tracing::warn!(cell, to, %error, "snapshot not sent");
+            SendDone { cell, to, ok: false }
         }
     }
 }
@@ -246,6 +293,8 @@ enum SendFailure {
     Transport(SendError),
     #[error("the peer's queue stayed full for {} s", SNAPSHOT_SEND_STALL_MAX.as_secs())]
     Stalled,
+    #[error("the peer's link refused the message")]
+    Refused,
     #[error("the store's checkpoint carries no consensus metadata")]
     NoMetadata,
     #[error("the last checkpoint (index {index}) predates the replica's membership; a newer one is coming")]
@@ -269,14 +318,18 @@ fn send_waiting(transport: &Transport, to: NodeId, payload: Vec<u8>) -> Result<(
     }
 }
 
-fn send(transport: &Transport, job: SendJob) -> Result<SnapshotImage, SendFailure> {
+/// Exports `job`'s store and hands every chunk, then the Raft message, to `deliver`.
+fn send(
+    job: SendJob,
+    mut deliver: impl FnMut(Vec<u8>) -> Result<(), SendFailure>,
+) -> Result<SnapshotImage, SendFailure> {
     let SendJob { cell, to, mut message, store } = job;
     let mut first = true;
     let image = store
         .export(|chunk| {
             let payload = encode_chunk(cell, first, &chunk);
             first = false;
-            send_waiting(transport, to, payload)
+            deliver(payload)
         })
         .map_err(|error| match error {
             cellpay_storage::store::ExportError::Store(error) => SendFailure::Store(error),
@@ -297,7 +350,7 @@ fn send(transport: &Transport, job: SendJob) -> Result<SnapshotImage, SendFailur
     metadata.index = base.index;
     metadata.term = base.term;
     metadata.set_conf_state(base.conf_state);
-    send_waiting(transport, to, encode_snapshot_message(cell, &message))?;
+    deliver(encode_snapshot_message(cell, &message))?;
     Ok(image)
 }
 
@@ -315,7 +368,10 @@ pub struct Staged {
     pub message: Message,
 }
 
-/// The follower side: one thread that loads incoming snapshots, one at a time.
+/// The follower side: a thread that routes incoming chunks by cell, and a
+/// worker thread per transfer under way that loads its image. Transfers of
+/// different cells (usually from different leaders) proceed side by side; a
+/// new transfer for a cell replaces the one under way.
 pub struct SnapshotReceiver {
     incoming: Option<Sender<(NodeId, PeerMessage)>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -348,41 +404,80 @@ impl Drop for SnapshotReceiver {
     }
 }
 
-fn receive_loop(database: &StoreDatabase, incoming: &Receiver<(NodeId, PeerMessage)>, staged: &Sender<Staged>) {
-    let mut next: Option<(NodeId, PeerMessage)> = None;
-    loop {
-        let message = match next.take() {
-            Some(message) => message,
-            None => match incoming.recv() {
-                Ok(message) => message,
-                Err(_) => return,
-            },
-        };
-        // Wait for the first chunk of an image; anything else is a leftover.
-        let (from, PeerMessage::Chunk { cell, first: true, bytes }) = message else { continue };
-        match receive_one(database, incoming, from, cell, bytes) {
-            Ok(Received::Staged(snapshot)) => {
-                if staged.send(snapshot).is_err() {
-                    return;
-                }
-            }
-            Ok(Received::Interrupted(message)) => next = message,
-            Err((error, generation)) => {
-                tracing::warn!(cell, from, %error, "snapshot abandoned; the leader will send it again");
-                if let Some(generation) = generation {
-                    if let Err(error) = database.drop_store(&store_name(cell, generation)) {
-                        tracing::warn!(cell, generation, %error, "could not drop an abandoned snapshot");
-                    }
-                }
-            }
-        }
+/// A transfer under way on a worker thread.
+struct Transfer {
+    from: NodeId,
+    messages: Sender<Incoming>,
+    worker: std::thread::JoinHandle<()>,
+}
+
+impl Transfer {
+    /// Abandons the transfer (its worker drops what it loaded) and waits for the worker.
+    fn close(self) {
+        drop(self.messages);
+        let _ = self.worker.join();
     }
 }
 
-enum Received {
-    Staged(Staged),
-    /// Another transfer started (or the channel closed): the current one is abandoned.
-    Interrupted(Option<(NodeId, PeerMessage)>),
+fn receive_loop(database: &StoreDatabase, incoming: &Receiver<(NodeId, PeerMessage)>, staged: &Sender<Staged>) {
+    let mut transfers: BTreeMap<CellId, Transfer> = BTreeMap::new();
+    for (from, message) in incoming {
+        let finished: Vec<CellId> =
+            transfers.iter().filter(|(_, transfer)| transfer.worker.is_finished()).map(|(&cell, _)| cell).collect();
+        for cell in finished {
+            transfers.remove(&cell).expect("listed").close();
+        }
+        let (cell, next) = match message {
+            PeerMessage::Chunk { cell, first: true, bytes } => {
+                if let Some(replaced) = transfers.remove(&cell) {
+                    replaced.close();
+                }
+                if transfers.len() >= SNAPSHOT_RECEIVES_MAX {
+                    tracing::warn!(cell, from, "snapshot refused: {SNAPSHOT_RECEIVES_MAX} others are being received");
+                    continue;
+                }
+                let (messages, queue) = bounded(SNAPSHOT_RECEIVE_QUEUE_MAX);
+                let (database, staged) = (database.clone(), staged.clone());
+                let worker = std::thread::Builder::new()
+                    .name(format!("cellpay-snapshot-receive-{cell}"))
+                    .spawn(move || {
+                        let mut next = || {
+                            queue.recv_timeout(SNAPSHOT_CHUNK_WAIT_MAX).unwrap_or_else(|error| match error {
+                                RecvTimeoutError::Timeout => Incoming::Stalled,
+                                RecvTimeoutError::Disconnected => Incoming::Closed,
+                            })
+                        };
+                        if let Some(snapshot) = receive(&database, from, cell, bytes, &mut next) {
+                            let _ = staged.send(snapshot);
+                        }
+                    })
+                    .expect("spawn a snapshot receiver");
+                transfers.insert(cell, Transfer { from, messages, worker });
+                continue;
+            }
+            PeerMessage::Chunk { cell, first: false, bytes } => (cell, Incoming::Chunk(bytes)),
+            PeerMessage::SnapshotMessage { cell, message } => (cell, Incoming::End(message)),
+            PeerMessage::Raft { .. } => continue,
+        };
+        // The rest of a transfer goes to its worker; anything else is a leftover.
+        if let Some(transfer) = transfers.get(&cell).filter(|transfer| transfer.from == from) {
+            let _ = transfer.messages.send(next);
+        }
+    }
+    for transfer in std::mem::take(&mut transfers).into_values() {
+        transfer.close();
+    }
+}
+
+/// What a transfer's receiver gets after the first chunk.
+enum Incoming {
+    Chunk(Vec<u8>),
+    /// The Raft snapshot message that ends the image.
+    End(Message),
+    /// Nothing for [`SNAPSHOT_CHUNK_WAIT_MAX`].
+    Stalled,
+    /// The transfer was replaced, or the node is stopping.
+    Closed,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -391,16 +486,41 @@ enum ReceiveFailure {
     Store(#[from] StoreError),
     #[error("no chunk for {} s", SNAPSHOT_CHUNK_WAIT_MAX.as_secs())]
     Stalled,
+    #[error("the image (index {image}) is not the one the snapshot message names (index {message})")]
+    Mismatch { image: u64, message: u64 },
 }
 
-/// Receives one image; on failure, the error and the generation to drop (if one was started).
-fn receive_one(
+/// Receives one image of `cell` from `from`, taking what follows its first
+/// chunk from `next`; `None` if it was abandoned (what it loaded is dropped).
+fn receive(
     database: &StoreDatabase,
-    incoming: &Receiver<(NodeId, PeerMessage)>,
     from: NodeId,
     cell: CellId,
     first_chunk: Vec<u8>,
-) -> Result<Received, (ReceiveFailure, Option<u64>)> {
+    next: &mut dyn FnMut() -> Incoming,
+) -> Option<Staged> {
+    match receive_one(database, from, cell, first_chunk, next) {
+        Ok(staged) => staged,
+        Err((error, generation)) => {
+            tracing::warn!(cell, from, %error, "snapshot abandoned; the leader will send it again");
+            if let Some(generation) = generation {
+                if let Err(error) = database.drop_store(&store_name(cell, generation)) {
+                    tracing::warn!(cell, generation, %error, "could not drop an abandoned snapshot");
+                }
+            }
+            None
+        }
+    }
+}
+
+/// On failure, the error and the generation to drop (if one was started).
+fn receive_one(
+    database: &StoreDatabase,
+    from: NodeId,
+    cell: CellId,
+    first_chunk: Vec<u8>,
+    next: &mut dyn FnMut() -> Incoming,
+) -> Result<Option<Staged>, (ReceiveFailure, Option<u64>)> {
     let generation = generation_next(database, cell).map_err(|error| (error.into(), None))?;
     database.registry_set(&generation_next_key(cell), generation + 1).map_err(|error| (error.into(), None))?;
     let fail = |error: ReceiveFailure| (error, Some(generation));
@@ -411,32 +531,97 @@ fn receive_one(
         let mut importer = store.import().map_err(|error| fail(error.into()))?;
         importer.chunk(&first_chunk).map_err(|error| fail(error.into()))?;
         loop {
-            let message = match incoming.recv_timeout(SNAPSHOT_CHUNK_WAIT_MAX) {
-                Ok(message) => message,
-                Err(RecvTimeoutError::Timeout) => return Err(fail(ReceiveFailure::Stalled)),
-                Err(RecvTimeoutError::Disconnected) => break Received::Interrupted(None),
-            };
-            match message {
-                (sender, PeerMessage::Chunk { cell: chunk_cell, first: false, bytes })
-                    if sender == from && chunk_cell == cell =>
-                {
-                    importer.chunk(&bytes).map_err(|error| fail(error.into()))?;
-                }
-                (sender, PeerMessage::SnapshotMessage { cell: message_cell, message })
-                    if sender == from && message_cell == cell =>
-                {
+            match next() {
+                Incoming::Chunk(bytes) => importer.chunk(&bytes).map_err(|error| fail(error.into()))?,
+                Incoming::End(message) => {
                     let image = importer.finish().map_err(|error| fail(error.into()))?;
-                    break Received::Staged(Staged { cell, from, generation, store: store.clone(), image, message });
+                    // The message must describe this image: after a lost
+                    // message, chunks of an older transfer can end with a
+                    // newer transfer's message.
+                    let metadata = message.get_snapshot().get_metadata();
+                    let term = decode_consensus(&image.consensus).map(|base| base.term);
+                    if (metadata.index, Some(metadata.term)) != (image.checkpoint.op, term) {
+                        return Err(fail(ReceiveFailure::Mismatch {
+                            image: image.checkpoint.op,
+                            message: metadata.index,
+                        }));
+                    }
+                    break Some(Staged { cell, from, generation, store: store.clone(), image, message });
                 }
-                other => break Received::Interrupted(Some(other)),
+                Incoming::Stalled => return Err(fail(ReceiveFailure::Stalled)),
+                Incoming::Closed => break None,
             }
         }
     };
-    if let Received::Interrupted(_) = &outcome {
+    if outcome.is_none() {
         drop(store);
         database.drop_store(&name).map_err(|error| (error.into(), None))?;
     }
     Ok(outcome)
+}
+
+/// Bytes of chunks an [`InlineReceiver`] holds, all transfers together.
+pub const INLINE_RECEIVE_BYTES_MAX: usize = 256 << 20;
+
+/// The follower side without threads (the simulator's stepped engine): the
+/// same rules as [`SnapshotReceiver`] (one transfer per cell, a new one
+/// replaces it), but a transfer's chunks are held until the Raft message
+/// that ends it, then loaded in one go by the same code.
+pub struct InlineReceiver {
+    database: StoreDatabase,
+    /// The transfers under way, by cell: the sender and the chunks so far.
+    transfers: BTreeMap<CellId, (NodeId, Vec<Vec<u8>>)>,
+    bytes: usize,
+}
+
+impl InlineReceiver {
+    pub fn new(database: StoreDatabase) -> InlineReceiver {
+        InlineReceiver { database, transfers: BTreeMap::new(), bytes: 0 }
+    }
+
+    /// Takes a chunk or a snapshot's Raft message; returns a complete, loaded snapshot.
+    pub fn receive(&mut self, from: NodeId, message: PeerMessage) -> Option<Staged> {
+        let (cell, next) = match message {
+            PeerMessage::Chunk { cell, first: true, bytes } => {
+                self.remove(cell);
+                if self.transfers.len() >= SNAPSHOT_RECEIVES_MAX {
+                    return None;
+                }
+                self.bytes += bytes.len();
+                self.transfers.insert(cell, (from, vec![bytes]));
+                return None;
+            }
+            PeerMessage::Chunk { cell, first: false, bytes } => (cell, Incoming::Chunk(bytes)),
+            PeerMessage::SnapshotMessage { cell, message } => (cell, Incoming::End(message)),
+            PeerMessage::Raft { .. } => return None,
+        };
+        if self.transfers.get(&cell).is_none_or(|(sender, _)| *sender != from) {
+            return None;
+        }
+        match next {
+            Incoming::Chunk(bytes) => {
+                self.bytes += bytes.len();
+                self.transfers.get_mut(&cell).expect("checked").1.push(bytes);
+                if self.bytes > INLINE_RECEIVE_BYTES_MAX {
+                    tracing::warn!(cell, from, bytes = self.bytes, "snapshot abandoned: too much to hold");
+                    self.remove(cell);
+                }
+                None
+            }
+            end => {
+                let mut chunks = self.remove(cell).into_iter();
+                let first = chunks.next()?;
+                let mut rest = chunks.map(Incoming::Chunk).chain(std::iter::once(end));
+                receive(&self.database, from, cell, first, &mut || rest.next().unwrap_or(Incoming::Closed))
+            }
+        }
+    }
+
+    fn remove(&mut self, cell: CellId) -> Vec<Vec<u8>> {
+        let chunks = self.transfers.remove(&cell).map(|(_, chunks)| chunks).unwrap_or_default();
+        self.bytes -= chunks.iter().map(Vec::len).sum::<usize>();
+        chunks
+    }
 }
 
 #[cfg(test)]
@@ -465,5 +650,105 @@ mod tests {
         };
         assert_eq!(decode_consensus(&encode_consensus(5, &base)), Some(base));
         assert_eq!(decode_consensus(b"junk"), None);
+    }
+
+    /// Exports a store holding one checkpoint at `index` (term 3) into chunks.
+    fn image_chunks(dir: &std::path::Path, index: u64) -> Vec<Vec<u8>> {
+        let store = Store::open(&dir.join("leader")).unwrap();
+        let base = LogBase {
+            index,
+            term: 3,
+            conf_state: raft::prelude::ConfState { voters: vec![1, 2], ..Default::default() },
+        };
+        let delta = cellpay_ledger::CheckpointDelta { timestamp_last: 1, ..Default::default() };
+        store.apply_checkpoint_with(index, &delta, &encode_consensus(1, &base)).unwrap();
+        let mut chunks = Vec::new();
+        store
+            .export(|chunk| {
+                chunks.push(chunk);
+                Ok::<_, std::convert::Infallible>(())
+            })
+            .unwrap();
+        chunks
+    }
+
+    fn snapshot_message(index: u64, term: u64) -> Message {
+        let mut message = Message { to: 2, from: 1, term, ..Default::default() };
+        message.mut_snapshot().mut_metadata().index = index;
+        message.mut_snapshot().mut_metadata().term = term;
+        message
+    }
+
+    fn deliver(receiver: &mut InlineReceiver, chunks: &[Vec<u8>], message: Message) -> Option<Staged> {
+        for (i, bytes) in chunks.iter().enumerate() {
+            assert!(receiver.receive(1, PeerMessage::Chunk { cell: 1, first: i == 0, bytes: bytes.clone() }).is_none());
+        }
+        receiver.receive(1, PeerMessage::SnapshotMessage { cell: 1, message })
+    }
+
+    /// Two transfers of different cells, from different leaders, interleaved chunk by chunk.
+    fn interleaved(chunks: &[Vec<u8>]) -> Vec<(NodeId, PeerMessage)> {
+        let mut messages = Vec::new();
+        for (i, bytes) in chunks.iter().enumerate() {
+            for (from, cell) in [(1, 1), (2, 2)] {
+                messages.push((from, PeerMessage::Chunk { cell, first: i == 0, bytes: bytes.clone() }));
+            }
+        }
+        for (from, cell) in [(2, 2), (1, 1)] {
+            messages.push((from, PeerMessage::SnapshotMessage { cell, message: snapshot_message(7, 3) }));
+        }
+        messages
+    }
+
+    /// Found by the simulator: a follower behind in several cells is sent
+    /// snapshots by several leaders at once; with one transfer at a time,
+    /// each new transfer abandoned the others, again and again.
+    #[test]
+    fn transfers_of_different_cells_proceed_side_by_side() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunks = image_chunks(dir.path(), 7);
+        let inline_database = StoreDatabase::open(&dir.path().join("inline")).unwrap();
+        let mut inline = InlineReceiver::new(inline_database);
+        let staged: Vec<(CellId, NodeId)> = interleaved(&chunks)
+            .into_iter()
+            .filter_map(|(from, message)| inline.receive(from, message))
+            .map(|staged| (staged.cell, staged.from))
+            .collect();
+        assert_eq!(staged, vec![(2, 2), (1, 1)]);
+
+        let (staged_sender, staged) = bounded(1);
+        let receiver = SnapshotReceiver::start(StoreDatabase::open(&dir.path().join("thread")).unwrap(), staged_sender);
+        for message in interleaved(&chunks) {
+            receiver.sender().send(message).unwrap();
+        }
+        let mut cells: Vec<CellId> =
+            (0..2).map(|_| staged.recv_timeout(Duration::from_secs(30)).unwrap().cell).collect();
+        cells.sort_unstable();
+        assert_eq!(cells, vec![1, 2]);
+    }
+
+    /// Found by the simulator: after a lost message, the chunks of an older
+    /// transfer could end with a newer transfer's Raft message, and the
+    /// engine was handed an image other than the one Raft accepted.
+    #[test]
+    fn an_image_is_staged_only_with_the_message_that_names_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunks = image_chunks(dir.path(), 7);
+        let database = StoreDatabase::open(&dir.path().join("follower")).unwrap();
+        let mut receiver = InlineReceiver::new(database.clone());
+        assert!(deliver(&mut receiver, &chunks, snapshot_message(9, 3)).is_none(), "another index");
+        assert!(deliver(&mut receiver, &chunks, snapshot_message(7, 4)).is_none(), "another term");
+        // A message with no chunks before it stages nothing.
+        assert!(receiver
+            .receive(1, PeerMessage::SnapshotMessage { cell: 1, message: snapshot_message(7, 3) })
+            .is_none());
+        let staged = deliver(&mut receiver, &chunks, snapshot_message(7, 3)).expect("the matching message stages it");
+        assert_eq!((staged.cell, staged.from, staged.image.checkpoint.op), (1, 1, 7));
+        // The refused transfers' generations were dropped: reopened, they are empty.
+        assert_eq!(staged.generation, 3);
+        for refused in [1, 2] {
+            let store = Store::open_in(&database, &store_name(1, refused)).unwrap();
+            assert_eq!(store.checkpoint().unwrap().op, 0, "generation {refused}");
+        }
     }
 }

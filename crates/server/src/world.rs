@@ -25,6 +25,9 @@ pub enum Fault {
     DelayedTick,
     /// A leader hands its leadership to another caught-up voter.
     LeaderStepDown,
+    /// The connection to a peer drops as a message is sent to it: what was
+    /// in flight either way is lost (the world's `drop_connection`).
+    DroppedConnection,
 }
 
 /// A deliberate bug, switched on only by the simulator's tests to show that
@@ -55,9 +58,18 @@ pub trait World: Send {
     }
     /// Stalls this node for a while (the effect of [`Fault::SlowFsync`]).
     fn stall(&self) {}
+    /// Drops the connection to `to` with what is in flight either way (the
+    /// effect of [`Fault::DroppedConnection`]).
+    fn drop_connection(&self, _to: NodeId) {}
     /// Whether deliberate bug `bug` is on.
     fn bug(&self, _bug: Bug) -> bool {
         false
+    }
+    /// An election timeout in ticks, drawn from `ticks`; `None` leaves the
+    /// draw to Raft (which uses the thread's random generator, so a
+    /// simulation draws its own from its seed).
+    fn election_timeout(&self, _ticks: std::ops::Range<usize>) -> Option<usize> {
+        None
     }
 }
 

@@ -5,12 +5,15 @@
 //!
 //! A run:
 //! 1. **chaos** for `steps` events: clients send batches and lookups; the
-//!    network delays (per region pair, with jitter that reorders), loses and
-//!    duplicates messages; the fault schedule crashes nodes (the write-ahead
-//!    log loses what was not fsynced, sometimes leaving a torn write),
+//!    network delays (per region pair, with jitter; each link in order),
+//!    loses and duplicates messages and drops connections; the fault
+//!    schedule crashes nodes (the write-ahead log loses what was not
+//!    fsynced, sometimes leaving a torn write, sometimes with a flipped bit
+//!    in what was fsynced: the disk is then replaced, see `replace.rs`),
 //!    restarts them, cuts links one way or both ways, isolates nodes and
 //!    cuts whole regions; the engines' fault points (slow fsyncs, late
-//!    ticks, leader step-downs) fire as the seed chooses;
+//!    ticks, leader step-downs, dropped connections) fire as the seed
+//!    chooses; checkpoints and snapshots run as in production;
 //! 2. **heal**: faults stop, every node restarts, every link heals; every
 //!    client's request in doubt must resolve and every cell must commit
 //!    within [`LIVENESS_BOUND_NS`];
@@ -22,6 +25,7 @@
 //! contents are deterministic (what was written), its timing is not used.
 
 pub mod checkers;
+mod replace;
 pub mod rng;
 pub mod workload;
 pub mod world;
@@ -36,6 +40,7 @@ use cellpay_server::node::{NodeConfig, SteppedNode};
 use cellpay_server::world::Bug;
 
 use crate::checkers::Failure;
+use crate::replace::Phase;
 use crate::rng::Rng;
 use crate::workload::{Action, Book, Client};
 use crate::world::{FaultRates, Shared, SimWorld};
@@ -96,12 +101,24 @@ pub struct SimReport {
     pub crashes: u64,
     pub torn_writes: u64,
     pub link_cuts: u64,
+    /// Connections dropped with their messages in flight.
+    pub connection_drops: u64,
     pub region_cuts: u64,
     pub messages_sent: u64,
     pub messages_lost: u64,
     pub messages_duplicated: u64,
-    /// Fault points taken: slow fsyncs, late ticks, leader step-downs.
-    pub fault_points: [u64; 3],
+    /// Crashes that also flipped a byte of the fsynced log; of those, how
+    /// many recovery caught (the disk was then replaced) and how many it cut
+    /// as a torn write (the byte was in the last record).
+    pub damaged_logs: u64,
+    pub damage_caught: u64,
+    pub damage_cut_as_torn: u64,
+    /// Damaged disks replaced: removed from every cell, wiped, rejoined.
+    pub disks_replaced: u64,
+    /// Snapshots replicas installed (a replica that lagged past its leader's compacted log).
+    pub snapshots_installed: u64,
+    /// Fault points taken: slow fsyncs, late ticks, leader step-downs, dropped connections.
+    pub fault_points: [u64; 4],
     pub failures: Vec<Failure>,
 }
 
@@ -113,11 +130,33 @@ impl SimReport {
 
 #[derive(Debug)]
 enum Event {
-    Deliver { from: NodeId, to: NodeId, payload: Vec<u8> },
-    Tick { node: NodeId },
-    Restart { node: NodeId },
-    Heal { cut: usize },
+    Deliver {
+        from: NodeId,
+        to: NodeId,
+        payload: Vec<u8>,
+    },
+    Tick {
+        node: NodeId,
+    },
+    Restart {
+        node: NodeId,
+    },
+    Heal {
+        cut: usize,
+    },
+    /// The next step of replacing a node's damaged disk.
+    Replace {
+        node: NodeId,
+    },
     Chaos,
+}
+
+/// How often the nodes of a run checkpoint, and how much log they keep.
+#[derive(Clone, Copy, Debug)]
+struct Storage {
+    checkpoint_transfers_max: usize,
+    checkpoint_idle_ns: u64,
+    log_retained_bytes: u64,
 }
 
 /// A cut: messages from `from` to `to` are dropped while it lasts.
@@ -135,7 +174,6 @@ struct Sim {
     /// A stalled node handles nothing before this.
     busy_until: BTreeMap<NodeId, u64>,
     skews: BTreeMap<NodeId, u64>,
-    election_ticks: BTreeMap<NodeId, usize>,
     events: BTreeMap<(u64, u64), Event>,
     sequence: u64,
     /// Active cuts, by id: each a set of one-way links.
@@ -144,6 +182,18 @@ struct Sim {
     loss_per_million: u64,
     duplicate_per_million: u64,
     jitter_ns: u64,
+    /// When the last message put on each link arrives: a link delivers in
+    /// order, as the transport's TCP connection does (jitter reorders
+    /// messages of different links only), and loses messages when its queue
+    /// overflows or its connection drops.
+    link_last: BTreeMap<Link, u64>,
+    storage: Storage,
+    /// The chance that a crash also flips a byte of what the log fsynced.
+    damage_per_million: u64,
+    /// Nodes whose log was damaged at their last crash, until they restart.
+    damaged: BTreeSet<NodeId>,
+    /// Nodes whose disk is being replaced.
+    replacing: BTreeMap<NodeId, Phase>,
     clients: Vec<Client>,
     book: Book,
     chaos: bool,
@@ -164,7 +214,12 @@ impl Sim {
         let dir = if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() }.expect("a temp dir");
         // Which fault points this run takes, and how often (FoundationDB's BUGGIFY: on for some runs only).
         let mut rate = |per_million: u64| if rng.chance(500_000) { per_million } else { 0 };
-        let rates = FaultRates { slow_fsync: rate(20_000), delayed_tick: rate(50_000), leader_step_down: rate(2_000) };
+        let rates = FaultRates {
+            slow_fsync: rate(20_000),
+            delayed_tick: rate(50_000),
+            leader_step_down: rate(2_000),
+            dropped_connection: rate(200),
+        };
         let nodes: Vec<NodeId> = topology.nodes().map(|n| n.id).collect();
         let shared = Arc::new(Mutex::new(Shared {
             now_ns: 0,
@@ -173,18 +228,23 @@ impl Sim {
             rng: rng.fork(),
             rates,
             bugs: config.bugs.clone(),
-            faults_taken: [0; 3],
+            faults_taken: [0; 4],
+            dropped: Vec::new(),
             peers: nodes.clone(),
         }));
         let net_rng = rng.fork();
         let loss_per_million = [0, 1_000, 10_000, 50_000][rng.below(4) as usize];
         let duplicate_per_million = [0, 1_000, 10_000][rng.below(3) as usize];
         let jitter_ns = [0, 1_000_000, 10_000_000, 50_000_000][rng.below(4) as usize];
+        let damage_per_million = if rng.chance(500_000) { 200_000 } else { 0 };
+        let storage = Storage {
+            checkpoint_transfers_max: [16, 256, 4096][rng.below(3) as usize],
+            checkpoint_idle_ns: [500_000_000, 3_000_000_000, 10_000_000_000][rng.below(3) as usize],
+            log_retained_bytes: [0, 16 << 10, 64 << 20][rng.below(3) as usize],
+        };
         let mut skews = BTreeMap::new();
-        let mut election_ticks = BTreeMap::new();
         for &node in &nodes {
             skews.insert(node, rng.below(2_000_000_000));
-            election_ticks.insert(node, 10 + rng.below(10) as usize);
         }
         let clients = (0..CLIENTS)
             .map(|i| {
@@ -204,7 +264,6 @@ impl Sim {
             nodes: BTreeMap::new(),
             busy_until: BTreeMap::new(),
             skews,
-            election_ticks,
             events: BTreeMap::new(),
             sequence: 0,
             cuts: BTreeMap::new(),
@@ -212,6 +271,11 @@ impl Sim {
             loss_per_million,
             duplicate_per_million,
             jitter_ns,
+            link_last: BTreeMap::new(),
+            storage,
+            damage_per_million,
+            damaged: BTreeSet::new(),
+            replacing: BTreeMap::new(),
             clients,
             book: Book::default(),
             chaos: true,
@@ -242,18 +306,41 @@ impl Sim {
         }
     }
 
+    fn node_dir(&self, node: NodeId) -> PathBuf {
+        self.dir.path().join(format!("node-{node}"))
+    }
+
     fn start(&mut self, node: NodeId) {
-        let mut config = NodeConfig::cluster(self.dir.path().join(format!("node-{node}")), self.topology.clone(), node);
-        config.election_ticks = self.election_ticks[&node];
-        config.election_ticks_randomised = false;
-        // No checkpoints yet: a node restarts from its checkpoint with its log
-        // compacted to it, and a replica behind that needs a snapshot, which
-        // the stepped engine does not ship yet (the next slice).
-        config.checkpoint_transfers_max = usize::MAX;
-        config.checkpoint_idle_interval = std::time::Duration::from_secs(1 << 40);
+        let mut config = NodeConfig::cluster(self.node_dir(node), self.topology.clone(), node);
+        // Checkpoint and compact often, so that restarts recover from a
+        // checkpoint and replicas that lag need snapshots.
+        let storage = self.storage;
+        config.checkpoint_transfers_max = storage.checkpoint_transfers_max;
+        config.checkpoint_idle_interval = std::time::Duration::from_nanos(storage.checkpoint_idle_ns);
+        config.log_retained_bytes = storage.log_retained_bytes;
         let world = SimWorld { node, shared: self.shared.clone(), base: self.base, skew_ns: self.skews[&node] };
-        let (stepped, _) = SteppedNode::open(config, Box::new(world))
-            .unwrap_or_else(|error| panic!("node {node} does not start: {error}; replay: {}", self.config.command()));
+        let damaged = self.damaged.remove(&node);
+        let stepped = match SteppedNode::open(config, Box::new(world)) {
+            Ok((stepped, recovery)) => {
+                if damaged && recovery.torn_tail_bytes_cut > 0 {
+                    // The flipped byte was in the last record: cut like a torn write.
+                    self.report.damage_cut_as_torn += 1;
+                } else if damaged {
+                    self.report.failures.push(Failure::new(
+                        "disk",
+                        format!("node {node} started on a log with a flipped byte and did not notice"),
+                    ));
+                }
+                stepped
+            }
+            Err(error) if damaged && replace::is_damage(&error) => {
+                tracing::info!(node, %error, "the damaged log was caught: replacing the disk");
+                self.report.damage_caught += 1;
+                self.replace_begin(node);
+                return;
+            }
+            Err(error) => panic!("node {node} does not start: {error}; replay: {}", self.config.command()),
+        };
         self.nodes.insert(node, Some(stepped));
         self.flush_outbox();
     }
@@ -262,6 +349,7 @@ impl Sim {
     fn crash(&mut self, node: NodeId) {
         let Some(stepped) = self.nodes.insert(node, None).flatten() else { return };
         let durable = stepped.wal_durable_op();
+        self.report.snapshots_installed += snapshots_installed(&stepped);
         drop(stepped);
         let torn: Vec<u8> = if self.rng.chance(500_000) {
             self.report.torn_writes += 1;
@@ -269,9 +357,19 @@ impl Sim {
         } else {
             Vec::new()
         };
-        let wal = self.dir.path().join(format!("node-{node}")).join("wal");
+        let wal = self.node_dir(node).join("wal");
         cellpay_storage::wal::crash_lose_unsynced(&wal, durable, &torn)
             .unwrap_or_else(|error| panic!("cutting node {node}'s log: {error}"));
+        // Sometimes the crash also damages what was fsynced (one node at a time).
+        let quiet = self.damaged.is_empty() && self.replacing.is_empty();
+        if quiet && torn.is_empty() && self.rng.chance(self.damage_per_million) {
+            if let Some((segment, offset)) = replace::flip_a_byte(&wal, &mut self.rng) {
+                tracing::info!(node, segment, offset, "flipped a byte of the fsynced log");
+                self.damaged.insert(node);
+                self.report.damaged_logs += 1;
+                self.record(&[0xDA, node, offset]);
+            }
+        }
         self.report.crashes += 1;
         self.record(&[0xC0, node, durable]);
         // Messages sent before the crash may still arrive; none after.
@@ -284,10 +382,18 @@ impl Sim {
 
     /// Puts what the engines sent on the simulated network.
     fn flush_outbox(&mut self) {
-        let (sent, stalls) = {
+        let (sent, stalls, dropped) = {
             let mut shared = self.shared.lock().expect("sim lock");
-            (std::mem::take(&mut shared.outbox), std::mem::take(&mut shared.stalls))
+            let shared = &mut *shared;
+            (
+                std::mem::take(&mut shared.outbox),
+                std::mem::take(&mut shared.stalls),
+                std::mem::take(&mut shared.dropped),
+            )
         };
+        for (a, b) in dropped {
+            self.drop_connection(a, b);
+        }
         let now = self.now();
         for node in stalls {
             let until = now + self.rng.between(10_000_000, 500_000_000);
@@ -304,7 +410,10 @@ impl Sim {
             for _ in 0..copies {
                 let delay = self.topology.one_way_delay(from, to).as_nanos() as u64
                     + if self.jitter_ns > 0 { self.net_rng.below(self.jitter_ns) } else { 0 };
-                self.schedule(now + delay.max(1), Event::Deliver { from, to, payload: payload.clone() });
+                let last = self.link_last.entry((from, to)).or_insert(0);
+                let at = (now + delay.max(1)).max(*last);
+                *last = at;
+                self.schedule(at, Event::Deliver { from, to, payload: payload.clone() });
             }
         }
     }
@@ -345,7 +454,7 @@ impl Sim {
             }
             Event::Restart { node } => {
                 self.record(&[3, at, node]);
-                if self.nodes[&node].is_none() {
+                if self.nodes[&node].is_none() && !self.disks_out().contains(&node) {
                     self.start(node);
                 }
             }
@@ -353,6 +462,7 @@ impl Sim {
                 self.record(&[4, at, cut as u64]);
                 self.cuts.remove(&cut);
             }
+            Event::Replace { node } => self.replace_step(node),
             Event::Chaos => {
                 if self.chaos {
                     self.chaos_event();
@@ -397,7 +507,7 @@ impl Sim {
         let down: Vec<NodeId> = self.nodes.iter().filter(|(_, n)| n.is_none()).map(|(&id, _)| id).collect();
         let nodes: Vec<NodeId> = self.nodes.keys().copied().collect();
         let node = nodes[self.rng.below(nodes.len() as u64) as usize];
-        match self.rng.below(6) {
+        match self.rng.below(7) {
             // Crash a node (at most two down at once), restart it later.
             0 | 1 if down.len() < 2 && !down.contains(&node) => {
                 self.crash(node);
@@ -429,8 +539,26 @@ impl Sim {
                 self.report.region_cuts += 1;
                 self.cut(links);
             }
+            // Drop the connection between two nodes: what is in flight either way is lost.
+            5 => {
+                let other = nodes[self.rng.below(nodes.len() as u64) as usize];
+                if other != node {
+                    self.drop_connection(node, other);
+                }
+            }
             _ => {}
         }
+    }
+
+    fn drop_connection(&mut self, a: NodeId, b: NodeId) {
+        let before = self.events.len();
+        self.events.retain(|_, event| {
+            !matches!(event, Event::Deliver { from, to, .. } if (*from, *to) == (a, b) || (*from, *to) == (b, a))
+        });
+        let lost = (before - self.events.len()) as u64;
+        self.report.connection_drops += 1;
+        self.report.messages_lost += lost;
+        self.record(&[7, a, b, lost]);
     }
 
     fn cut(&mut self, links: Vec<Link>) {
@@ -448,8 +576,9 @@ impl Sim {
         self.chaos = false;
         self.cuts.clear();
         self.shared.lock().expect("sim lock").rates = FaultRates::default();
+        let out = self.disks_out();
         let down: Vec<NodeId> = self.nodes.iter().filter(|(_, n)| n.is_none()).map(|(&id, _)| id).collect();
-        for node in down {
+        for node in down.into_iter().filter(|node| !out.contains(node)) {
             self.start(node);
         }
     }
@@ -462,6 +591,10 @@ impl Sim {
         }
         true
     }
+}
+
+fn snapshots_installed(node: &SteppedNode) -> u64 {
+    node.status().cells().iter().map(|cell| cell.snapshots_installed).sum()
 }
 
 /// Runs one seed.
@@ -511,6 +644,7 @@ pub fn run(config: SimConfig) -> SimReport {
     sim.report.retries = sim.book.retries;
     sim.report.trace_hash = sim.trace;
     for node in std::mem::take(&mut sim.nodes).into_values().flatten() {
+        sim.report.snapshots_installed += snapshots_installed(&node);
         node.shutdown();
     }
     std::mem::take(&mut sim.report)

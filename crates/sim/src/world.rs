@@ -19,6 +19,7 @@ pub struct FaultRates {
     pub slow_fsync: u64,
     pub delayed_tick: u64,
     pub leader_step_down: u64,
+    pub dropped_connection: u64,
 }
 
 /// What the simulator shares with every node's world.
@@ -33,7 +34,9 @@ pub struct Shared {
     pub rates: FaultRates,
     pub bugs: Vec<Bug>,
     /// Fault points taken, by kind.
-    pub faults_taken: [u64; 3],
+    pub faults_taken: [u64; 4],
+    /// Connections the engines dropped (fault point), in order: `(from, to)`.
+    pub dropped: Vec<(NodeId, NodeId)>,
     pub peers: Vec<NodeId>,
 }
 
@@ -60,9 +63,22 @@ impl World for SimWorld {
         true
     }
 
+    fn drop_connection(&self, to: NodeId) {
+        let mut shared = self.shared.lock().expect("sim lock");
+        // What this round queued on the link is lost too.
+        let link = |from: NodeId, peer: NodeId| (from, peer) == (self.node, to) || (from, peer) == (to, self.node);
+        shared.outbox.retain(|(from, peer, _)| !link(*from, *peer));
+        shared.dropped.push((self.node, to));
+    }
+
     fn peers(&self) -> Vec<PeerStatus> {
         let shared = self.shared.lock().expect("sim lock");
         shared.peers.iter().filter(|&&p| p != self.node).map(|&node| PeerStatus { node, connected: true }).collect()
+    }
+
+    fn election_timeout(&self, ticks: std::ops::Range<usize>) -> Option<usize> {
+        let mut shared = self.shared.lock().expect("sim lock");
+        Some(ticks.start + shared.rng.below((ticks.end - ticks.start) as u64) as usize)
     }
 
     fn buggify(&self, fault: Fault) -> bool {
@@ -71,6 +87,7 @@ impl World for SimWorld {
             Fault::SlowFsync => (0, shared.rates.slow_fsync),
             Fault::DelayedTick => (1, shared.rates.delayed_tick),
             Fault::LeaderStepDown => (2, shared.rates.leader_step_down),
+            Fault::DroppedConnection => (3, shared.rates.dropped_connection),
         };
         if rate == 0 {
             return false;

@@ -13,14 +13,43 @@ const CI_STEPS: u64 = 30_000;
 #[test]
 fn the_ci_seeds_pass_every_checker() {
     let started = std::time::Instant::now();
+    // What the seeds put the cluster through, all together.
+    let mut covered = [0u64; 8];
     for seed in ci_seeds() {
         let config = SimConfig::new(seed, CI_STEPS);
         let report = run(config.clone());
         assert!(report.passed(), "seed {seed} failed: {:#?}\nreplay: {}", report.failures, config.command());
         assert!(report.transfers_acknowledged > 0, "seed {seed}: the workload made progress");
+        let counts = [
+            report.crashes,
+            report.torn_writes,
+            report.region_cuts,
+            report.connection_drops,
+            report.snapshots_installed,
+            report.damage_caught,
+            report.disks_replaced,
+            report.fault_points.iter().sum(),
+        ];
+        for (total, count) in covered.iter_mut().zip(counts) {
+            *total += count;
+        }
     }
     let seeds = ci_seeds().count();
     println!("{seeds} seeds of {CI_STEPS} steps in {:?}", started.elapsed());
+    let names = [
+        "crashes",
+        "torn writes",
+        "region cuts",
+        "connections dropped",
+        "snapshots installed",
+        "damaged logs caught",
+        "disks replaced",
+        "fault points taken",
+    ];
+    for (name, total) in names.iter().zip(covered) {
+        println!("{name}: {total}");
+        assert!(total > 0, "the CI seeds never exercised: {name}");
+    }
 }
 
 #[test]
