@@ -4,6 +4,8 @@
 //!   datacenters as 2+2+1, one node per datacenter, on loopback).
 //! - `ctl topology` prints the topology with each cell's live leader and
 //!   every replica's health, asked of every node's `/v1/cluster/status`.
+//! - `ctl routing show` prints the routing table (its version and each
+//!   cell's shards) that every node routes by (`/v1/cluster/routing`).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -69,6 +71,11 @@ pub enum CtlCommand {
         #[arg(long, default_value_t = 60)]
         timeout_s: u64,
     },
+    /// The routing table: which cell owns each shard.
+    Routing {
+        #[command(subcommand)]
+        command: RoutingCommand,
+    },
     /// Print the topology with live leaders and replica health.
     Topology {
         /// The cluster's topology file.
@@ -77,6 +84,17 @@ pub enum CtlCommand {
         /// Print the raw JSON status of every node instead.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(clap::Subcommand)]
+pub enum RoutingCommand {
+    /// Print the table every node routes by: its version and each cell's
+    /// shards (nodes that disagree are listed by version).
+    Show {
+        /// The cluster's topology file.
+        #[arg(long)]
+        cluster: PathBuf,
     },
 }
 
@@ -106,6 +124,13 @@ pub async fn run(args: CtlArgs) -> Result<()> {
             for cell in cells {
                 change_membership(&topology, cell, &change, Duration::from_secs(timeout_s)).await?;
             }
+            Ok(())
+        }
+        CtlCommand::Routing { command: RoutingCommand::Show { cluster } } => {
+            let topology = Topology::load(&cluster)?;
+            let tables = fetch_all(&topology, "routing").await;
+            anyhow::ensure!(tables.values().any(Option::is_some), "no node answered");
+            print!("{}", render_routing(&tables));
             Ok(())
         }
         CtlCommand::Topology { cluster, json } => {
@@ -284,14 +309,51 @@ pub fn leaders(topology: &Topology, statuses: &BTreeMap<u64, Option<Value>>) -> 
 
 /// Every node's `/v1/cluster/status`, or `None` for a node that did not answer.
 pub async fn fetch_statuses(topology: &Topology) -> BTreeMap<u64, Option<Value>> {
+    fetch_all(topology, "status").await
+}
+
+/// Every node's `/v1/cluster/{what}`, or `None` for a node that did not answer.
+async fn fetch_all(topology: &Topology, what: &str) -> BTreeMap<u64, Option<Value>> {
     let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().expect("an HTTP client");
     let mut statuses = BTreeMap::new();
     for node in topology.nodes() {
-        let url = format!("http://{}/v1/cluster/status", node.client_address);
+        let url = format!("http://{}/v1/cluster/{what}", node.client_address);
         let status = async { client.get(&url).send().await?.error_for_status()?.json::<Value>().await }.await.ok();
         statuses.insert(node.id, status);
     }
     statuses
+}
+
+/// The routing tables the nodes answered, grouped by version, newest first.
+fn render_routing(tables: &BTreeMap<u64, Option<Value>>) -> String {
+    use std::fmt::Write as _;
+    let mut by_version: BTreeMap<std::cmp::Reverse<u64>, (Vec<u64>, &Value)> = BTreeMap::new();
+    let mut silent = Vec::new();
+    for (&node, table) in tables {
+        match table {
+            Some(table) => {
+                let version = table["version"].as_u64().unwrap_or(0);
+                by_version.entry(std::cmp::Reverse(version)).or_insert((Vec::new(), table)).0.push(node);
+            }
+            None => silent.push(node),
+        }
+    }
+    let mut out = String::new();
+    for (std::cmp::Reverse(version), (nodes, table)) in by_version {
+        let nodes: Vec<String> = nodes.iter().map(u64::to_string).collect();
+        let shards = table["shards"].as_u64().unwrap_or(0);
+        let _ = writeln!(out, "routing version {version}, {shards} shards (nodes {})", nodes.join(","));
+        for cell in table["cells"].as_array().into_iter().flatten() {
+            let ranges: Vec<&str> = cell["shards"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+            let id = cell["cell"].as_u64().unwrap_or(0);
+            let _ = writeln!(out, "  cell {id:<3} shards {}", ranges.join(","));
+        }
+    }
+    if !silent.is_empty() {
+        let nodes: Vec<String> = silent.iter().map(u64::to_string).collect();
+        let _ = writeln!(out, "no answer from nodes {}", nodes.join(","));
+    }
+    out
 }
 
 fn render(topology: &Topology, statuses: &BTreeMap<u64, Option<Value>>) -> String {

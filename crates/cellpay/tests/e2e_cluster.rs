@@ -1059,6 +1059,21 @@ async fn a_write_through_one_node_is_read_through_any_other() {
         started.elapsed().as_secs_f64()
     );
     cluster.assert_replicas_identical().await;
+
+    // Every node routes by the topology's table, version 1: `ctl routing show` says so.
+    let path = cluster.topology_path.to_str().expect("a UTF-8 path");
+    let output = Command::new(env!("CARGO_BIN_EXE_cellpay"))
+        .args(["ctl", "routing", "show", "--cluster", path])
+        .output()
+        .expect("run cellpay ctl routing show");
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(output.status.success(), "ctl routing show failed: {stdout}{}", String::from_utf8_lossy(&output.stderr));
+    let mut expected = "routing version 1, 100 shards (nodes 1,2,3,4,5)\n".to_string();
+    for cell in &cluster.topology.cells {
+        let ranges = cellpay_cluster::topology::shard_ranges(&cell.shards).join(",");
+        expected.push_str(&format!("  cell {:<3} shards {ranges}\n", cell.id));
+    }
+    assert_eq!(stdout, expected);
 }
 
 /// `cellpay ctl switchover`, run as an operator would; returns its output.

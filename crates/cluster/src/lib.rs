@@ -3,10 +3,12 @@
 //! - [`topology`]: the cluster file: regions → datacenters → nodes, the
 //!   cells with their replicas and leader preference, the shard map and the
 //!   emulated latency between regions.
+//! - [`routing`]: the versioned routing table (which cell owns each shard).
 //! - [`transport`]: node-to-node messages over TCP, with bounded queues,
 //!   backpressure and emulated one-way latency.
 
 #![forbid(unsafe_code)]
 
+pub mod routing;
 pub mod topology;
 pub mod transport;

@@ -909,7 +909,7 @@ fn parse_shard_range(text: &str) -> Option<(u32, u32)> {
 }
 
 /// Writes sorted shards as compact ranges: `[0, 1, 2, 5]` → `["0-2", "5"]`.
-fn shard_ranges(shards: &[u32]) -> Vec<String> {
+pub fn shard_ranges(shards: &[u32]) -> Vec<String> {
     let mut ranges = Vec::new();
     let mut shards = shards.iter().copied().peekable();
     while let Some(start) = shards.next() {

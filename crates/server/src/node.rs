@@ -40,6 +40,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use cellpay_cluster::routing::RoutingTable;
 use cellpay_cluster::topology::{CellId, NodeId, Topology};
 use cellpay_cluster::transport::{Deliver, PeerConfig, Transport, TransportConfig};
 use cellpay_ledger::id::shard_of_account;
@@ -326,10 +327,11 @@ pub struct CellStatus {
 }
 
 /// The node's published status: one entry per hosted cell, and its links.
-#[derive(Default)]
 pub struct StatusBoard {
     cells: RwLock<BTreeMap<CellId, CellStatus>>,
     peers: RwLock<Vec<PeerStatus>>,
+    /// The routing table requests are routed by.
+    routing: RwLock<Arc<RoutingTable>>,
 }
 
 /// Whether this node's outbound link to a peer is up.
@@ -340,6 +342,16 @@ pub struct PeerStatus {
 }
 
 impl StatusBoard {
+    pub fn new(routing: RoutingTable) -> StatusBoard {
+        StatusBoard { cells: RwLock::default(), peers: RwLock::default(), routing: RwLock::new(Arc::new(routing)) }
+    }
+
+    /// The routing table this node routes by. (Today the topology's, version
+    /// 1; the global cell of the unitization work will publish new ones.)
+    pub fn routing(&self) -> Arc<RoutingTable> {
+        self.routing.read().expect("status lock").clone()
+    }
+
     pub fn peers(&self) -> Vec<PeerStatus> {
         self.peers.read().expect("status lock").clone()
     }
@@ -450,7 +462,8 @@ impl NodeHandle {
     /// parts to replicas of this node that do not lead them.)
     pub async fn submit_forwarded(&self, cell: CellId, request: Request) -> Result<Reply, NodeError> {
         let operation = request.operation();
-        let result = match validate(&request).and_then(|()| route(&self.topology, &request)) {
+        let routing = self.status.routing();
+        let result = match validate(&request).and_then(|()| route(&self.topology, &routing, &request)) {
             Ok(Route::Cell(routed)) if routed != cell => Err(NodeError::Unavailable {
                 cell,
                 reason: format!("a request forwarded for cell {cell} belongs to cell {routed}"),
@@ -465,7 +478,8 @@ impl NodeHandle {
 
     async fn submit_inner(&self, request: Request, origin: Origin) -> Result<Reply, NodeError> {
         validate(&request)?;
-        match route(&self.topology, &request)? {
+        let routing = self.status.routing();
+        match route(&self.topology, &routing, &request)? {
             Route::Cell(cell) => self.submit_routed(cell, request, origin).await,
             Route::Split(parts) => {
                 let ids = match &request {
@@ -645,14 +659,14 @@ enum Route {
     Split(Vec<(CellId, Request)>),
 }
 
-fn cell_of_account(topology: &Topology, account: u128) -> CellId {
-    let shard = shard_of_account(account, topology.shards);
-    topology.cell_of_shard(shard).expect("a valid topology assigns every shard to a cell")
+fn cell_of_account(routing: &RoutingTable, account: u128) -> CellId {
+    let shard = shard_of_account(account, routing.shards());
+    routing.owner(shard).expect("the shard of an account is below the shard count")
 }
 
-/// The cell a request belongs to: the cell of its events' accounts (all in
-/// one cell), or, for lookups, one request per cell.
-fn route(topology: &Topology, request: &Request) -> Result<Route, NodeError> {
+/// The cell a request belongs to by `routing`: the cell of its events'
+/// accounts (all in one cell), or, for lookups, one request per cell.
+fn route(topology: &Topology, routing: &RoutingTable, request: &Request) -> Result<Route, NodeError> {
     let single = |cells: &mut dyn Iterator<Item = (usize, CellId)>| -> Result<CellId, NodeError> {
         let Some((first_index, first_cell)) = cells.next() else {
             // Nothing names an account (a post or void naming only its
@@ -668,7 +682,7 @@ fn route(topology: &Topology, request: &Request) -> Result<Route, NodeError> {
     };
     match request {
         Request::CreateAccounts(accounts) => {
-            let mut cells = accounts.iter().enumerate().map(|(index, a)| (index, cell_of_account(topology, a.id)));
+            let mut cells = accounts.iter().enumerate().map(|(index, a)| (index, cell_of_account(routing, a.id)));
             single(&mut cells).map(Route::Cell)
         }
         Request::CreateTransfers(transfers) => {
@@ -676,17 +690,17 @@ fn route(topology: &Topology, request: &Request) -> Result<Route, NodeError> {
                 [t.debit_account_id, t.credit_account_id]
                     .into_iter()
                     .filter(|&id| id != 0)
-                    .map(move |id| (index, cell_of_account(topology, id)))
+                    .map(move |id| (index, cell_of_account(routing, id)))
             });
             single(&mut cells).map(Route::Cell)
         }
         Request::GetAccountTransfers(filter) | Request::GetAccountBalances(filter) => {
-            Ok(Route::Cell(cell_of_account(topology, filter.account_id)))
+            Ok(Route::Cell(cell_of_account(routing, filter.account_id)))
         }
         Request::LookupAccounts(ids) => {
             let mut by_cell: BTreeMap<CellId, Vec<u128>> = BTreeMap::new();
             for &id in ids {
-                by_cell.entry(cell_of_account(topology, id)).or_default().push(id);
+                by_cell.entry(cell_of_account(routing, id)).or_default().push(id);
             }
             if by_cell.len() == 1 {
                 return Ok(Route::Cell(*by_cell.keys().next().expect("one cell")));
@@ -720,7 +734,7 @@ impl Node {
     pub fn start(config: NodeConfig) -> Result<Node, StartError> {
         let database = open_database(&config)?;
         let metrics = Arc::new(Metrics::new());
-        let status = Arc::new(StatusBoard::default());
+        let status = Arc::new(StatusBoard::new(RoutingTable::initial(&config.topology)));
         let (inbox_sender, inbox) = bounded::<(NodeId, PeerMessage)>(config.inbox_messages_max);
         let (staged_sender, staged) = bounded::<Staged>(1);
         let receiver = SnapshotReceiver::start(database.clone(), staged_sender);
@@ -824,7 +838,7 @@ impl SteppedNode {
     pub fn open(config: NodeConfig, world: Box<dyn World>) -> Result<(SteppedNode, RecoveryReport), StartError> {
         let database = open_database(&config)?;
         let metrics = Arc::new(Metrics::new());
-        let status = Arc::new(StatusBoard::default());
+        let status = Arc::new(StatusBoard::new(RoutingTable::initial(&config.topology)));
         let receiver = snapshot::InlineReceiver::new(database.clone());
         let (mut engine, recovery) =
             Engine::open(config, database, metrics, status, world, Shipping::Inline, CheckpointWriter::inline())?;
@@ -2284,24 +2298,38 @@ impl Drop for CheckpointWriter {
 mod tests {
     use super::*;
 
+    use cellpay_cluster::routing::RoutingChange;
+
     #[test]
     fn requests_route_to_the_cell_of_their_accounts() {
         let topology = Topology::local(17000, 4);
         let account = |user: u64| cellpay_ledger::id::account_id(user, 0).unwrap();
         let mut transfer =
             Transfer { id: 1, debit_account_id: account(1), credit_account_id: account(2), ..Transfer::default() };
-        let Ok(Route::Cell(cell)) = route(&topology, &Request::CreateTransfers(vec![transfer])) else { panic!() };
+        let routing = RoutingTable::initial(&topology);
+        let Ok(Route::Cell(cell)) = route(&topology, &routing, &Request::CreateTransfers(vec![transfer])) else {
+            panic!()
+        };
         assert_eq!(cell, topology.cell_of_shard(1).unwrap());
+        // Routing follows the table, not the topology file.
+        let to = topology.cells.iter().map(|c| c.id).find(|&c| c != cell).unwrap();
+        let moved = routing.apply(1, RoutingChange::MoveShard { shard: 1, to }, &topology).unwrap();
+        let mut local = transfer;
+        local.credit_account_id = account(101);
+        let Ok(Route::Cell(moved_cell)) = route(&topology, &moved, &Request::CreateTransfers(vec![local])) else {
+            panic!()
+        };
+        assert_eq!(moved_cell, to);
         transfer.credit_account_id = account(99);
-        let error = route(&topology, &Request::CreateTransfers(vec![transfer])).err().unwrap();
+        let error = route(&topology, &routing, &Request::CreateTransfers(vec![transfer])).err().unwrap();
         assert!(matches!(error, NodeError::CrossCell { first_index: 0, index: 0, .. }), "{error:?}");
         let Ok(Route::Split(parts)) =
-            route(&topology, &Request::LookupAccounts(vec![account(1), account(99), account(2)]))
+            route(&topology, &routing, &Request::LookupAccounts(vec![account(1), account(99), account(2)]))
         else {
             panic!()
         };
         assert_eq!(parts.len(), 2);
-        let Ok(Route::Split(parts)) = route(&topology, &Request::LookupTransfers(vec![5])) else { panic!() };
+        let Ok(Route::Split(parts)) = route(&topology, &routing, &Request::LookupTransfers(vec![5])) else { panic!() };
         assert_eq!(parts.len(), 4);
     }
 

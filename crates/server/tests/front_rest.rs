@@ -119,7 +119,7 @@ async fn rest_creates_and_reads_accounts_and_transfers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_health_and_openapi_are_served() {
+async fn metrics_health_openapi_and_routing_are_served() {
     let server = Server::start().await;
     server.post_ok("/v1/accounts", &accounts_json()).await;
     server.post_ok("/v1/transfers", &json!({"transfers": [transfer_json(1, 1, 2, "5")]})).await;
@@ -141,6 +141,11 @@ async fn metrics_health_and_openapi_are_served() {
 
     let reply = server.get("/health").await;
     assert_eq!((reply.status, reply.text().as_str()), (StatusCode::OK, "ok"));
+
+    // A node alone: one cell owns every shard, at the topology's version 1.
+    let reply = server.get("/v1/cluster/routing").await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json(), json!({"version": 1, "shards": 100, "cells": [{"cell": 1, "shards": ["0-99"]}]}));
 
     server.stop().await;
 }

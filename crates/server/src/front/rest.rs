@@ -16,6 +16,7 @@ use cellpay_api::json::{
     self, AccountsJson, BalancesJson, CreateResultsJson, ErrorBodyJson, TransfersJson, BODY_BYTES_MAX,
 };
 use cellpay_api::{DecodeError, ErrorCode, OPENAPI_JSON};
+use cellpay_cluster::topology::shard_ranges;
 use http_body_util::BodyExt;
 
 use super::{error_response, node_error_code, record_events};
@@ -35,6 +36,7 @@ pub(super) fn router(handle: NodeHandle) -> Router {
         .route("/metrics", get(metrics))
         .route("/health", get(health))
         .route("/v1/cluster/status", get(cluster_status))
+        .route("/v1/cluster/routing", get(cluster_routing))
         .route("/v1/cluster/drain", post(cluster_drain))
         .route("/v1/cluster/membership", post(cluster_membership))
         .route("/openapi.json", get(openapi))
@@ -174,6 +176,19 @@ async fn cluster_membership(State(handle): State<NodeHandle>, JsonBody(body): Js
 
 /// This node's view of the cluster: where it is, every cell it hosts (role,
 /// leader, term, commit and applied index, log, state hash) and its links.
+/// The routing table this node routes by: its version and each cell's
+/// shards, as ranges in the topology file's syntax.
+async fn cluster_routing(State(handle): State<NodeHandle>) -> Response {
+    let routing = handle.status().routing();
+    let cells: Vec<serde_json::Value> = routing
+        .shards_by_cell()
+        .into_iter()
+        .map(|(cell, shards)| serde_json::json!({"cell": cell, "shards": shard_ranges(&shards)}))
+        .collect();
+    let body = serde_json::json!({"version": routing.version(), "shards": routing.shards(), "cells": cells});
+    Json(body).into_response()
+}
+
 async fn cluster_status(State(handle): State<NodeHandle>) -> Response {
     let topology = handle.topology();
     let node = handle.node();
