@@ -107,7 +107,7 @@ pub struct SimReport {
     pub messages_sent: u64,
     pub messages_lost: u64,
     pub messages_duplicated: u64,
-    /// Crashes that also flipped a byte of the fsynced log; of those, how
+    /// Crashes that also flipped a bit of the fsynced log; of those, how
     /// many recovery caught (the disk was then replaced) and how many it cut
     /// as a torn write (the byte was in the last record).
     pub damaged_logs: u64,
@@ -188,7 +188,7 @@ struct Sim {
     /// overflows or its connection drops.
     link_last: BTreeMap<Link, u64>,
     storage: Storage,
-    /// The chance that a crash also flips a byte of what the log fsynced.
+    /// The chance that a crash also flips a bit of what the log fsynced.
     damage_per_million: u64,
     /// Nodes whose log was damaged at their last crash, until they restart.
     damaged: BTreeSet<NodeId>,
@@ -319,26 +319,22 @@ impl Sim {
         config.checkpoint_idle_interval = std::time::Duration::from_nanos(storage.checkpoint_idle_ns);
         config.log_retained_bytes = storage.log_retained_bytes;
         let world = SimWorld { node, shared: self.shared.clone(), base: self.base, skew_ns: self.skews[&node] };
-        let damaged = self.damaged.remove(&node);
-        let stepped = match SteppedNode::open(config, Box::new(world)) {
-            Ok((stepped, recovery)) => {
-                if damaged && recovery.torn_tail_bytes_cut > 0 {
-                    // The flipped byte was in the last record: cut like a torn write.
-                    self.report.damage_cut_as_torn += 1;
-                } else if damaged {
-                    self.report.failures.push(Failure::new(
-                        "disk",
-                        format!("node {node} started on a log with a flipped byte and did not notice"),
-                    ));
+        let opened = SteppedNode::open(config, Box::new(world));
+        if self.damaged.remove(&node) {
+            match checkers::disk::check_start(node, opened.as_ref().map(|(_, recovery)| recovery)) {
+                Ok(checkers::disk::Outcome::Caught) => {
+                    tracing::info!(node, "the damaged log was caught: replacing the disk");
+                    self.report.damage_caught += 1;
+                    self.replace_begin(node);
+                    return;
                 }
-                stepped
+                Ok(checkers::disk::Outcome::CutAsTorn) => self.report.damage_cut_as_torn += 1,
+                Err(Some(failure)) => self.report.failures.push(failure),
+                Err(None) => {}
             }
-            Err(error) if damaged && replace::is_damage(&error) => {
-                tracing::info!(node, %error, "the damaged log was caught: replacing the disk");
-                self.report.damage_caught += 1;
-                self.replace_begin(node);
-                return;
-            }
+        }
+        let stepped = match opened {
+            Ok((stepped, _)) => stepped,
             Err(error) => panic!("node {node} does not start: {error}; replay: {}", self.config.command()),
         };
         self.nodes.insert(node, Some(stepped));
@@ -363,8 +359,8 @@ impl Sim {
         // Sometimes the crash also damages what was fsynced (one node at a time).
         let quiet = self.damaged.is_empty() && self.replacing.is_empty();
         if quiet && torn.is_empty() && self.rng.chance(self.damage_per_million) {
-            if let Some((segment, offset)) = replace::flip_a_byte(&wal, &mut self.rng) {
-                tracing::info!(node, segment, offset, "flipped a byte of the fsynced log");
+            if let Some((segment, offset)) = replace::flip_a_bit(&wal, &mut self.rng) {
+                tracing::info!(node, segment, offset, "flipped a bit of the fsynced log");
                 self.damaged.insert(node);
                 self.report.damaged_logs += 1;
                 self.record(&[0xDA, node, offset]);

@@ -1,6 +1,6 @@
 //! A damaged disk, and its replacement.
 //!
-//! A crash may also flip a byte of what the node's write-ahead log had
+//! A crash may also flip a bit of what the node's write-ahead log had
 //! fsynced (a latent sector error, a bit rot). On restart the node's
 //! checksums must catch it: recovery refuses to start, naming the damage.
 //! Then the simulator does what an operator does (see ARCHITECTURE.md,
@@ -13,7 +13,7 @@
 //! 3. **add it as a learner** to every cell; once its replica has caught up
 //!    (from the log or a snapshot), **promote** it to a voter.
 //!
-//! A flipped byte in the log's last record cannot be told from a torn write
+//! A flipped bit in the log's last record cannot be told from a torn write
 //! (a record cut short by the crash): recovery cuts it, as it must for a
 //! torn write. Such a node lost a record it had fsynced; the run counts it.
 
@@ -41,10 +41,10 @@ pub(crate) enum Phase {
     Joining,
 }
 
-/// Flips one byte of one of the log's segment files (chosen by `rng`):
+/// Flips one bit of one of the log's segment files (chosen by `rng`):
 /// everything in them was fsynced. Returns the file and offset, or `None`
 /// if the log is empty.
-pub(crate) fn flip_a_byte(wal: &Path, rng: &mut Rng) -> Option<(String, u64)> {
+pub(crate) fn flip_a_bit(wal: &Path, rng: &mut Rng) -> Option<(String, u64)> {
     let mut segments: Vec<(String, u64)> = std::fs::read_dir(wal)
         .ok()?
         .filter_map(Result::ok)

@@ -6,6 +6,7 @@ pub mod acknowledged;
 pub mod applied_once;
 pub mod balance_limits;
 pub mod conservation;
+pub mod disk;
 pub mod liveness;
 pub mod replicas;
 
