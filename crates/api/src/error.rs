@@ -210,6 +210,10 @@ error_codes! {
     Timeout => "timeout", 504, DeadlineExceeded;
     /// A bug or an I/O failure in the server.
     Internal => "internal", 500, Internal;
+    /// The cell does not own the shard of an account the request names (the
+    /// sender's routing table is older or newer than the cell's): nothing was
+    /// applied; refresh the routing table and resend.
+    Misrouted => "misrouted", 503, Unavailable;
 }
 
 #[cfg(test)]

@@ -224,6 +224,11 @@ pub enum NodeError {
     Timeout { cell: CellId, timeout_ms: u64 },
     #[error("cell {cell} is unavailable: {reason}; retry with the same ids")]
     Unavailable { cell: CellId, reason: String },
+    #[error(
+        "cell {cell} does not own account {account}: cell {owner} does, by routing table version \
+         {routing_version}; nothing was applied: refresh the routing table and resend"
+    )]
+    Misrouted { cell: CellId, account: u128, owner: CellId, routing_version: u64 },
     /// The write was proposed but the node stopped (or replaced its state by
     /// a snapshot) before learning whether it committed.
     #[error("cell {cell}: {reason}: the write's outcome is unknown; retry with the same ids")]
@@ -662,6 +667,22 @@ enum Route {
 fn cell_of_account(routing: &RoutingTable, account: u128) -> CellId {
     let shard = shard_of_account(account, routing.shards());
     routing.owner(shard).expect("the shard of an account is below the shard count")
+}
+
+/// The first account `request` names whose shard `cell` does not own by
+/// `routing`, and the cell that does. (A lookup of transfers names no
+/// account: transfer ids are opaque, any cell may hold one.)
+fn not_owned(routing: &RoutingTable, cell: CellId, request: &Request) -> Option<(u128, CellId)> {
+    let accounts: Vec<u128> = match request {
+        Request::CreateAccounts(accounts) => accounts.iter().map(|account| account.id).collect(),
+        Request::CreateTransfers(transfers) => {
+            transfers.iter().flat_map(|t| [t.debit_account_id, t.credit_account_id]).filter(|&id| id != 0).collect()
+        }
+        Request::GetAccountTransfers(filter) | Request::GetAccountBalances(filter) => vec![filter.account_id],
+        Request::LookupAccounts(ids) => ids.clone(),
+        Request::LookupTransfers(_) => Vec::new(),
+    };
+    accounts.into_iter().map(|account| (account, cell_of_account(routing, account))).find(|&(_, owner)| owner != cell)
 }
 
 /// The cell a request belongs to by `routing`: the cell of its events'
@@ -1346,6 +1367,13 @@ impl Engine {
             let _ = envelope.reply.send(Err(NodeError::CellNotHosted { cell }));
             return;
         };
+        // A cell serves only the accounts of the shards it owns (any replica can tell).
+        let routing = self.status.routing();
+        if let Some((account, owner)) = not_owned(&routing, envelope.cell, &envelope.request) {
+            let (cell, routing_version) = (envelope.cell, routing.version());
+            let _ = envelope.reply.send(Err(NodeError::Misrouted { cell, account, owner, routing_version }));
+            return;
+        }
         if replica.raw.raft.state != StateRole::Leader {
             let leader = Some(replica.raw.raft.leader_id).filter(|&id| id != raft::INVALID_ID);
             let _ = envelope.reply.send(Err(NodeError::NotLeader { cell: replica.cell, leader }));

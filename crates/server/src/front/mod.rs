@@ -372,6 +372,7 @@ fn node_error_code(error: &NodeError) -> ErrorCode {
         NodeError::BatchTooLarge { .. } => ErrorCode::BatchTooLarge,
         NodeError::InvalidFilter(_) => ErrorCode::InvalidFilter,
         NodeError::CrossCell { .. } => ErrorCode::CrossCell,
+        NodeError::Misrouted { .. } => ErrorCode::Misrouted,
         NodeError::NotLeader { .. }
         | NodeError::CellNotHosted { .. }
         | NodeError::Unavailable { .. }
