@@ -673,16 +673,21 @@ fn cell_of_account(routing: &RoutingTable, account: u128) -> CellId {
 /// `routing`, and the cell that does. (A lookup of transfers names no
 /// account: transfer ids are opaque, any cell may hold one.)
 fn not_owned(routing: &RoutingTable, cell: CellId, request: &Request) -> Option<(u128, CellId)> {
-    let accounts: Vec<u128> = match request {
-        Request::CreateAccounts(accounts) => accounts.iter().map(|account| account.id).collect(),
-        Request::CreateTransfers(transfers) => {
-            transfers.iter().flat_map(|t| [t.debit_account_id, t.credit_account_id]).filter(|&id| id != 0).collect()
-        }
-        Request::GetAccountTransfers(filter) | Request::GetAccountBalances(filter) => vec![filter.account_id],
-        Request::LookupAccounts(ids) => ids.clone(),
-        Request::LookupTransfers(_) => Vec::new(),
+    let foreign = |account: u128| {
+        let owner = cell_of_account(routing, account);
+        (owner != cell).then_some((account, owner))
     };
-    accounts.into_iter().map(|account| (account, cell_of_account(routing, account))).find(|&(_, owner)| owner != cell)
+    match request {
+        Request::CreateAccounts(accounts) => accounts.iter().find_map(|account| foreign(account.id)),
+        Request::CreateTransfers(transfers) => transfers
+            .iter()
+            .flat_map(|t| [t.debit_account_id, t.credit_account_id])
+            .filter(|&id| id != 0)
+            .find_map(foreign),
+        Request::GetAccountTransfers(filter) | Request::GetAccountBalances(filter) => foreign(filter.account_id),
+        Request::LookupAccounts(ids) => ids.iter().find_map(|&id| foreign(id)),
+        Request::LookupTransfers(_) => None,
+    }
 }
 
 /// The cell a request belongs to by `routing`: the cell of its events'

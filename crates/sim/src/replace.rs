@@ -23,8 +23,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use cellpay_cluster::topology::{CellId, NodeId};
-use cellpay_server::node::{CellStatus, MembershipChange, StartError};
-use cellpay_storage::wal::WalError;
+use cellpay_server::node::{CellStatus, MembershipChange};
 
 use crate::rng::Rng;
 use crate::{Event, Sim};
@@ -66,12 +65,6 @@ pub(crate) fn flip_a_bit(wal: &Path, rng: &mut Rng) -> Option<(String, u64)> {
     byte[0] ^= 1 << rng.below(8);
     file.write_all_at(&byte, offset).expect("write a wal byte");
     Some((name, offset))
-}
-
-/// Whether a start failed because recovery found damage in the log.
-pub(crate) fn is_damage(error: &StartError) -> bool {
-    use cellpay_server::raft_log::NodeLogError;
-    matches!(error, StartError::Log(NodeLogError::Wal(WalError::Corrupt { .. }) | NodeLogError::Record { .. }))
 }
 
 impl Sim {

@@ -7,9 +7,10 @@
 
 use cellpay_cluster::topology::NodeId;
 use cellpay_server::node::{RecoveryReport, StartError};
+use cellpay_server::raft_log::NodeLogError;
+use cellpay_storage::wal::WalError;
 
 use super::Failure;
-use crate::replace::is_damage;
 
 /// What a start on a damaged log did.
 pub(crate) enum Outcome {
@@ -17,6 +18,11 @@ pub(crate) enum Outcome {
     Caught,
     /// Recovery cut the damaged last record as a torn tail.
     CutAsTorn,
+}
+
+/// Whether a start failed because recovery found damage in the log.
+fn is_damage(error: &StartError) -> bool {
+    matches!(error, StartError::Log(NodeLogError::Wal(WalError::Corrupt { .. }) | NodeLogError::Record { .. }))
 }
 
 /// Judges a start of `node` on a log with a flipped bit; an error this check
