@@ -214,6 +214,10 @@ error_codes! {
     /// sender's routing table is older or newer than the cell's): nothing was
     /// applied; refresh the routing table and resend.
     Misrouted => "misrouted", 503, Unavailable;
+    /// An operator's change conflicts with the cluster's state (the routing
+    /// table changed since it was read, a shard still holds accounts):
+    /// nothing changed; read the state again.
+    Conflict => "conflict", 409, FailedPrecondition;
 }
 
 #[cfg(test)]

@@ -5,14 +5,16 @@
 //! - `ctl topology` prints the topology with each cell's live leader and
 //!   every replica's health, asked of every node's `/v1/cluster/status`.
 //! - `ctl routing show` prints the routing table (its version and each
-//!   cell's shards) that every node routes by (`/v1/cluster/routing`).
+//!   cell's shards) that every node routes by (`/v1/cluster/routing`);
+//!   `ctl routing move` moves an empty shard to another cell (see
+//!   `shard_move.rs`).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
-use cellpay_cluster::topology::{Latency, Topology};
+use cellpay_cluster::topology::{Latency, Topology, GLOBAL_CELL};
 use serde_json::Value;
 
 #[derive(clap::Args)]
@@ -96,6 +98,23 @@ pub enum RoutingCommand {
         #[arg(long)]
         cluster: PathBuf,
     },
+    /// Move a shard to another cell: its old owner releases it (refused while
+    /// it holds accounts of the shard: accounts do not move yet), the global
+    /// cell's table names the new owner, the new owner acquires it. Safe to
+    /// run again after a failure: every step is idempotent.
+    Move {
+        /// The cluster's topology file.
+        #[arg(long)]
+        cluster: PathBuf,
+        #[arg(long)]
+        shard: u32,
+        /// The cell to own the shard.
+        #[arg(long)]
+        to: u64,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout_s: u64,
+    },
 }
 
 pub async fn run(args: CtlArgs) -> Result<()> {
@@ -115,7 +134,7 @@ pub async fn run(args: CtlArgs) -> Result<()> {
         CtlCommand::Member { cluster, cell, add_learner, promote, remove, timeout_s } => {
             let topology = Topology::load(&cluster)?;
             let cells: Vec<u64> = if cell == "all" {
-                topology.cells.iter().map(|c| c.id).collect()
+                std::iter::once(GLOBAL_CELL).chain(topology.cells.iter().map(|c| c.id)).collect()
             } else {
                 vec![cell.parse().map_err(|_| anyhow::anyhow!("--cell takes a cell id or `all`, not {cell:?}"))?]
             };
@@ -131,6 +150,12 @@ pub async fn run(args: CtlArgs) -> Result<()> {
             let tables = fetch_all(&topology, "routing").await;
             anyhow::ensure!(tables.values().any(Option::is_some), "no node answered");
             print!("{}", render_routing(&tables));
+            Ok(())
+        }
+        CtlCommand::Routing { command: RoutingCommand::Move { cluster, shard, to, timeout_s } } => {
+            let topology = Topology::load(&cluster)?;
+            let moved = crate::shard_move::move_shard(&topology, shard, to, Duration::from_secs(timeout_s)).await?;
+            println!("shard {shard}: moved from cell {} to cell {to}; routing version {}", moved.from, moved.version);
             Ok(())
         }
         CtlCommand::Topology { cluster, json } => {
@@ -223,7 +248,7 @@ impl Change {
 }
 
 /// The leader's view of `cell`: `(leader node, its status of the cell)`.
-async fn leader_view(topology: &Topology, cell: u64) -> Option<(u64, Value)> {
+pub async fn leader_view(topology: &Topology, cell: u64) -> Option<(u64, Value)> {
     let statuses = fetch_statuses(topology).await;
     let leader = leaders(topology, &statuses).get(&cell).copied().flatten()?;
     let status = statuses.get(&leader)?.as_ref()?;
@@ -289,7 +314,7 @@ pub async fn change_membership(topology: &Topology, cell: u64, change: &Change, 
 /// Each cell's leader: the one named by the replica with the highest term.
 pub fn leaders(topology: &Topology, statuses: &BTreeMap<u64, Option<Value>>) -> BTreeMap<u64, Option<u64>> {
     let mut leaders = BTreeMap::new();
-    for cell in &topology.cells {
+    for cell in std::iter::once(topology.global()).chain(&topology.cells) {
         let mut best: Option<(u64, u64)> = None;
         for status in statuses.values().flatten() {
             let Some(replicas) = status["cells"].as_array() else { continue };

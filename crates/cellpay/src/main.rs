@@ -6,6 +6,7 @@ mod commands;
 mod ctl;
 mod demo;
 mod server;
+mod shard_move;
 mod sim;
 
 use anyhow::Result;

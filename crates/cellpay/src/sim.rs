@@ -34,7 +34,7 @@ pub fn main(args: SimArgs) -> Result<bool> {
         let report = run(config.clone());
         let [slow_fsyncs, late_ticks, step_downs, connections_dropped] = report.fault_points;
         println!(
-            "seed {seed}: {} · trace {:016x} · {} steps, {:.1} s simulated in {:.2} s · {} transfers acknowledged, {} retries · {} crashes ({} torn writes), {} cuts ({} regions), {} connections dropped, {} logs damaged ({} caught, {} cut as torn, {} disks replaced), {} of {} messages lost, {} duplicated · {} snapshots installed · fault points: {slow_fsyncs} slow fsyncs, {late_ticks} late ticks, {step_downs} step-downs, {connections_dropped} connections dropped",
+            "seed {seed}: {} · trace {:016x} · {} steps, {:.1} s simulated in {:.2} s · {} transfers acknowledged, {} retries · {} crashes ({} torn writes), {} cuts ({} regions), {} connections dropped, {} logs damaged ({} caught, {} cut as torn, {} disks replaced), {} of {} messages lost, {} duplicated · {} snapshots installed, {} shards moved · fault points: {slow_fsyncs} slow fsyncs, {late_ticks} late ticks, {step_downs} step-downs, {connections_dropped} connections dropped",
             if report.passed() { "ok" } else { "FAILED" },
             report.trace_hash,
             report.steps,
@@ -55,6 +55,7 @@ pub fn main(args: SimArgs) -> Result<bool> {
             report.messages_sent,
             report.messages_duplicated,
             report.snapshots_installed,
+            report.shards_moved,
         );
         if !report.passed() {
             all_passed = false;

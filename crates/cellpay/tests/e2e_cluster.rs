@@ -17,7 +17,11 @@
 //!    is conserved; all five replicas of every cell hold the same state.
 //!
 //! `a_write_through_one_node_is_read_through_any_other`: linearizable reads
-//! after writes through different nodes (no emulated latency).
+//! after writes through different nodes (no emulated latency); then `ctl
+//! routing move` moves an empty shard to another cell: every node learns the
+//! new table through the routing watch, the old owner refuses the shard's
+//! accounts (`misrouted`) even when a stale router sends them there, and a
+//! shard holding accounts is not moved.
 //!
 //! Each node's stdout and stderr (`RUST_LOG=info`) go to files beside its data
 //! directory; when a test fails, the directory is kept and its path printed.
@@ -34,7 +38,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cellpay_api::proto;
 use cellpay_api::proto::ledger_client::LedgerClient;
-use cellpay_cluster::topology::Topology;
+use cellpay_cluster::topology::{Topology, GLOBAL_CELL};
 use cellpay_ledger::{id, Account, CreateAccountResult, CreateTransferResult, Transfer, BATCH_EVENTS_MAX};
 use serde::Deserialize;
 use tonic::transport::Channel;
@@ -308,7 +312,7 @@ impl Cluster {
             let mut settled = statuses.len() as u64 == NODES;
             let mut hashes: BTreeMap<u64, BTreeMap<(u64, String), Vec<u64>>> = BTreeMap::new();
             let mut checkpoints: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
-            for cell in &self.topology.cells {
+            for cell in std::iter::once(self.topology.global()).chain(&self.topology.cells) {
                 let replicas: Vec<(u64, &CellStatus)> = statuses
                     .values()
                     .filter_map(|s| s.cells.iter().find(|c| c.cell == cell.id).map(|c| (s.node, c)))
@@ -1005,7 +1009,8 @@ async fn a_write_through_one_node_is_read_through_any_other() {
     let started = Instant::now();
     let mut cluster = Cluster::start(false);
     cluster.wait_for_leaders(ELECTION_DEADLINE).await;
-    let groups = accounts_by_cell(&cluster.topology, 200);
+    // Users 1 to 99: shard 0 (user 100's) stays empty, to be moved below.
+    let groups = accounts_by_cell(&cluster.topology, 99);
     create_accounts(&cluster, &groups).await;
     let clients: BTreeMap<u64, LedgerClient<Channel>> =
         (1..=NODES).map(|node| (node, grpc(cluster.client_address(node), LOAD_REQUEST_TIMEOUT))).collect();
@@ -1074,6 +1079,106 @@ async fn a_write_through_one_node_is_read_through_any_other() {
         expected.push_str(&format!("  cell {:<3} shards {ranges}\n", cell.id));
     }
     assert_eq!(stdout, expected);
+
+    move_an_empty_shard(&mut cluster).await;
+    cluster.assert_replicas_identical().await;
+}
+
+/// `cellpay ctl routing move`, run as an operator would: `(succeeded, stdout + stderr)`.
+fn routing_move(cluster: &Cluster, shard: u32, to: u64) -> (bool, String) {
+    let path = cluster.topology_path.to_str().expect("a UTF-8 path");
+    let output = Command::new(env!("CARGO_BIN_EXE_cellpay"))
+        .args(["ctl", "routing", "move", "--cluster", path, "--shard", &shard.to_string(), "--to", &to.to_string()])
+        .output()
+        .expect("run cellpay ctl routing move");
+    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    (output.status.success(), text)
+}
+
+/// Moves shard 0 (no accounts) to another cell and checks what every node sees.
+async fn move_an_empty_shard(cluster: &mut Cluster) {
+    let topology = cluster.topology.clone();
+    let from = topology.cell_of_shard(0).expect("shard 0 is owned");
+    let to = topology.cells.iter().map(|cell| cell.id).find(|&cell| cell != from).expect("another cell");
+    // A shard holding accounts is not moved, and nothing changes.
+    let (moved, text) = routing_move(cluster, 1, to);
+    assert!(!moved && text.contains("did not release shard 1"), "{text}");
+    assert!(text.contains("accounts of shard 1"), "{text}");
+
+    // Every node watches the table: each answers as soon as it knows a version after 1.
+    let watches: Vec<_> = (1..=NODES)
+        .map(|node| {
+            let url = format!("http://{}/v1/cluster/routing?newer_than=1&wait_ms=10000", cluster.client_address(node));
+            tokio::spawn(async move {
+                let client = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
+                let table: serde_json::Value = client.get(url).send().await.unwrap().json().await.unwrap();
+                (node, table, Instant::now())
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let (moved, text) = routing_move(cluster, 0, to);
+    let moved_at = Instant::now();
+    assert!(moved, "ctl routing move failed: {text}");
+    assert_eq!(text, format!("shard 0: moved from cell {from} to cell {to}; routing version 2\n"));
+    eprintln!("ctl routing move: shard 0 from cell {from} to cell {to} in {} ms", (moved_at - started).as_millis());
+    for watch in watches {
+        let (node, table, seen) = watch.await.unwrap();
+        assert_eq!(table["version"], 2, "node {node}: {table}");
+        assert_eq!(table["owners"][0], to, "node {node}: {table}");
+        assert_eq!(table["owners"][1], topology.cell_of_shard(1).unwrap(), "node {node}");
+        eprintln!(
+            "node {node} learned routing version 2 {} ms after the move began",
+            seen.saturating_duration_since(started).as_millis()
+        );
+    }
+    // A stale router sends shard 0's account to the old owner (a call
+    // forwarded for that cell): refused, nothing applied.
+    let user = 100;
+    let account = Account { id: account_of_user(user), ledger: LEDGER, code: 1, ..Account::default() };
+    let mut client = grpc(cluster.client_address(1), LOAD_REQUEST_TIMEOUT);
+    let mut request = tonic::Request::new(proto::CreateAccountsRequest::from_ledger(&[account]));
+    request.metadata_mut().insert("cellpay-forwarded", format!("cell={from}").parse().unwrap());
+    let status = client.create_accounts(request).await.expect_err("the old owner refuses");
+    assert!(status.message().contains(&format!("cell {from} does not own account")), "{status:?}");
+    // Routed by the new table, it lands in the new owner, once.
+    let results = retry("create the moved shard's account", FAILOVER_DEADLINE, || {
+        let mut client = client.clone();
+        let request = proto::CreateAccountsRequest::from_ledger(&[account]);
+        async move { client.create_accounts(request).await }
+    })
+    .await
+    .into_inner()
+    .to_ledger()
+    .unwrap();
+    assert_eq!(results, [CreateAccountResult::Ok]);
+    // Every replica of the new owner holds it (once applied), none of the old owner's.
+    let expected = |cell: u64| groups_count(&topology, cell) + u64::from(cell == to);
+    let deadline = Instant::now() + FAILOVER_DEADLINE;
+    loop {
+        let statuses = cluster.statuses().await;
+        let counts: Vec<(u64, u64, Option<u64>)> = statuses
+            .values()
+            .flat_map(|status| {
+                [GLOBAL_CELL, from, to]
+                    .map(|cell| (status.node, cell, status.cells.iter().find(|c| c.cell == cell).map(|c| c.accounts)))
+            })
+            .collect();
+        let right = counts.iter().all(|&(_, cell, accounts)| accounts == Some(expected(cell)));
+        if right && statuses.len() as u64 == NODES {
+            break;
+        }
+        assert!(Instant::now() < deadline, "accounts per (node, cell) are not as expected: {counts:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Now shard 0 holds an account: it does not move back.
+    let (moved, text) = routing_move(cluster, 0, from);
+    assert!(!moved && text.contains("did not release shard 0"), "{text}");
+}
+
+/// How many of users 1 to 99's accounts the topology puts in `cell`.
+fn groups_count(topology: &Topology, cell: u64) -> u64 {
+    accounts_by_cell(topology, 99).get(&cell).map_or(0, |group| group.len() as u64)
 }
 
 /// `cellpay ctl switchover`, run as an operator would; returns its output.

@@ -53,6 +53,8 @@ pub enum RoutingError {
     AlreadyOwner { shard: u32, cell: CellId },
     #[error("routing table encoding: {reason}")]
     Malformed { reason: String },
+    #[error("only the global cell holds the routing table")]
+    NoTable,
 }
 
 impl RoutingTable {

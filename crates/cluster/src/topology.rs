@@ -96,6 +96,9 @@ pub type CellId = u64;
 
 /// The number of shards when the file does not say (the source system's "00"–"99").
 pub const SHARDS_DEFAULT: u32 = 100;
+/// The id of the global cell (see [`Topology::global`]); the cells of the
+/// file are numbered from 1.
+pub const GLOBAL_CELL: CellId = 0;
 /// The largest number of shards: the ledger's own limit (`cellpay_ledger::id::SHARDS_MAX`).
 pub const SHARDS_MAX: u32 = 10_000;
 /// The largest number of nodes in a cluster.
@@ -414,7 +417,8 @@ impl Topology {
             check_leader_preference(cell, &datacenter_names)?;
         }
         let shard_cells = owners.finish()?;
-        let index = Index { places, cell_positions, shard_cells };
+        let global = global_cell(&regions);
+        let index = Index { places, cell_positions, shard_cells, global };
         Ok(Topology { shards, latency, regions, cells, index })
     }
 
@@ -558,9 +562,21 @@ impl Topology {
         Some(Location { region: &region.name, datacenter: &datacenter.name })
     }
 
-    /// The cell with this id.
+    /// The cell with this id; [`GLOBAL_CELL`] is the global cell.
     pub fn cell(&self, id: CellId) -> Option<&Cell> {
+        if id == GLOBAL_CELL {
+            return Some(&self.index.global);
+        }
         self.cells.get(*self.index.cell_positions.get(&id)?)
+    }
+
+    /// The global cell: it owns no shard and holds the routing table. Every
+    /// node hosts a replica: the first node of each datacenter votes (one
+    /// voter per datacenter, like the cells, so it survives a region's
+    /// loss), every other node is a learner (a read replica in its
+    /// datacenter); leaders prefer the datacenters in file order.
+    pub fn global(&self) -> &Cell {
+        &self.index.global
     }
 
     /// The cell that owns a shard; `None` if `shard >= shards`.
@@ -568,10 +584,11 @@ impl Topology {
         self.index.shard_cells.get(usize::try_from(shard).ok()?).copied()
     }
 
-    /// The cells with a replica (voter or learner) on a node, by id.
+    /// The cells with a replica (voter or learner) on a node, by id: the
+    /// global cell (id 0) first.
     pub fn cells_of_node(&self, node: NodeId) -> Vec<CellId> {
-        let mut cells: Vec<CellId> =
-            self.cells.iter().filter(|cell| cell.is_replica(node)).map(|cell| cell.id).collect();
+        let all = std::iter::once(&self.index.global).chain(&self.cells);
+        let mut cells: Vec<CellId> = all.filter(|cell| cell.is_replica(node)).map(|cell| cell.id).collect();
         cells.sort_unstable();
         cells
     }
@@ -652,6 +669,8 @@ struct Index {
     cell_positions: HashMap<CellId, usize>,
     /// The owning cell of each shard.
     shard_cells: Vec<CellId>,
+    /// The global cell, derived from the regions.
+    global: Cell,
 }
 
 /// A node's position: `regions[region].datacenters[datacenter].nodes[node]`.
@@ -798,6 +817,20 @@ fn index_nodes(regions: &[Region]) -> Result<HashMap<NodeId, Place>, TopologyErr
         }
     }
     Ok(places)
+}
+
+/// The global cell of `regions` (see [`Topology::global`]).
+fn global_cell(regions: &[Region]) -> Cell {
+    let datacenters = || regions.iter().flat_map(|region| &region.datacenters);
+    let voters = datacenters().filter_map(|datacenter| datacenter.nodes.first()).map(|node| node.id).collect();
+    let learners = datacenters().flat_map(|datacenter| datacenter.nodes.iter().skip(1)).map(|node| node.id);
+    Cell {
+        id: GLOBAL_CELL,
+        shards: Vec::new(),
+        voters,
+        learners: learners.take(CELL_REPLICAS_MAX.saturating_sub(datacenters().count())).collect(),
+        leader_preference: datacenters().map(|datacenter| datacenter.name.clone()).collect(),
+    }
 }
 
 /// Checks the cell count and ids, and finds every cell.

@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use cellpay_cluster::topology::{
-    Cell, Latency, Topology, TopologyError, CELLS_MAX, CELL_REPLICAS_MAX, FILE_BYTES_MAX, NODES_MAX, SHARDS_DEFAULT,
+    Cell, Latency, Topology, TopologyError, CELLS_MAX, CELL_REPLICAS_MAX, FILE_BYTES_MAX, GLOBAL_CELL, NODES_MAX,
+    SHARDS_DEFAULT,
 };
 
 /// A small valid cluster: regions r1 (d1: node 1, d2: node 2) and r2 (d3: node 3), four shards, two cells.
@@ -110,7 +111,7 @@ fn small_file_parses() {
     assert_eq!(cell.voters, [1, 2]);
     assert_eq!(cell.learners, [3]);
     assert_eq!(topology.cell(3), None);
-    assert_eq!(topology.cells_of_node(3), [1, 2]);
+    assert_eq!(topology.cells_of_node(3), [GLOBAL_CELL, 1, 2]);
     assert_eq!(topology.cells_of_node(9), Vec::<u64>::new());
     assert_eq!(topology.region_nodes("r1"), [1, 2]);
     assert_eq!(Topology::parse(&topology.to_toml()).unwrap(), topology);
@@ -212,7 +213,7 @@ fn local_placement() {
         assert_eq!(cell.voters, ids(1..=5));
         assert!(cell.learners.is_empty());
     }
-    assert_eq!(topology.cells_of_node(5), [1, 2, 3]);
+    assert_eq!(topology.cells_of_node(5), [GLOBAL_CELL, 1, 2, 3]);
 }
 
 #[test]
@@ -318,7 +319,27 @@ fn new_validates_and_sorts() {
         vec![Cell { id: 9, shards: vec![0, 1, 2, 3], voters: vec![2], learners: vec![], leader_preference: vec![] }];
     let rebuilt = Topology::new(small.shards, small.latency, small.regions.clone(), moved).unwrap();
     assert_eq!(rebuilt.cell_of_shard(3), Some(9));
-    assert_eq!(rebuilt.cells_of_node(1), Vec::<u64>::new());
+    assert_eq!(rebuilt.cells_of_node(1), [GLOBAL_CELL], "every node hosts the global cell");
+}
+
+#[test]
+fn the_global_cell_has_a_voter_per_datacenter_and_learners_for_the_rest() {
+    let text = small_with(&[(
+        "client = \"127.0.0.1:7001\"\n",
+        "client = \"127.0.0.1:7001\"\n\n[[region.datacenter.node]]\nid = 4\npeer = \"127.0.0.1:7006\"\n\
+         client = \"127.0.0.1:7007\"\n",
+    )]);
+    let topology = Topology::parse(&text).unwrap();
+    let global = topology.global();
+    assert_eq!(global.id, GLOBAL_CELL);
+    assert_eq!(topology.cell(GLOBAL_CELL), Some(global));
+    assert!(global.shards.is_empty(), "the global cell owns no shard");
+    assert_eq!(global.voters, [1, 2, 3], "the first node of each datacenter");
+    assert_eq!(global.learners, [4], "the others: read replicas in their datacenter");
+    assert_eq!(global.leader_preference, strings(&["d1", "d2", "d3"]));
+    assert_eq!(topology.cells_of_node(4), [GLOBAL_CELL]);
+    assert!(!topology.cells.iter().any(|cell| cell.id == GLOBAL_CELL), "not one of the file's cells");
+    assert_eq!(Topology::parse(&topology.to_toml()).unwrap(), topology, "and never written to the file");
 }
 
 #[test]

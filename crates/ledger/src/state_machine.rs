@@ -210,6 +210,12 @@ impl Ledger {
         self.accounts.len()
     }
 
+    /// How many accounts belong to `shard` of `shards` (a scan of every
+    /// account: for rare operator checks, not the hot path).
+    pub fn accounts_in_shard(&self, shard: u32, shards: u32) -> usize {
+        self.accounts.values().filter(|account| crate::id::shard_of_account(account.id, shards) == shard).count()
+    }
+
     pub fn pending_open_count(&self) -> usize {
         self.pending_open.len()
     }

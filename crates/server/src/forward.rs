@@ -122,6 +122,10 @@ impl Forwarder {
                     .map_err(failed)?;
                 Reply::Balances(reply.into_inner().to_ledger().map_err(malformed)?)
             }
+            Request::ChangeRouting { .. } | Request::ShardOwnership { .. } => {
+                let reason = "operator changes are not forwarded: send them to the cell's leader".to_string();
+                return Err(NodeError::Unavailable { cell, reason });
+            }
         })
     }
 }

@@ -15,6 +15,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cell_state;
 pub mod front;
 pub mod metrics;
 pub mod node;

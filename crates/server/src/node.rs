@@ -40,8 +40,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use cellpay_cluster::routing::RoutingTable;
-use cellpay_cluster::topology::{CellId, NodeId, Topology};
+use cellpay_cluster::routing::{RoutingChange, RoutingTable};
+use cellpay_cluster::topology::{CellId, NodeId, Topology, GLOBAL_CELL};
 use cellpay_cluster::transport::{Deliver, PeerConfig, Transport, TransportConfig};
 use cellpay_ledger::id::shard_of_account;
 use cellpay_ledger::{
@@ -58,6 +58,7 @@ use raft::prelude::{
 use raft::{RawNode, StateRole};
 use tokio::sync::oneshot;
 
+use crate::cell_state::{self, CellState};
 use crate::metrics::Metrics;
 use crate::raft_log::{CellLog, LogBase, NodeLog, NodeLogError};
 use crate::record::{self, Record, RecordError};
@@ -157,6 +158,18 @@ pub enum Request {
     LookupTransfers(Vec<u128>),
     GetAccountTransfers(AccountFilter),
     GetAccountBalances(AccountFilter),
+    /// Operator: change the routing table (served by the global cell's leader).
+    ChangeRouting {
+        expected_version: u64,
+        change: RoutingChange,
+    },
+    /// Operator: release (`owned: false`) or acquire a shard in `cell`
+    /// (served by its leader). One step of moving a shard (see `cell_state`).
+    ShardOwnership {
+        cell: CellId,
+        shard: u32,
+        owned: bool,
+    },
 }
 
 impl Request {
@@ -168,20 +181,30 @@ impl Request {
             Request::LookupTransfers(_) => "lookup_transfers",
             Request::GetAccountTransfers(_) => "get_account_transfers",
             Request::GetAccountBalances(_) => "get_account_balances",
+            Request::ChangeRouting { .. } => "change_routing",
+            Request::ShardOwnership { .. } => "shard_ownership",
         }
     }
 
-    fn events(&self) -> usize {
+    /// How many events (or ids) the request carries; 1 for a query or a change.
+    pub fn events(&self) -> usize {
         match self {
             Request::CreateAccounts(events) => events.len(),
             Request::CreateTransfers(events) => events.len(),
             Request::LookupAccounts(ids) | Request::LookupTransfers(ids) => ids.len(),
             Request::GetAccountTransfers(_) | Request::GetAccountBalances(_) => 1,
+            Request::ChangeRouting { .. } | Request::ShardOwnership { .. } => 1,
         }
     }
 
     fn is_write(&self) -> bool {
-        matches!(self, Request::CreateAccounts(_) | Request::CreateTransfers(_))
+        !matches!(
+            self,
+            Request::LookupAccounts(_)
+                | Request::LookupTransfers(_)
+                | Request::GetAccountTransfers(_)
+                | Request::GetAccountBalances(_)
+        )
     }
 }
 
@@ -193,6 +216,10 @@ pub enum Reply {
     Accounts(Vec<Account>),
     Transfers(Vec<Transfer>),
     Balances(Vec<AccountBalance>),
+    /// The routing table a change made.
+    RoutingChanged(RoutingTable),
+    /// A shard was released or acquired.
+    ShardOwnership,
 }
 
 /// Why a request was refused as a whole. Except for `Timeout` (and
@@ -229,6 +256,9 @@ pub enum NodeError {
          {routing_version}; nothing was applied: refresh the routing table and resend"
     )]
     Misrouted { cell: CellId, account: u128, owner: CellId, routing_version: u64 },
+    /// An operator's change (routing, shard ownership) was refused: nothing changed.
+    #[error("cell {cell} refused the change: {reason}; nothing changed")]
+    ChangeRefused { cell: CellId, reason: String },
     /// The write was proposed but the node stopped (or replaced its state by
     /// a snapshot) before learning whether it committed.
     #[error("cell {cell}: {reason}: the write's outcome is unknown; retry with the same ids")]
@@ -335,8 +365,9 @@ pub struct CellStatus {
 pub struct StatusBoard {
     cells: RwLock<BTreeMap<CellId, CellStatus>>,
     peers: RwLock<Vec<PeerStatus>>,
-    /// The routing table requests are routed by.
-    routing: RwLock<Arc<RoutingTable>>,
+    /// The routing table requests are routed by (the global cell's, as
+    /// this node's replica has applied it), and its watchers.
+    routing: tokio::sync::watch::Sender<Arc<RoutingTable>>,
 }
 
 /// Whether this node's outbound link to a peer is up.
@@ -348,13 +379,31 @@ pub struct PeerStatus {
 
 impl StatusBoard {
     pub fn new(routing: RoutingTable) -> StatusBoard {
-        StatusBoard { cells: RwLock::default(), peers: RwLock::default(), routing: RwLock::new(Arc::new(routing)) }
+        let (routing, _) = tokio::sync::watch::channel(Arc::new(routing));
+        StatusBoard { cells: RwLock::default(), peers: RwLock::default(), routing }
     }
 
-    /// The routing table this node routes by. (Today the topology's, version
-    /// 1; the global cell of the unitization work will publish new ones.)
+    /// The routing table this node routes by: the topology's (version 1)
+    /// until this node's replica of the global cell applies a change.
     pub fn routing(&self) -> Arc<RoutingTable> {
-        self.routing.read().expect("status lock").clone()
+        self.routing.borrow().clone()
+    }
+
+    /// A watch of the routing table: it sees every newer version this node
+    /// learns (`GET /v1/cluster/routing?newer_than=V` waits on it).
+    pub fn routing_watch(&self) -> tokio::sync::watch::Receiver<Arc<RoutingTable>> {
+        self.routing.subscribe()
+    }
+
+    /// Publishes a table if it is newer than the one published.
+    fn publish_routing(&self, table: &RoutingTable) {
+        self.routing.send_if_modified(|current| {
+            let newer = table.version() > current.version();
+            if newer {
+                *current = Arc::new(table.clone());
+            }
+            newer
+        });
     }
 
     pub fn peers(&self) -> Vec<PeerStatus> {
@@ -464,17 +513,13 @@ impl NodeHandle {
     /// served by this node's replica of that cell only, never split across
     /// cells or forwarded again. (A lookup of transfers is split by the node
     /// that forwards it; re-splitting it here would send the other cells'
-    /// parts to replicas of this node that do not lead them.)
+    /// parts to replicas of this node that do not lead them.) The cell
+    /// refuses accounts of shards it does not own (`misrouted`): the
+    /// forwarding node's table may be older or newer than this one's.
     pub async fn submit_forwarded(&self, cell: CellId, request: Request) -> Result<Reply, NodeError> {
         let operation = request.operation();
-        let routing = self.status.routing();
-        let result = match validate(&request).and_then(|()| route(&self.topology, &routing, &request)) {
-            Ok(Route::Cell(routed)) if routed != cell => Err(NodeError::Unavailable {
-                cell,
-                reason: format!("a request forwarded for cell {cell} belongs to cell {routed}"),
-            }),
-            // A lookup of transfers names no cell: this cell's part.
-            Ok(_) => self.submit_routed(cell, request, Origin::Forwarded).await,
+        let result = match validate(&request) {
+            Ok(()) => self.submit_routed(cell, request, Origin::Forwarded).await,
             Err(error) => Err(error),
         };
         self.metrics.request(operation, outcome_name(&result));
@@ -553,6 +598,22 @@ impl NodeHandle {
             (Some(leader), Origin::Client) => self.forwarder.forward(&self.topology, leader, cell, request).await,
             (leader, _) => Err(NodeError::NotLeader { cell, leader }),
         }
+    }
+
+    /// An operator's change ([`Request::ChangeRouting`],
+    /// [`Request::ShardOwnership`]), served by this node only if its replica
+    /// leads the cell; otherwise refused `NotLeader` naming the leader, for
+    /// the operator's tool to resend there. Never forwarded.
+    pub async fn submit_admin(&self, request: Request) -> Result<Reply, NodeError> {
+        let cell = match &request {
+            Request::ChangeRouting { .. } => GLOBAL_CELL,
+            Request::ShardOwnership { cell, .. } => *cell,
+            _ => return Err(NodeError::Unavailable { cell: GLOBAL_CELL, reason: "not an operator change".into() }),
+        };
+        let operation = request.operation();
+        let result = self.submit_cell(cell, request).await;
+        self.metrics.request(operation, outcome_name(&result));
+        result
     }
 
     /// Submits a request for one cell to this node's replica of it.
@@ -669,25 +730,37 @@ fn cell_of_account(routing: &RoutingTable, account: u128) -> CellId {
     routing.owner(shard).expect("the shard of an account is below the shard count")
 }
 
-/// The first account `request` names whose shard `cell` does not own by
-/// `routing`, and the cell that does. (A lookup of transfers names no
-/// account: transfer ids are opaque, any cell may hold one.)
-fn not_owned(routing: &RoutingTable, cell: CellId, request: &Request) -> Option<(u128, CellId)> {
-    let foreign = |account: u128| {
-        let owner = cell_of_account(routing, account);
-        (owner != cell).then_some((account, owner))
-    };
+/// The first account `request` names whose shard the cell does not own by
+/// its `state`. (A lookup of transfers names no account: transfer ids are
+/// opaque, any cell may hold one; operator changes name none.)
+fn not_owned(state: &CellState, request: &Request) -> Option<u128> {
     match request {
-        Request::CreateAccounts(accounts) => accounts.iter().find_map(|account| foreign(account.id)),
-        Request::CreateTransfers(transfers) => transfers
-            .iter()
-            .flat_map(|t| [t.debit_account_id, t.credit_account_id])
-            .filter(|&id| id != 0)
-            .find_map(foreign),
-        Request::GetAccountTransfers(filter) | Request::GetAccountBalances(filter) => foreign(filter.account_id),
-        Request::LookupAccounts(ids) => ids.iter().find_map(|&id| foreign(id)),
-        Request::LookupTransfers(_) => None,
+        Request::CreateAccounts(accounts) => first_foreign(state, accounts.iter().map(|account| account.id)),
+        Request::CreateTransfers(transfers) => first_foreign(state, transfer_accounts(transfers)),
+        Request::GetAccountTransfers(filter) | Request::GetAccountBalances(filter) => {
+            first_foreign(state, std::iter::once(filter.account_id))
+        }
+        Request::LookupAccounts(ids) => first_foreign(state, ids.iter().copied()),
+        Request::LookupTransfers(_) | Request::ChangeRouting { .. } | Request::ShardOwnership { .. } => None,
     }
+}
+
+/// The first of `accounts` whose shard the cell does not own by its `state`.
+fn first_foreign(state: &CellState, mut accounts: impl Iterator<Item = u128>) -> Option<u128> {
+    accounts.find(|&account| !state.owns_account(account))
+}
+
+/// The accounts transfers name (a post or void may name none: id 0).
+fn transfer_accounts(transfers: &[Transfer]) -> impl Iterator<Item = u128> + '_ {
+    transfers.iter().flat_map(|t| [t.debit_account_id, t.credit_account_id]).filter(|&id| id != 0)
+}
+
+/// The refusal of a request naming `account`, which `cell` does not own:
+/// the owner and version by the node's routing table, for the router to
+/// refresh and resend.
+fn misrouted(routing: &RoutingTable, cell: CellId, account: u128) -> NodeError {
+    let owner = cell_of_account(routing, account);
+    NodeError::Misrouted { cell, account, owner, routing_version: routing.version() }
 }
 
 /// The cell a request belongs to by `routing`: the cell of its events'
@@ -723,6 +796,8 @@ fn route(topology: &Topology, routing: &RoutingTable, request: &Request) -> Resu
         Request::GetAccountTransfers(filter) | Request::GetAccountBalances(filter) => {
             Ok(Route::Cell(cell_of_account(routing, filter.account_id)))
         }
+        Request::ChangeRouting { .. } => Ok(Route::Cell(GLOBAL_CELL)),
+        Request::ShardOwnership { cell, .. } => Ok(Route::Cell(*cell)),
         Request::LookupAccounts(ids) => {
             let mut by_cell: BTreeMap<CellId, Vec<u128>> = BTreeMap::new();
             for &id in ids {
@@ -922,6 +997,11 @@ impl SteppedNode {
         self.engine.replicas.values().map(|r| (r.cell, r.applied, &r.ledger, r.store.as_ref()))
     }
 
+    /// A hosted cell's shard ownership (and, the global cell's, routing table).
+    pub fn cell_state(&self, cell: CellId) -> Option<&CellState> {
+        self.engine.replicas.get(&cell).map(|replica| &replica.state)
+    }
+
     /// The write-ahead log's last durable op: what a crash now keeps.
     pub fn wal_durable_op(&self) -> u64 {
         self.engine.log.durable_op()
@@ -1033,6 +1113,8 @@ struct Replica {
     cell: CellId,
     raw: RawNode<CellLog>,
     ledger: Ledger,
+    /// Shard ownership and (the global cell) the routing table, by this log.
+    state: CellState,
     store: Arc<Store>,
     /// The store generation in use (`snapshot::store_name`).
     generation: u64,
@@ -1061,21 +1143,22 @@ struct Replica {
 }
 
 impl Replica {
-    /// A replica whose ledger and log are restored up to `applied` (its
-    /// store's checkpoint), with nothing in flight.
+    /// A replica whose ledger, state and log are restored up to Raft's
+    /// applied index (its store's checkpoint), with nothing in flight.
     fn new(
         cell: CellId,
         raw: RawNode<CellLog>,
-        ledger: Ledger,
+        (ledger, state): (Ledger, CellState),
         store: Arc<Store>,
         generation: u64,
-        applied: u64,
         now: Instant,
     ) -> Replica {
+        let applied = raw.raft.raft_log.applied;
         Replica {
             cell,
             raw,
             ledger,
+            state,
             store,
             generation,
             staged: None,
@@ -1158,7 +1241,11 @@ impl Engine {
             let generation = database.registry_get(&snapshot::generation_key(cell_id))?.unwrap_or(0);
             let store = Arc::new(Store::open_in(&database, &snapshot::store_name(cell_id, generation))?);
             let checkpoint = store.checkpoint()?;
-            let stored_base = snapshot::decode_consensus(&store.consensus()?);
+            let (stored_base, stored_state) = match cell_state::decode_consensus(&store.consensus()?) {
+                Some((base, state)) => (Some(base), state),
+                None => (None, None),
+            };
+            let state = stored_state.unwrap_or_else(|| CellState::initial(&config.topology, cell_id));
             let initial_conf =
                 ConfState { voters: cell.voters.clone(), learners: cell.learners.clone(), ..Default::default() };
             let mut cell_log = match cell_logs.remove(&cell_id) {
@@ -1232,7 +1319,12 @@ impl Engine {
                 .map_err(|source| StartError::Raft { cell: cell_id, source })?;
             let ledger =
                 Ledger::restore(config.ledger, store.accounts()?, store.open_pending()?, checkpoint.timestamp_last);
-            replicas.insert(cell_id, Replica::new(cell_id, raw, ledger, store, generation, index, world.now()));
+            if let Some(table) = state.routing() {
+                status.publish_routing(table);
+            }
+            assert_eq!(raw.raft.raft_log.applied, index, "cell {cell_id}: raft starts at the checkpoint");
+            let replica = Replica::new(cell_id, raw, (ledger, state), store, generation, world.now());
+            replicas.insert(cell_id, replica);
         }
         log.sync();
         let (snapshot_sender, snapshot_receiver) = match shipping {
@@ -1372,13 +1464,17 @@ impl Engine {
             let _ = envelope.reply.send(Err(NodeError::CellNotHosted { cell }));
             return;
         };
-        // A cell serves only the accounts of the shards it owns (any replica can tell).
-        let routing = self.status.routing();
-        if let Some((account, owner)) = not_owned(&routing, envelope.cell, &envelope.request) {
-            let (cell, routing_version) = (envelope.cell, routing.version());
-            let _ = envelope.reply.send(Err(NodeError::Misrouted { cell, account, owner, routing_version }));
+        // A cell serves only the accounts of the shards its log says it owns
+        // (any replica can tell; applying checks again, at the entry's place in the log).
+        if let Some(account) = not_owned(&replica.state, &envelope.request) {
+            let _ = envelope.reply.send(Err(misrouted(&self.status.routing(), envelope.cell, account)));
             return;
         }
+        if let Err(error) = self.admin_precondition(envelope.cell, &envelope.request) {
+            let _ = envelope.reply.send(Err(error));
+            return;
+        }
+        let replica = self.replicas.get_mut(&envelope.cell).expect("checked above");
         if replica.raw.raft.state != StateRole::Leader {
             let leader = Some(replica.raw.raft.leader_id).filter(|&id| id != raft::INVALID_ID);
             let _ = envelope.reply.send(Err(NodeError::NotLeader { cell: replica.cell, leader }));
@@ -1395,6 +1491,12 @@ impl Engine {
         match &envelope.request {
             Request::CreateAccounts(accounts) => record::encode_create_accounts(&mut data, timestamp, accounts),
             Request::CreateTransfers(transfers) => record::encode_create_transfers(&mut data, timestamp, transfers),
+            &Request::ChangeRouting { expected_version, change } => {
+                record::encode_change_routing(&mut data, timestamp, expected_version, change)
+            }
+            &Request::ShardOwnership { shard, owned, .. } => {
+                record::encode_shard_ownership(&mut data, timestamp, shard, owned)
+            }
             _ => unreachable!("writes only"),
         }
         let deadline = self.world.now() + self.config.proposal_timeout;
@@ -1407,6 +1509,8 @@ impl Engine {
                 Request::CreateTransfers(transfers) => {
                     Reply::CreateTransfers(vec![CreateTransferResult::Ok; transfers.len()])
                 }
+                Request::ChangeRouting { .. } => Reply::RoutingChanged(self.status.routing().as_ref().clone()),
+                Request::ShardOwnership { .. } => Reply::ShardOwnership,
                 _ => unreachable!("writes only"),
             };
             let _ = envelope.reply.send(Ok(reply));
@@ -1414,6 +1518,34 @@ impl Engine {
             return;
         }
         propose(replica, data, Some(envelope), deadline);
+    }
+
+    /// Checks an operator's change against the cell it is sent to before it
+    /// is proposed. Acquiring a shard needs the routing table (as this node
+    /// has applied it) to name the cell as the shard's owner: the table only
+    /// names it after the old owner released the shard (`ctl routing move`).
+    fn admin_precondition(&self, cell: CellId, request: &Request) -> Result<(), NodeError> {
+        let refused = |reason: String| Err(NodeError::ChangeRefused { cell, reason });
+        match *request {
+            Request::ChangeRouting { .. } if cell != GLOBAL_CELL => {
+                refused(format!("cell {cell} holds no routing table: send routing changes to the global cell"))
+            }
+            Request::ShardOwnership { .. } if cell == GLOBAL_CELL => {
+                refused("the global cell owns no shards".to_string())
+            }
+            Request::ShardOwnership { shard, owned: true, .. } => {
+                let routing = self.status.routing();
+                match routing.owner(shard) {
+                    Some(owner) if owner != cell => refused(format!(
+                        "routing table version {} names cell {owner} as the owner of shard {shard}, not cell \
+                         {cell}: change the table first",
+                        routing.version()
+                    )),
+                    _ => Ok(()),
+                }
+            }
+            _ => Ok(()),
+        }
     }
 
     fn control(&mut self, control: Control) {
@@ -1622,6 +1754,11 @@ impl Engine {
             Err(error) => panic!("cell {cell}: cannot read the installed snapshot: {error}"),
         };
         replica.ledger = Ledger::restore(self.config.ledger, accounts, pending, staged.image.checkpoint.timestamp_last);
+        let state = cell_state::decode_consensus(&staged.image.consensus).and_then(|(_, state)| state);
+        replica.state = state.unwrap_or_else(|| CellState::initial(&self.config.topology, cell));
+        if let Some(table) = replica.state.routing() {
+            self.status.publish_routing(table);
+        }
         if let Err(error) = replica.ledger.audit() {
             panic!("cell {cell}: the installed snapshot fails its audit: {error}");
         }
@@ -1687,7 +1824,7 @@ impl Engine {
             }
             // Hashing the state sorts every account: only for a cell idle since the last tick.
             if replica.applied == replica.applied_last_tick && replica.state_hash.0 != replica.applied {
-                replica.state_hash = (replica.applied, replica.ledger.state_hash());
+                replica.state_hash = (replica.applied, replica.ledger.state_hash() ^ replica.state.hash());
             }
             replica.applied_last_tick = replica.applied;
             // Writes whose entry neither committed nor was overwritten in time.
@@ -1794,7 +1931,9 @@ impl Engine {
             let replica = self.replicas.get_mut(&cell).expect("hosted");
             let committed = ready.take_committed_entries();
             let clock = follower_clock(&*self.world, replica);
-            apply_entries(replica, committed, &self.metrics, clock);
+            let applying =
+                Applying { metrics: &self.metrics, clock, topology: &self.config.topology, status: &self.status };
+            apply_entries(replica, committed, &applying);
             if !ready.entries().is_empty() {
                 self.log.append_entries(cell, ready.entries());
                 if let Err(error) = replica.raw.mut_store().append(ready.entries()) {
@@ -1831,7 +1970,9 @@ impl Engine {
             }
             snapshots.extend(send_messages(&*self.world, cell, light.take_messages(), &mut replica.raw));
             let clock = follower_clock(&*self.world, replica);
-            apply_entries(replica, light.take_committed_entries(), &self.metrics, clock);
+            let applying =
+                Applying { metrics: &self.metrics, clock, topology: &self.config.topology, status: &self.status };
+            apply_entries(replica, light.take_committed_entries(), &applying);
             replica.raw.advance_apply();
             self.snapshots_offer(cell, snapshots);
         }
@@ -1957,7 +2098,7 @@ impl Engine {
         let log = replica.raw.store();
         let term = log.term_of(index).expect("an applied entry after the last checkpoint is in the log");
         let base = LogBase { index, term, conf_state: log.base().conf_state.clone() };
-        let consensus = snapshot::encode_consensus(cell, &base);
+        let consensus = cell_state::encode_consensus(cell, &base, &replica.state);
         let delta = replica.ledger.checkpoint_begin();
         replica.checkpoint_in_flight = Some(index);
         replica.checkpoint_last = self.world.now();
@@ -2000,7 +2141,8 @@ impl Engine {
         self.checkpoints_finish(false);
         let cells: Vec<CellId> = self.replicas.keys().copied().collect();
         for cell in cells {
-            if self.replicas[&cell].ledger.transfers_new_count() > 0 {
+            let replica = &self.replicas[&cell];
+            if replica.applied > replica.checkpoint_index {
                 self.checkpoint_start(cell);
                 self.checkpoints_finish(true);
             }
@@ -2101,9 +2243,19 @@ fn follower_clock(world: &dyn World, replica: &Replica) -> Option<u64> {
     (follower && world.bug(Bug::FollowerClock)).then(|| world.timestamp_ns())
 }
 
-/// `clock`: only with the deliberate bug [`Bug::FollowerClock`], a
-/// follower's own clock, used instead of the entries' timestamps.
-fn apply_entries(replica: &mut Replica, entries: Vec<Entry>, metrics: &Metrics, clock: Option<u64>) {
+/// What applying entries needs besides the replica.
+struct Applying<'a> {
+    metrics: &'a Metrics,
+    /// Only with the deliberate bug [`Bug::FollowerClock`]: a follower's own
+    /// clock, used instead of the entries' timestamps.
+    clock: Option<u64>,
+    topology: &'a Topology,
+    /// Where a routing table the global cell applies is published.
+    status: &'a StatusBoard,
+}
+
+fn apply_entries(replica: &mut Replica, entries: Vec<Entry>, applying: &Applying) {
+    let metrics = applying.metrics;
     for entry in entries {
         assert_eq!(entry.index, replica.applied + 1, "cell {}: entries apply in order", replica.cell);
         let reply = match entry.get_entry_type() {
@@ -2116,7 +2268,7 @@ fn apply_entries(replica: &mut Replica, entries: Vec<Entry>, metrics: &Metrics, 
                     }
                 };
                 replica.records_applied += 1;
-                apply_record(replica, &record, metrics, clock)
+                apply_record(replica, &record, applying)
             }
             EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
                 apply_conf_change(replica, &entry);
@@ -2132,7 +2284,7 @@ fn apply_entries(replica: &mut Replica, entries: Vec<Entry>, metrics: &Metrics, 
             match proposal.envelope {
                 Some(envelope) => {
                     let answer = match (&reply, mine) {
-                        (Some(reply), true) => Ok(reply.clone()),
+                        (Some(reply), true) => reply.clone(),
                         _ => Err(NodeError::NotLeader { cell: replica.cell, leader: None }),
                     };
                     metrics.commit_seconds.observe(envelope.queued_at.elapsed().as_secs_f64());
@@ -2171,24 +2323,59 @@ fn apply_conf_change(replica: &mut Replica, entry: &Entry) {
     }
 }
 
-/// Applies one logged record to a replica's ledger.
-fn apply_record(replica: &mut Replica, record: &Record, metrics: &Metrics, clock: Option<u64>) -> Option<Reply> {
+/// Applies one logged record to a replica: its ledger, or its cell state.
+/// `None` for the engine's own entries (pulses), which answer nobody.
+///
+/// A ledger record naming an account of a shard the cell does not own at
+/// this point of its log is not applied (on every replica alike): it was
+/// checked against an older state when proposed, and the shard has been
+/// released since. Its proposer is told `misrouted`.
+fn apply_record(replica: &mut Replica, record: &Record, applying: &Applying) -> Option<Result<Reply, NodeError>> {
+    let (metrics, clock, cell) = (applying.metrics, applying.clock, replica.cell);
     match record {
         Record::CreateAccounts { timestamp, accounts } => {
+            if let Some(account) = first_foreign(&replica.state, accounts.iter().map(|a| a.id)) {
+                return Some(Err(misrouted(&applying.status.routing(), cell, account)));
+            }
             let timestamp = clock.unwrap_or(*timestamp);
             let results = replica.ledger.create_accounts(timestamp, accounts);
             metrics.results("create_accounts", &results, CreateAccountResult::as_str);
-            Some(Reply::CreateAccounts(results))
+            Some(Ok(Reply::CreateAccounts(results)))
         }
         Record::CreateTransfers { timestamp, transfers } => {
+            if let Some(account) = first_foreign(&replica.state, transfer_accounts(transfers)) {
+                return Some(Err(misrouted(&applying.status.routing(), cell, account)));
+            }
             let timestamp = clock.unwrap_or(*timestamp);
             let results = replica.ledger.create_transfers(timestamp, transfers, replica.store.as_ref());
             metrics.results("create_transfers", &results, CreateTransferResult::as_str);
-            Some(Reply::CreateTransfers(results))
+            Some(Ok(Reply::CreateTransfers(results)))
         }
         Record::Pulse { timestamp } => {
             replica.ledger.pulse(clock.unwrap_or(*timestamp));
             None
+        }
+        &Record::ChangeRouting { expected_version, change, .. } => {
+            let result = replica.state.change_routing(expected_version, change, applying.topology);
+            Some(match result {
+                Ok(table) => {
+                    tracing::info!(version = table.version(), ?change, "routing table changed");
+                    applying.status.publish_routing(table);
+                    replica.checkpoint_wanted = true;
+                    Ok(Reply::RoutingChanged(table.clone()))
+                }
+                Err(error) => Err(NodeError::ChangeRefused { cell, reason: error.to_string() }),
+            })
+        }
+        &Record::ShardOwnership { shard, owned, .. } => {
+            Some(match replica.state.set_owned(cell, shard, owned, &replica.ledger) {
+                Ok(()) => {
+                    tracing::info!(cell, shard, owned, "shard ownership changed");
+                    replica.checkpoint_wanted = true;
+                    Ok(Reply::ShardOwnership)
+                }
+                Err(error) => Err(NodeError::ChangeRefused { cell, reason: error.to_string() }),
+            })
         }
     }
 }
@@ -2205,7 +2392,10 @@ fn read(replica: &Replica, request: &Request) -> Result<Reply, NodeError> {
         Request::GetAccountBalances(filter) => {
             Reply::Balances(ledger.get_account_balances(filter, store).map_err(NodeError::InvalidFilter)?)
         }
-        Request::CreateAccounts(_) | Request::CreateTransfers(_) => unreachable!("reads only"),
+        Request::CreateAccounts(_)
+        | Request::CreateTransfers(_)
+        | Request::ChangeRouting { .. }
+        | Request::ShardOwnership { .. } => unreachable!("reads only"),
     })
 }
 
@@ -2376,7 +2566,9 @@ mod tests {
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let raw = RawNode::new(&config, log, &logger).unwrap();
         let store = Arc::new(Store::open(dir).unwrap());
-        let mut replica = Replica::new(1, raw, Ledger::new(LedgerConfig::default()), store, 0, applied, Instant::now());
+        let state = CellState::initial(&single_node_topology(), 1);
+        let mut replica = Replica::new(1, raw, (Ledger::new(LedgerConfig::default()), state), store, 0, Instant::now());
+        assert_eq!(replica.applied, applied);
         replica.checkpoint_index = 0;
         replica.role = StateRole::Leader;
         replica
@@ -2416,7 +2608,10 @@ mod tests {
         assert!(matches!(answer_a.try_recv(), Ok(Err(NodeError::NotLeader { .. }))));
         assert!(matches!(answer_b.try_recv(), Ok(Err(NodeError::NotLeader { .. }))));
         let noop = Entry { index: 98, term: 7, ..Entry::default() };
-        apply_entries(&mut replica, vec![noop, account_entry(99, 7, 3)], &metrics, None);
+        let topology = single_node_topology();
+        let status = StatusBoard::new(RoutingTable::initial(&topology));
+        let applying = Applying { metrics: &metrics, clock: None, topology: &topology, status: &status };
+        apply_entries(&mut replica, vec![noop, account_entry(99, 7, 3)], &applying);
         assert_eq!(replica.ledger.accounts_count(), 1, "the write was applied");
         assert!(matches!(answer.try_recv(), Ok(Ok(Reply::CreateAccounts(_)))), "and answered as applied");
     }

@@ -2,16 +2,28 @@
 //!
 //! ```text
 //! offset  size  field
-//!      0     1  kind (1 create_accounts, 2 create_transfers, 3 pulse)
+//!      0     1  kind (1 create_accounts, 2 create_transfers, 3 pulse,
+//!                 4 routing change, 5 shard ownership)
 //!      1     3  reserved, zero
-//!      4     4  event count (u32 LE)
+//!      4     4  event count (u32 LE); 0 for kinds 3 to 5
 //!      8     8  timestamp the ledger applied the request with (u64 LE, ns)
 //!     16  128n  events, each in the ledger's 128-byte encoding
+//! ```
+//!
+//! Kinds 4 and 5 are operator changes, with a fixed body after the header:
+//!
+//! ```text
+//! 4 routing change (the global cell's log)     5 shard ownership (a cell's log)
+//!     16     8  expected table version            16     4  shard (u32 LE)
+//!     24     4  shard (u32 LE)                     20     1  owned (0 released, 1 acquired)
+//!     28     4  reserved, zero                     21     3  reserved, zero
+//!     32     8  the cell it moves to (u64 LE)
 //! ```
 //!
 //! The timestamp is recorded so that replay applies every request exactly as
 //! it was applied the first time: the ledger is deterministic given its input.
 
+use cellpay_cluster::routing::RoutingChange;
 use cellpay_ledger::{Account, Transfer, BATCH_EVENTS_MAX, RECORD_SIZE};
 
 pub const HEADER_SIZE: usize = 16;
@@ -32,11 +44,28 @@ pub enum Record {
     Pulse {
         timestamp: u64,
     },
+    /// Change the routing table (the global cell), if it is still at `expected_version`.
+    ChangeRouting {
+        timestamp: u64,
+        expected_version: u64,
+        change: RoutingChange,
+    },
+    /// Release (`owned: false`) or acquire a shard (a cell). A cell serves
+    /// the accounts of the shards its own log says it owns.
+    ShardOwnership {
+        timestamp: u64,
+        shard: u32,
+        owned: bool,
+    },
 }
 
 const KIND_CREATE_ACCOUNTS: u8 = 1;
 const KIND_CREATE_TRANSFERS: u8 = 2;
 const KIND_PULSE: u8 = 3;
+const KIND_CHANGE_ROUTING: u8 = 4;
+const KIND_SHARD_OWNERSHIP: u8 = 5;
+const CHANGE_ROUTING_BODY: usize = 24;
+const SHARD_OWNERSHIP_BODY: usize = 8;
 
 /// Why a record could not be decoded. The log checksums every record, so this
 /// means a bug or a format change, never a torn write.
@@ -50,6 +79,8 @@ pub enum RecordError {
     SizeMismatch { count: u32, size: usize },
     #[error("record holds {count} events, over the limit of {BATCH_EVENTS_MAX}")]
     TooManyEvents { count: u32 },
+    #[error("record of kind {kind} holds {size} bytes, not {expected}")]
+    BodySize { kind: u8, size: usize, expected: usize },
 }
 
 fn header(out: &mut Vec<u8>, kind: u8, count: usize, timestamp: u64) {
@@ -86,17 +117,60 @@ pub fn encode_pulse(out: &mut Vec<u8>, timestamp: u64) {
     header(out, KIND_PULSE, 0, timestamp);
 }
 
+/// Encodes a routing change into `out` (cleared first).
+pub fn encode_change_routing(out: &mut Vec<u8>, timestamp: u64, expected_version: u64, change: RoutingChange) {
+    let RoutingChange::MoveShard { shard, to } = change;
+    header(out, KIND_CHANGE_ROUTING, 0, timestamp);
+    out.extend_from_slice(&expected_version.to_le_bytes());
+    out.extend_from_slice(&shard.to_le_bytes());
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&to.to_le_bytes());
+}
+
+/// Encodes a shard's release or acquisition into `out` (cleared first).
+pub fn encode_shard_ownership(out: &mut Vec<u8>, timestamp: u64, shard: u32, owned: bool) {
+    header(out, KIND_SHARD_OWNERSHIP, 0, timestamp);
+    out.extend_from_slice(&shard.to_le_bytes());
+    out.extend_from_slice(&[u8::from(owned), 0, 0, 0]);
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
+}
+
 pub fn decode(payload: &[u8]) -> Result<Record, RecordError> {
     if payload.len() < HEADER_SIZE {
         return Err(RecordError::Short { size: payload.len() });
     }
     let kind = payload[0];
-    let count = u32::from_le_bytes(payload[4..8].try_into().expect("4 bytes"));
-    let timestamp = u64::from_le_bytes(payload[8..16].try_into().expect("8 bytes"));
+    let count = u32_at(payload, 4);
+    let timestamp = u64_at(payload, 8);
+    let body = &payload[HEADER_SIZE..];
+    let fixed = |expected: usize| {
+        if count != 0 || body.len() != expected {
+            return Err(RecordError::BodySize { kind, size: payload.len(), expected: HEADER_SIZE + expected });
+        }
+        Ok(body)
+    };
+    match kind {
+        KIND_CHANGE_ROUTING => {
+            let body = fixed(CHANGE_ROUTING_BODY)?;
+            let change = RoutingChange::MoveShard { shard: u32_at(body, 8), to: u64_at(body, 16) };
+            return Ok(Record::ChangeRouting { timestamp, expected_version: u64_at(body, 0), change });
+        }
+        KIND_SHARD_OWNERSHIP => {
+            let body = fixed(SHARD_OWNERSHIP_BODY)?;
+            return Ok(Record::ShardOwnership { timestamp, shard: u32_at(body, 0), owned: body[4] != 0 });
+        }
+        _ => {}
+    }
     if count as usize > BATCH_EVENTS_MAX {
         return Err(RecordError::TooManyEvents { count });
     }
-    let body = &payload[HEADER_SIZE..];
     if body.len() != count as usize * RECORD_SIZE {
         return Err(RecordError::SizeMismatch { count, size: payload.len() });
     }
@@ -130,6 +204,13 @@ mod tests {
         assert_eq!(decode(&buffer), Ok(Record::CreateAccounts { timestamp: 43, accounts }));
         encode_pulse(&mut buffer, 44);
         assert_eq!(decode(&buffer), Ok(Record::Pulse { timestamp: 44 }));
+        let change = RoutingChange::MoveShard { shard: 42, to: 3 };
+        encode_change_routing(&mut buffer, 45, 7, change);
+        assert_eq!(decode(&buffer), Ok(Record::ChangeRouting { timestamp: 45, expected_version: 7, change }));
+        for owned in [false, true] {
+            encode_shard_ownership(&mut buffer, 46, 99, owned);
+            assert_eq!(decode(&buffer), Ok(Record::ShardOwnership { timestamp: 46, shard: 99, owned }));
+        }
     }
 
     #[test]
@@ -142,5 +223,8 @@ mod tests {
         encode_create_transfers(&mut buffer, 1, &[Transfer::default()]);
         buffer.pop();
         assert!(matches!(decode(&buffer), Err(RecordError::SizeMismatch { .. })));
+        encode_shard_ownership(&mut buffer, 1, 5, true);
+        buffer.push(0);
+        assert!(matches!(decode(&buffer), Err(RecordError::BodySize { kind: 5, .. })));
     }
 }

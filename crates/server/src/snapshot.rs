@@ -48,7 +48,7 @@ use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TryRecvErro
 use protobuf::Message as _;
 use raft::prelude::Message;
 
-use crate::raft_log::{self, LogBase, LogRecord};
+use crate::raft_log::LogBase;
 use crate::world::World;
 
 /// Snapshots a node sends at once (all cells and peers together).
@@ -121,18 +121,9 @@ pub fn decode(payload: &[u8]) -> Option<PeerMessage> {
     }
 }
 
-/// The consensus metadata stored with a checkpoint: a log base record.
-pub fn encode_consensus(cell: CellId, base: &LogBase) -> Vec<u8> {
-    let mut out = Vec::new();
-    raft_log::encode_base(&mut out, cell, base);
-    out
-}
-
-pub fn decode_consensus(bytes: &[u8]) -> Option<LogBase> {
-    match raft_log::decode(bytes).ok()? {
-        LogRecord::Base { base, .. } => Some(base),
-        _ => None,
-    }
+/// The log base in a checkpoint's consensus metadata (see `cell_state`).
+fn decode_base(consensus: &[u8]) -> Option<LogBase> {
+    crate::cell_state::decode_consensus(consensus).map(|(base, _)| base)
 }
 
 /// The name of a cell's store generation.
@@ -337,7 +328,7 @@ fn send(
         })?;
     // The image is of the store's latest checkpoint, which may be newer than
     // the one Raft named when it asked: describe what is sent.
-    let base = decode_consensus(&image.consensus).ok_or(SendFailure::NoMetadata)?;
+    let base = decode_base(&image.consensus).ok_or(SendFailure::NoMetadata)?;
     assert_eq!(base.index, image.checkpoint.op, "cell {cell}: consensus metadata of another checkpoint");
     // A replica added after the checkpoint would refuse it (it is not in its
     // membership); the engine checkpoints after every membership change, so
@@ -539,7 +530,7 @@ fn receive_one(
                     // message, chunks of an older transfer can end with a
                     // newer transfer's message.
                     let metadata = message.get_snapshot().get_metadata();
-                    let term = decode_consensus(&image.consensus).map(|base| base.term);
+                    let term = decode_base(&image.consensus).map(|base| base.term);
                     if (metadata.index, Some(metadata.term)) != (image.checkpoint.op, term) {
                         return Err(fail(ReceiveFailure::Mismatch {
                             image: image.checkpoint.op,
@@ -627,6 +618,7 @@ impl InlineReceiver {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::raft_log;
 
     #[test]
     fn peer_messages_round_trip_and_garbage_is_refused() {
@@ -641,17 +633,6 @@ mod tests {
         assert!(decode(&[9, 1, 0, 0, 0, 0, 0, 0, 0]).is_none());
     }
 
-    #[test]
-    fn consensus_metadata_round_trips() {
-        let base = LogBase {
-            index: 12,
-            term: 3,
-            conf_state: raft::prelude::ConfState { voters: vec![1, 2, 3], ..Default::default() },
-        };
-        assert_eq!(decode_consensus(&encode_consensus(5, &base)), Some(base));
-        assert_eq!(decode_consensus(b"junk"), None);
-    }
-
     /// Exports a store holding one checkpoint at `index` (term 3) into chunks.
     fn image_chunks(dir: &std::path::Path, index: u64) -> Vec<Vec<u8>> {
         let store = Store::open(&dir.join("leader")).unwrap();
@@ -661,7 +642,9 @@ mod tests {
             conf_state: raft::prelude::ConfState { voters: vec![1, 2], ..Default::default() },
         };
         let delta = cellpay_ledger::CheckpointDelta { timestamp_last: 1, ..Default::default() };
-        store.apply_checkpoint_with(index, &delta, &encode_consensus(1, &base)).unwrap();
+        let mut consensus = Vec::new();
+        raft_log::encode_base(&mut consensus, 1, &base);
+        store.apply_checkpoint_with(index, &delta, &consensus).unwrap();
         let mut chunks = Vec::new();
         store
             .export(|chunk| {

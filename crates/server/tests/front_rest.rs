@@ -145,7 +145,16 @@ async fn metrics_health_openapi_and_routing_are_served() {
     // A node alone: one cell owns every shard, at the topology's version 1.
     let reply = server.get("/v1/cluster/routing").await;
     assert_eq!(reply.status, StatusCode::OK);
-    assert_eq!(reply.json(), json!({"version": 1, "shards": 100, "cells": [{"cell": 1, "shards": ["0-99"]}]}));
+    let owners = vec![1; 100];
+    let expected = json!({"version": 1, "shards": 100, "cells": [{"cell": 1, "shards": ["0-99"]}], "owners": owners});
+    assert_eq!(reply.json(), expected);
+    // The watch answers at once with a newer table, or after its wait with the one it has.
+    let reply = server.get("/v1/cluster/routing?newer_than=0").await;
+    assert_eq!(reply.json()["version"], 1);
+    let asked = std::time::Instant::now();
+    let reply = server.get("/v1/cluster/routing?newer_than=1&wait_ms=200").await;
+    assert!(asked.elapsed() >= std::time::Duration::from_millis(200), "the watch waited");
+    assert_eq!(reply.json()["version"], 1);
 
     server.stop().await;
 }

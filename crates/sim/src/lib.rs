@@ -25,6 +25,7 @@
 //! contents are deterministic (what was written), its timing is not used.
 
 pub mod checkers;
+mod mover;
 mod replace;
 pub mod rng;
 pub mod workload;
@@ -117,6 +118,8 @@ pub struct SimReport {
     pub disks_replaced: u64,
     /// Snapshots replicas installed (a replica that lagged past its leader's compacted log).
     pub snapshots_installed: u64,
+    /// Shards moved to another cell (release, routing change, acquire) while the faults went on.
+    pub shards_moved: u64,
     /// Fault points taken: slow fsyncs, late ticks, leader step-downs, dropped connections.
     pub fault_points: [u64; 4],
     pub failures: Vec<Failure>,
@@ -195,6 +198,7 @@ struct Sim {
     /// Nodes whose disk is being replaced.
     replacing: BTreeMap<NodeId, Phase>,
     clients: Vec<Client>,
+    mover: mover::Mover,
     book: Book,
     chaos: bool,
     trace: u64,
@@ -252,6 +256,13 @@ impl Sim {
                 Client::new(i + 1, cell, &topology, rng.fork())
             })
             .collect();
+        let clients: Vec<Client> = clients;
+        let used: BTreeSet<u32> = clients
+            .iter()
+            .flat_map(Client::accounts)
+            .map(|account| cellpay_ledger::id::shard_of_account(account, topology.shards))
+            .collect();
+        let mover = mover::Mover::new(&topology, &used, rng.fork());
         let report = SimReport { seed: config.seed, ..SimReport::default() };
         let mut sim = Sim {
             config,
@@ -277,6 +288,7 @@ impl Sim {
             damaged: BTreeSet::new(),
             replacing: BTreeMap::new(),
             clients,
+            mover,
             book: Book::default(),
             chaos: true,
             trace: 0xcbf2_9ce4_8422_2325,
@@ -469,6 +481,9 @@ impl Sim {
         }
         self.flush_outbox();
         self.clients_step();
+        let now = self.now();
+        self.mover.poll(now, &self.topology, &mut self.nodes);
+        self.flush_outbox();
         true
     }
 
@@ -606,9 +621,11 @@ pub fn run(config: SimConfig) -> SimReport {
     for client in &mut sim.clients {
         client.stopped = true;
     }
+    sim.mover.stop();
     let deadline = sim.now() + QUIESCE_BOUND_NS;
-    let quiet = sim
-        .run_until(deadline, |sim| !sim.clients.iter().any(Client::is_waiting) && checkers::replicas::converged(sim));
+    let quiet = sim.run_until(deadline, |sim| {
+        !sim.clients.iter().any(Client::is_waiting) && !sim.mover.busy() && checkers::replicas::converged(sim)
+    });
     if !quiet {
         let replicas: Vec<String> = sim
             .nodes
@@ -638,6 +655,7 @@ pub fn run(config: SimConfig) -> SimReport {
     sim.report.batches_acknowledged = sim.book.batches_acknowledged;
     sim.report.transfers_acknowledged = sim.book.sent.keys().filter(|id| sim.book.acknowledged(**id)).count() as u64;
     sim.report.retries = sim.book.retries;
+    sim.report.shards_moved = sim.mover.moves.iter().filter(|m| m.step == mover::Step::Done).count() as u64;
     sim.report.trace_hash = sim.trace;
     for node in std::mem::take(&mut sim.nodes).into_values().flatten() {
         sim.report.snapshots_installed += snapshots_installed(&node);

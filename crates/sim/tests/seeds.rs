@@ -14,7 +14,7 @@ const CI_STEPS: u64 = 30_000;
 fn the_ci_seeds_pass_every_checker() {
     let started = std::time::Instant::now();
     // What the seeds put the cluster through, all together.
-    let mut covered = [0u64; 8];
+    let mut covered = [0u64; 9];
     for seed in ci_seeds() {
         let config = SimConfig::new(seed, CI_STEPS);
         let report = run(config.clone());
@@ -29,6 +29,7 @@ fn the_ci_seeds_pass_every_checker() {
             report.damage_caught,
             report.disks_replaced,
             report.fault_points.iter().sum(),
+            report.shards_moved,
         ];
         for (total, count) in covered.iter_mut().zip(counts) {
             *total += count;
@@ -45,6 +46,7 @@ fn the_ci_seeds_pass_every_checker() {
         "damaged logs caught",
         "disks replaced",
         "fault points taken",
+        "shards moved",
     ];
     for (name, total) in names.iter().zip(covered) {
         println!("{name}: {total}");

@@ -351,13 +351,7 @@ async fn trace_request(State(request_timeout): State<Duration>, request: HttpReq
 
 /// Records a request's event count on its span.
 fn record_events(request: &Request) {
-    let events = match request {
-        Request::CreateAccounts(accounts) => accounts.len(),
-        Request::CreateTransfers(transfers) => transfers.len(),
-        Request::LookupAccounts(ids) | Request::LookupTransfers(ids) => ids.len(),
-        Request::GetAccountTransfers(_) | Request::GetAccountBalances(_) => 1,
-    };
-    tracing::Span::current().record("events", events);
+    tracing::Span::current().record("events", request.events());
 }
 
 fn is_grpc(headers: &HeaderMap) -> bool {
@@ -373,6 +367,7 @@ fn node_error_code(error: &NodeError) -> ErrorCode {
         NodeError::InvalidFilter(_) => ErrorCode::InvalidFilter,
         NodeError::CrossCell { .. } => ErrorCode::CrossCell,
         NodeError::Misrouted { .. } => ErrorCode::Misrouted,
+        NodeError::ChangeRefused { .. } => ErrorCode::Conflict,
         NodeError::NotLeader { .. }
         | NodeError::CellNotHosted { .. }
         | NodeError::Unavailable { .. }

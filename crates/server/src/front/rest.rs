@@ -16,11 +16,15 @@ use cellpay_api::json::{
     self, AccountsJson, BalancesJson, CreateResultsJson, ErrorBodyJson, TransfersJson, BODY_BYTES_MAX,
 };
 use cellpay_api::{DecodeError, ErrorCode, OPENAPI_JSON};
-use cellpay_cluster::topology::shard_ranges;
+use std::time::Duration;
+
+use axum::extract::Query;
+use cellpay_cluster::routing::{RoutingChange, RoutingTable};
+use cellpay_cluster::topology::{shard_ranges, GLOBAL_CELL};
 use http_body_util::BodyExt;
 
 use super::{error_response, node_error_code, record_events};
-use crate::node::{MembershipChange, NodeHandle, Reply, Request};
+use crate::node::{MembershipChange, NodeError, NodeHandle, Reply, Request};
 
 /// The content type of `GET /metrics`: prometheus-client writes the OpenMetrics text format.
 pub(super) const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -36,7 +40,8 @@ pub(super) fn router(handle: NodeHandle) -> Router {
         .route("/metrics", get(metrics))
         .route("/health", get(health))
         .route("/v1/cluster/status", get(cluster_status))
-        .route("/v1/cluster/routing", get(cluster_routing))
+        .route("/v1/cluster/routing", get(cluster_routing).post(cluster_routing_change))
+        .route("/v1/cluster/ownership", post(cluster_ownership))
         .route("/v1/cluster/drain", post(cluster_drain))
         .route("/v1/cluster/membership", post(cluster_membership))
         .route("/openapi.json", get(openapi))
@@ -88,6 +93,8 @@ fn reply_response(reply: &Reply) -> Response {
         Reply::Accounts(accounts) => Json(AccountsJson::from_ledger(accounts)).into_response(),
         Reply::Transfers(transfers) => Json(TransfersJson::from_ledger(transfers)).into_response(),
         Reply::Balances(balances) => Json(BalancesJson::from_ledger(balances)).into_response(),
+        Reply::RoutingChanged(table) => Json(routing_json(table)).into_response(),
+        Reply::ShardOwnership => Json(serde_json::json!({"changed": true})).into_response(),
     }
 }
 
@@ -178,15 +185,95 @@ async fn cluster_membership(State(handle): State<NodeHandle>, JsonBody(body): Js
 /// leader, term, commit and applied index, log, state hash) and its links.
 /// The routing table this node routes by: its version and each cell's
 /// shards, as ranges in the topology file's syntax.
-async fn cluster_routing(State(handle): State<NodeHandle>) -> Response {
-    let routing = handle.status().routing();
+///
+/// A watch: with `?newer_than=V`, the answer waits until this node knows a
+/// table newer than version V, or `wait_ms` passes (default and most
+/// 30,000), then gives the table it has; a gateway polls again with the
+/// version it got. Each node answers with its own replica of the global
+/// cell's table (a read inside the caller's region; a stale table costs a
+/// `misrouted` refusal, never a wrong write).
+async fn cluster_routing(State(handle): State<NodeHandle>, Query(watch): Query<RoutingWatch>) -> Response {
+    if let Some(newer_than) = watch.newer_than {
+        let wait = Duration::from_millis(watch.wait_ms.unwrap_or(ROUTING_WAIT_MS_MAX).min(ROUTING_WAIT_MS_MAX));
+        let mut receiver = handle.status().routing_watch();
+        // Timing out (or the node stopping) answers with the table as it is.
+        let _ = tokio::time::timeout(wait, receiver.wait_for(|table| table.version() > newer_than)).await;
+    }
+    Json(routing_json(&handle.status().routing())).into_response()
+}
+
+/// The longest a routing watch waits.
+const ROUTING_WAIT_MS_MAX: u64 = 30_000;
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RoutingWatch {
+    newer_than: Option<u64>,
+    wait_ms: Option<u64>,
+}
+
+/// `{"expected_version": 3, "shard": 42, "to": 2}`: names cell `to` as the
+/// owner of the shard in the routing table, if the table is still at
+/// `expected_version` (else 409 `conflict`). Served by the global cell's
+/// leader (else 503 naming it). One step of `cellpay ctl routing move`,
+/// which releases the shard from its old owner first.
+async fn cluster_routing_change(State(handle): State<NodeHandle>, JsonBody(body): JsonBody) -> Response {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Change {
+        expected_version: u64,
+        shard: u32,
+        to: u64,
+    }
+    let change: Change = match serde_json::from_slice(&body) {
+        Ok(change) => change,
+        Err(error) => return error_response(ErrorCode::InvalidJson, error.to_string()),
+    };
+    let request = Request::ChangeRouting {
+        expected_version: change.expected_version,
+        change: RoutingChange::MoveShard { shard: change.shard, to: change.to },
+    };
+    admin_response(handle.submit_admin(request).await)
+}
+
+/// `{"cell": 1, "shard": 42, "owned": false}`: the cell releases the shard
+/// (refused with 409 `conflict` while it holds accounts of it) or acquires
+/// it (refused unless the routing table names the cell as its owner).
+/// Served by the cell's leader (else 503 naming it).
+async fn cluster_ownership(State(handle): State<NodeHandle>, JsonBody(body): JsonBody) -> Response {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Ownership {
+        cell: u64,
+        shard: u32,
+        owned: bool,
+    }
+    let ownership: Ownership = match serde_json::from_slice(&body) {
+        Ok(ownership) => ownership,
+        Err(error) => return error_response(ErrorCode::InvalidJson, error.to_string()),
+    };
+    if ownership.cell == GLOBAL_CELL || handle.topology().cell(ownership.cell).is_none() {
+        return error_response(ErrorCode::InvalidJson, format!("cell {} is not a cell of shards", ownership.cell));
+    }
+    let request = Request::ShardOwnership { cell: ownership.cell, shard: ownership.shard, owned: ownership.owned };
+    admin_response(handle.submit_admin(request).await)
+}
+
+fn admin_response(result: Result<Reply, NodeError>) -> Response {
+    match result {
+        Ok(reply) => reply_response(&reply),
+        Err(error) => error_response(node_error_code(&error), error.to_string()),
+    }
+}
+
+fn routing_json(routing: &RoutingTable) -> serde_json::Value {
     let cells: Vec<serde_json::Value> = routing
         .shards_by_cell()
         .into_iter()
         .map(|(cell, shards)| serde_json::json!({"cell": cell, "shards": shard_ranges(&shards)}))
         .collect();
-    let body = serde_json::json!({"version": routing.version(), "shards": routing.shards(), "cells": cells});
-    Json(body).into_response()
+    let owners: Vec<u64> = (0..routing.shards()).filter_map(|shard| routing.owner(shard)).collect();
+    serde_json::json!({"version": routing.version(), "shards": routing.shards(), "cells": cells, "owners": owners})
 }
 
 async fn cluster_status(State(handle): State<NodeHandle>) -> Response {

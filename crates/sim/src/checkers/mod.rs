@@ -8,6 +8,7 @@ pub mod balance_limits;
 pub mod conservation;
 pub mod disk;
 pub mod liveness;
+pub mod ownership;
 pub mod replicas;
 
 use crate::Sim;
@@ -36,6 +37,7 @@ pub(crate) fn run_all(sim: &mut Sim) {
     failures.extend(replicas::check(sim));
     failures.extend(acknowledged::check(sim));
     failures.extend(applied_once::check(sim));
+    failures.extend(ownership::check(sim));
     // The first few of each checker, and how many more.
     let mut shown: std::collections::BTreeMap<&'static str, usize> = std::collections::BTreeMap::new();
     for failure in failures {

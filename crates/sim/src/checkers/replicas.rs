@@ -29,7 +29,9 @@ pub(crate) fn check(sim: &Sim) -> Vec<Failure> {
     for (&node, stepped) in &sim.nodes {
         let Some(stepped) = stepped else { continue };
         for (cell, applied, ledger, _) in stepped.replicas() {
-            by_cell.entry(cell).or_default().entry((applied, ledger.state_hash())).or_default().push(node);
+            // The ledger's state and the cell's (shard ownership, the routing table).
+            let state = stepped.cell_state(cell).map_or(0, |state| state.hash());
+            by_cell.entry(cell).or_default().entry((applied, ledger.state_hash() ^ state)).or_default().push(node);
         }
     }
     let mut failures = Vec::new();

@@ -1,0 +1,264 @@
+//! A cell's replicated state besides its ledger: which shards its own log
+//! says it owns and, in the global cell, the routing table.
+//!
+//! Both change only through entries of the cell's log (`record.rs` kinds 4
+//! and 5), so every replica holds the same state at the same index; both are
+//! stored with each checkpoint (in the consensus metadata, see
+//! [`encode_consensus`]) and travel with snapshots.
+//!
+//! **Ownership is decided by the cell's own log, not by the routing table.**
+//! The table (the global cell's) tells routers where to send a request; a
+//! cell applies an event only if its log, at that entry, says it owns the
+//! shard of every account the event names. A shard moves in three steps, each
+//! a log entry: the old owner releases it (refused while it holds an account
+//! of the shard), the global cell's table names the new owner (compare and
+//! set), the new owner acquires it. At no index do two cells both own a shard,
+//! whatever routers believe meanwhile.
+//!
+//! Encoding of the consensus metadata (integers little-endian):
+//!
+//! ```text
+//! offset  size  field
+//!      0     4  magic b"cpCM"
+//!      4     4  length B of the log base record
+//!      8     B  the log base record (raft_log's encoding)
+//!    8+B     4  shards S
+//!   12+B  ⌈S/8⌉ owned shards, one bit each (shard i: byte i/8, bit i%8)
+//!      …     1  1 if a routing table follows, else 0
+//!      …     …  the routing table (its own checksummed encoding)
+//! ```
+//!
+//! Stores written before this format hold the bare log base record; they
+//! decode with no cell state (the topology's then applies).
+
+use cellpay_cluster::routing::{RoutingChange, RoutingError, RoutingTable};
+use cellpay_cluster::topology::{CellId, Topology, GLOBAL_CELL};
+use cellpay_ledger::id::shard_of_account;
+use cellpay_ledger::Ledger;
+
+use crate::raft_log::{self, LogBase, LogRecord};
+
+const MAGIC: [u8; 4] = *b"cpCM";
+
+/// A cell's replicated state besides its ledger.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CellState {
+    /// Whether the cell owns each shard, by its own log.
+    owned: Vec<bool>,
+    /// The routing table: the global cell's only.
+    routing: Option<RoutingTable>,
+}
+
+/// Why an ownership change was refused (nothing changed).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum OwnershipError {
+    #[error("shard {shard} does not exist: shards are 0 to {last}")]
+    UnknownShard { shard: u32, last: u32 },
+    #[error("cell {cell} holds {accounts} accounts of shard {shard}: moving accounts is not supported yet")]
+    ShardNotEmpty { cell: CellId, shard: u32, accounts: usize },
+}
+
+impl CellState {
+    /// The state at index 0: the topology's ownership, and its routing table
+    /// (version 1) for the global cell.
+    pub fn initial(topology: &Topology, cell: CellId) -> CellState {
+        let owned = (0..topology.shards).map(|shard| topology.cell_of_shard(shard) == Some(cell)).collect();
+        let routing = (cell == GLOBAL_CELL).then(|| RoutingTable::initial(topology));
+        CellState { owned, routing }
+    }
+
+    pub fn shards(&self) -> u32 {
+        self.owned.len() as u32
+    }
+
+    pub fn owns(&self, shard: u32) -> bool {
+        self.owned.get(shard as usize).copied().unwrap_or(false)
+    }
+
+    /// Whether the cell owns the shard of `account`.
+    pub fn owns_account(&self, account: u128) -> bool {
+        self.owns(shard_of_account(account, self.shards()))
+    }
+
+    pub fn routing(&self) -> Option<&RoutingTable> {
+        self.routing.as_ref()
+    }
+
+    /// Releases or acquires a shard. Releasing refuses while the ledger holds
+    /// an account of the shard (accounts do not move yet); both are
+    /// idempotent. Deterministic: a function of the state and the ledger.
+    pub fn set_owned(&mut self, cell: CellId, shard: u32, owned: bool, ledger: &Ledger) -> Result<(), OwnershipError> {
+        let last = self.shards() - 1;
+        let Some(slot) = self.owned.get_mut(shard as usize) else {
+            return Err(OwnershipError::UnknownShard { shard, last });
+        };
+        if !owned && *slot {
+            let accounts = ledger.accounts_in_shard(shard, last + 1);
+            if accounts > 0 {
+                return Err(OwnershipError::ShardNotEmpty { cell, shard, accounts });
+            }
+        }
+        *slot = owned;
+        Ok(())
+    }
+
+    /// Applies a routing change to the global cell's table (compare and set).
+    pub fn change_routing(
+        &mut self,
+        expected_version: u64,
+        change: RoutingChange,
+        topology: &Topology,
+    ) -> Result<&RoutingTable, RoutingError> {
+        let Some(table) = self.routing.as_mut() else { return Err(RoutingError::NoTable) };
+        *table = table.apply(expected_version, change, topology)?;
+        Ok(table)
+    }
+
+    /// A digest of the state, folded into the cell's state hash.
+    pub fn hash(&self) -> u64 {
+        // FNV-1a over the encoding: stable across processes and versions.
+        let mut bytes = Vec::new();
+        self.encode_into(&mut bytes);
+        bytes
+            .iter()
+            .fold(0xcbf2_9ce4_8422_2325u64, |hash, &byte| (hash ^ u64::from(byte)).wrapping_mul(0x100_0000_01b3))
+    }
+
+    fn encode_into(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.shards().to_le_bytes());
+        let mut bits = vec![0u8; self.owned.len().div_ceil(8)];
+        for (shard, _) in self.owned.iter().enumerate().filter(|(_, &owned)| owned) {
+            bits[shard / 8] |= 1 << (shard % 8);
+        }
+        out.extend_from_slice(&bits);
+        match &self.routing {
+            Some(table) => {
+                out.push(1);
+                out.extend_from_slice(&table.encode());
+            }
+            None => out.push(0),
+        }
+    }
+
+    fn decode(bytes: &[u8]) -> Option<CellState> {
+        let shards = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+        let bits = bytes.get(4..4 + shards.div_ceil(8))?;
+        let owned = (0..shards).map(|shard| bits[shard / 8] & (1 << (shard % 8)) != 0).collect();
+        let rest = &bytes[4 + bits.len()..];
+        let routing = match rest.split_first()? {
+            (0, []) => None,
+            (1, table) => Some(RoutingTable::decode(table).ok()?),
+            _ => return None,
+        };
+        if shards == 0 || routing.as_ref().is_some_and(|table| table.shards() as usize != shards) {
+            return None;
+        }
+        Some(CellState { owned, routing })
+    }
+}
+
+/// The consensus metadata stored with a checkpoint: the log base (index,
+/// term, membership) and the cell's state.
+pub fn encode_consensus(cell: CellId, base: &LogBase, state: &CellState) -> Vec<u8> {
+    let mut record = Vec::new();
+    raft_log::encode_base(&mut record, cell, base);
+    let mut out = MAGIC.to_vec();
+    out.extend_from_slice(&(record.len() as u32).to_le_bytes());
+    out.extend_from_slice(&record);
+    state.encode_into(&mut out);
+    out
+}
+
+/// Decodes consensus metadata; `None` if malformed. The state is `None` for
+/// metadata written before cell states were stored (a bare base record).
+pub fn decode_consensus(bytes: &[u8]) -> Option<(LogBase, Option<CellState>)> {
+    let base = |record: &[u8]| match raft_log::decode(record).ok()? {
+        LogRecord::Base { base, .. } => Some(base),
+        _ => None,
+    };
+    if bytes.get(..4) != Some(&MAGIC[..]) {
+        return Some((base(bytes)?, None));
+    }
+    let length = u32::from_le_bytes(bytes.get(4..8)?.try_into().ok()?) as usize;
+    let record = bytes.get(8..8usize.checked_add(length)?)?;
+    let state = CellState::decode(&bytes[8 + length..])?;
+    Some((base(record)?, Some(state)))
+}
+
+#[cfg(test)]
+mod tests {
+    use cellpay_ledger::id::account_id;
+    use cellpay_ledger::{Account, LedgerConfig};
+    use raft::eraftpb::ConfState;
+
+    use super::*;
+
+    fn topology() -> Topology {
+        Topology::local(20_000, 4)
+    }
+
+    #[test]
+    fn the_initial_state_is_the_topologys() {
+        let topology = topology();
+        let cell = topology.cells[1].id;
+        let state = CellState::initial(&topology, cell);
+        for shard in 0..topology.shards {
+            assert_eq!(state.owns(shard), topology.cell_of_shard(shard) == Some(cell));
+        }
+        assert!(state.routing().is_none());
+        let global = CellState::initial(&topology, GLOBAL_CELL);
+        assert!((0..topology.shards).all(|shard| !global.owns(shard)));
+        assert_eq!(global.routing(), Some(&RoutingTable::initial(&topology)));
+    }
+
+    #[test]
+    fn a_shard_with_accounts_cannot_be_released() {
+        let topology = topology();
+        let cell = topology.cell_of_shard(7).unwrap();
+        let mut state = CellState::initial(&topology, cell);
+        let mut ledger = Ledger::new(LedgerConfig::default());
+        let account = Account { id: account_id(7, 1).unwrap(), ledger: 1, code: 1, ..Account::default() };
+        ledger.create_accounts(1, &[account]);
+        let before = state.clone();
+        assert_eq!(
+            state.set_owned(cell, 7, false, &ledger),
+            Err(OwnershipError::ShardNotEmpty { cell, shard: 7, accounts: 1 })
+        );
+        assert_eq!(state, before, "a refused change changes nothing");
+        assert_eq!(
+            state.set_owned(cell, 100, true, &ledger),
+            Err(OwnershipError::UnknownShard { shard: 100, last: 99 })
+        );
+        // An empty shard is released, and released again (idempotent), then acquired.
+        let empty = Ledger::new(LedgerConfig::default());
+        state.set_owned(cell, 7, false, &empty).unwrap();
+        state.set_owned(cell, 7, false, &empty).unwrap();
+        assert!(!state.owns(7) && !state.owns_account(account.id));
+        assert_ne!(state.hash(), before.hash());
+        state.set_owned(cell, 7, true, &ledger).unwrap();
+        assert_eq!(state, before);
+    }
+
+    #[test]
+    fn consensus_metadata_round_trips_and_reads_the_old_format() {
+        let topology = topology();
+        let base = LogBase { index: 9, term: 2, conf_state: ConfState { voters: vec![1, 2, 3], ..Default::default() } };
+        for cell in [GLOBAL_CELL, topology.cells[0].id] {
+            let mut state = CellState::initial(&topology, cell);
+            if cell == GLOBAL_CELL {
+                let to = topology.cells[0].id;
+                let from = RoutingTable::initial(&topology).owner(99).unwrap();
+                assert_ne!(from, to);
+                state.change_routing(1, RoutingChange::MoveShard { shard: 99, to }, &topology).unwrap();
+                assert_eq!(state.routing().unwrap().version(), 2);
+            }
+            let bytes = encode_consensus(cell, &base, &state);
+            assert_eq!(decode_consensus(&bytes), Some((base.clone(), Some(state))));
+            assert_eq!(decode_consensus(&bytes[..bytes.len() - 1]), None);
+        }
+        let mut old = Vec::new();
+        raft_log::encode_base(&mut old, 1, &base);
+        assert_eq!(decode_consensus(&old), Some((base, None)));
+        assert_eq!(decode_consensus(b"junk"), None);
+    }
+}
