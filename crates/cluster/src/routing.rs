@@ -21,7 +21,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::topology::{CellId, Topology, SHARDS_MAX};
+use crate::topology::{CellId, Topology, GLOBAL_CELL, SHARDS_MAX};
 
 const MAGIC: [u8; 4] = *b"cpRT";
 const HEADER_SIZE: usize = 16;
@@ -47,7 +47,7 @@ pub enum RoutingError {
     VersionMismatch { expected: u64, current: u64 },
     #[error("shard {shard} does not exist: shards are 0 to {last}")]
     UnknownShard { shard: u32, last: u32 },
-    #[error("cell {cell} is not in the topology")]
+    #[error("cell {cell} is not one of the topology's cells of shards")]
     UnknownCell { cell: CellId },
     #[error("cell {cell} already owns shard {shard}")]
     AlreadyOwner { shard: u32, cell: CellId },
@@ -104,7 +104,8 @@ impl RoutingTable {
         let RoutingChange::MoveShard { shard, to } = change;
         let last = self.shards() - 1;
         let owner = self.owner(shard).ok_or(RoutingError::UnknownShard { shard, last })?;
-        if topology.cell(to).is_none() {
+        // The global cell is a cell of the topology, but owns no shard.
+        if to == GLOBAL_CELL || topology.cell(to).is_none() {
             return Err(RoutingError::UnknownCell { cell: to });
         }
         if owner == to {
@@ -204,6 +205,11 @@ mod tests {
         assert_eq!(
             table.apply(1, RoutingChange::MoveShard { shard: 7, to: 99 }, &topology),
             Err(RoutingError::UnknownCell { cell: 99 })
+        );
+        assert_eq!(
+            table.apply(1, RoutingChange::MoveShard { shard: 7, to: GLOBAL_CELL }, &topology),
+            Err(RoutingError::UnknownCell { cell: GLOBAL_CELL }),
+            "the global cell owns no shard"
         );
         assert_eq!(
             table.apply(1, RoutingChange::MoveShard { shard: 7, to: from }, &topology),
