@@ -64,31 +64,39 @@ fn a_seed_replays_exactly() {
     assert_ne!(first.trace_hash, other.trace_hash, "another seed, another run");
 }
 
-/// The first CI seed whose run a checker fails with `bug` on, and the checkers that failed.
-fn caught(bug: Bug) -> Option<(u64, Vec<&'static str>)> {
+/// The first CI seed on which one of the `expected` checkers catches `bug`,
+/// and every checker that failed on it. Earlier seeds may fail by other
+/// checkers first (with the bug on, an acknowledged write lost can also
+/// stall a shard move: `liveness`); they are printed.
+fn caught(bug: Bug, expected: &[&str]) -> Option<(u64, Vec<&'static str>)> {
     ci_seeds().find_map(|seed| {
         let report = run(SimConfig { bugs: vec![bug], ..SimConfig::new(seed, CI_STEPS) });
-        (!report.passed()).then(|| (seed, report.failures.iter().map(|f| f.checker).collect()))
+        let checkers: Vec<&'static str> = report.failures.iter().map(|f| f.checker).collect();
+        if checkers.iter().any(|checker| expected.contains(checker)) {
+            return Some((seed, checkers));
+        }
+        if !checkers.is_empty() {
+            println!("{bug:?}: seed {seed} failed by other checkers first: {checkers:?}");
+        }
+        None
     })
 }
 
 #[test]
 fn acknowledging_before_the_fsync_is_caught() {
-    let (seed, checkers) = caught(Bug::AckBeforeFsync).expect("a CI seed catches the bug");
+    let (seed, checkers) =
+        caught(Bug::AckBeforeFsync, &["acknowledged", "replicas"]).expect("a CI seed catches the bug");
     println!("ack-before-fsync: seed {seed}: {checkers:?}");
-    assert!(checkers.contains(&"acknowledged") || checkers.contains(&"replicas"), "{checkers:?}");
 }
 
 #[test]
 fn applying_with_a_followers_clock_is_caught() {
-    let (seed, checkers) = caught(Bug::FollowerClock).expect("a CI seed catches the bug");
+    let (seed, checkers) = caught(Bug::FollowerClock, &["replicas"]).expect("a CI seed catches the bug");
     println!("follower-clock: seed {seed}: {checkers:?}");
-    assert!(checkers.contains(&"replicas"), "{checkers:?}");
 }
 
 #[test]
 fn acknowledging_before_the_commit_is_caught() {
-    let (seed, checkers) = caught(Bug::AckBeforeCommit).expect("a CI seed catches the bug");
+    let (seed, checkers) = caught(Bug::AckBeforeCommit, &["acknowledged"]).expect("a CI seed catches the bug");
     println!("ack-before-commit: seed {seed}: {checkers:?}");
-    assert!(checkers.contains(&"acknowledged"), "{checkers:?}");
 }
