@@ -185,6 +185,13 @@ pub fn decode_consensus(bytes: &[u8]) -> Option<(LogBase, Option<CellState>)> {
     Some((base(record)?, Some(state)))
 }
 
+/// A cell's state as its store's consensus metadata records it, or the
+/// topology's (index 0, or a store written before cell states were stored).
+pub fn stored_or_initial(consensus: &[u8], topology: &Topology, cell: CellId) -> CellState {
+    let stored = decode_consensus(consensus).and_then(|(_, state)| state);
+    stored.unwrap_or_else(|| CellState::initial(topology, cell))
+}
+
 #[cfg(test)]
 mod tests {
     use cellpay_ledger::id::account_id;

@@ -1241,11 +1241,9 @@ impl Engine {
             let generation = database.registry_get(&snapshot::generation_key(cell_id))?.unwrap_or(0);
             let store = Arc::new(Store::open_in(&database, &snapshot::store_name(cell_id, generation))?);
             let checkpoint = store.checkpoint()?;
-            let (stored_base, stored_state) = match cell_state::decode_consensus(&store.consensus()?) {
-                Some((base, state)) => (Some(base), state),
-                None => (None, None),
-            };
-            let state = stored_state.unwrap_or_else(|| CellState::initial(&config.topology, cell_id));
+            let consensus = store.consensus()?;
+            let stored_base = cell_state::decode_consensus(&consensus).map(|(base, _)| base);
+            let state = cell_state::stored_or_initial(&consensus, &config.topology, cell_id);
             let initial_conf =
                 ConfState { voters: cell.voters.clone(), learners: cell.learners.clone(), ..Default::default() };
             let mut cell_log = match cell_logs.remove(&cell_id) {
@@ -1754,8 +1752,7 @@ impl Engine {
             Err(error) => panic!("cell {cell}: cannot read the installed snapshot: {error}"),
         };
         replica.ledger = Ledger::restore(self.config.ledger, accounts, pending, staged.image.checkpoint.timestamp_last);
-        let state = cell_state::decode_consensus(&staged.image.consensus).and_then(|(_, state)| state);
-        replica.state = state.unwrap_or_else(|| CellState::initial(&self.config.topology, cell));
+        replica.state = cell_state::stored_or_initial(&staged.image.consensus, &self.config.topology, cell);
         if let Some(table) = replica.state.routing() {
             self.status.publish_routing(table);
         }

@@ -125,9 +125,9 @@ async fn cluster_drain(State(handle): State<NodeHandle>, JsonBody(body): JsonBod
         region: String,
         drained: bool,
     }
-    let drain: Drain = match serde_json::from_slice(&body) {
+    let drain: Drain = match operator_json(&body) {
         Ok(drain) => drain,
-        Err(error) => return error_response(ErrorCode::InvalidJson, error.to_string()),
+        Err(refused) => return *refused,
     };
     if !handle.topology().regions.iter().any(|region| region.name == drain.region) {
         return error_response(ErrorCode::InvalidJson, format!("unknown region {:?}", drain.region));
@@ -155,9 +155,9 @@ async fn cluster_membership(State(handle): State<NodeHandle>, JsonBody(body): Js
         #[serde(default)]
         remove: Vec<u64>,
     }
-    let request: Membership = match serde_json::from_slice(&body) {
+    let request: Membership = match operator_json(&body) {
         Ok(request) => request,
-        Err(error) => return error_response(ErrorCode::InvalidJson, error.to_string()),
+        Err(refused) => return *refused,
     };
     let changes: Vec<MembershipChange> = (request.add_learners.iter().map(|&n| MembershipChange::AddLearner(n)))
         .chain(request.add_voters.iter().map(|&n| MembershipChange::AddVoter(n)))
@@ -188,22 +188,36 @@ async fn cluster_membership(State(handle): State<NodeHandle>, JsonBody(body): Js
 ///
 /// A watch: with `?newer_than=V`, the answer waits until this node knows a
 /// table newer than version V, or `wait_ms` passes (default and most
-/// 30,000), then gives the table it has; a gateway polls again with the
+/// 25,000), then gives the table it has; a gateway polls again with the
 /// version it got. Each node answers with its own replica of the global
 /// cell's table (a read inside the caller's region; a stale table costs a
 /// `misrouted` refusal, never a wrong write).
 async fn cluster_routing(State(handle): State<NodeHandle>, Query(watch): Query<RoutingWatch>) -> Response {
     if let Some(newer_than) = watch.newer_than {
         let wait = Duration::from_millis(watch.wait_ms.unwrap_or(ROUTING_WAIT_MS_MAX).min(ROUTING_WAIT_MS_MAX));
+        let deadline = tokio::time::Instant::now() + wait;
         let mut receiver = handle.status().routing_watch();
-        // Timing out (or the node stopping) answers with the table as it is.
-        let _ = tokio::time::timeout(wait, receiver.wait_for(|table| table.version() > newer_than)).await;
+        // Timing out, or the node stopping (checked every slice, so a watch
+        // never holds up a shutdown), answers with the table as it is.
+        while handle.is_running() {
+            let slice = deadline.saturating_duration_since(tokio::time::Instant::now()).min(ROUTING_WAIT_SLICE);
+            if slice.is_zero() {
+                break;
+            }
+            let newer = tokio::time::timeout(slice, receiver.wait_for(|table| table.version() > newer_than)).await;
+            if newer.is_ok() {
+                break;
+            }
+        }
     }
     Json(routing_json(&handle.status().routing())).into_response()
 }
 
-/// The longest a routing watch waits.
-const ROUTING_WAIT_MS_MAX: u64 = 30_000;
+/// The longest a routing watch waits: under the front end's 30 s request
+/// timeout. Each open watch is one request in flight (`FrontLimits`).
+const ROUTING_WAIT_MS_MAX: u64 = 25_000;
+/// How often a waiting watch checks whether the node is stopping.
+const ROUTING_WAIT_SLICE: Duration = Duration::from_millis(500);
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -225,9 +239,9 @@ async fn cluster_routing_change(State(handle): State<NodeHandle>, JsonBody(body)
         shard: u32,
         to: u64,
     }
-    let change: Change = match serde_json::from_slice(&body) {
+    let change: Change = match operator_json(&body) {
         Ok(change) => change,
-        Err(error) => return error_response(ErrorCode::InvalidJson, error.to_string()),
+        Err(refused) => return *refused,
     };
     let request = Request::ChangeRouting {
         expected_version: change.expected_version,
@@ -248,15 +262,20 @@ async fn cluster_ownership(State(handle): State<NodeHandle>, JsonBody(body): Jso
         shard: u32,
         owned: bool,
     }
-    let ownership: Ownership = match serde_json::from_slice(&body) {
+    let ownership: Ownership = match operator_json(&body) {
         Ok(ownership) => ownership,
-        Err(error) => return error_response(ErrorCode::InvalidJson, error.to_string()),
+        Err(refused) => return *refused,
     };
     if ownership.cell == GLOBAL_CELL || handle.topology().cell(ownership.cell).is_none() {
         return error_response(ErrorCode::InvalidJson, format!("cell {} is not a cell of shards", ownership.cell));
     }
     let request = Request::ShardOwnership { cell: ownership.cell, shard: ownership.shard, owned: ownership.owned };
     admin_response(handle.submit_admin(request).await)
+}
+
+/// An operator endpoint's JSON body, or its `invalid_json` refusal.
+fn operator_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Box<Response>> {
+    serde_json::from_slice(body).map_err(|error| Box::new(error_response(ErrorCode::InvalidJson, error.to_string())))
 }
 
 fn admin_response(result: Result<Reply, NodeError>) -> Response {
