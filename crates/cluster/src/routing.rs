@@ -21,6 +21,8 @@
 
 use std::collections::BTreeMap;
 
+use cellpay_ledger::id::shard_of_account;
+
 use crate::topology::{CellId, Topology, GLOBAL_CELL, SHARDS_MAX};
 
 const MAGIC: [u8; 4] = *b"cpRT";
@@ -78,6 +80,28 @@ impl RoutingTable {
     /// The cell that owns `shard`; `None` if there is no such shard.
     pub fn owner(&self, shard: u32) -> Option<CellId> {
         self.owners.get(usize::try_from(shard).ok()?).copied()
+    }
+
+    /// The table a node published (`GET /v1/cluster/routing`): `owners[shard]`
+    /// is the shard's cell. Checked as [`RoutingTable::decode`] checks.
+    pub fn from_owners(version: u64, owners: Vec<CellId>) -> Result<RoutingTable, RoutingError> {
+        let malformed = |reason: String| RoutingError::Malformed { reason };
+        let shards = owners.len();
+        if version == 0 || shards == 0 || shards > SHARDS_MAX as usize {
+            return Err(malformed(format!("version {version}, shards {shards}")));
+        }
+        if let Some(shard) = owners.iter().position(|&owner| owner == GLOBAL_CELL) {
+            return Err(malformed(format!("shard {shard} has no owner")));
+        }
+        Ok(RoutingTable { version, owners })
+    }
+
+    /// The cell that owns `account`: the owner of its shard
+    /// (`ledger::id::shard_of_account`). Every account id has a shard, so
+    /// every account has an owner.
+    pub fn cell_of_account(&self, account: u128) -> CellId {
+        let shard = shard_of_account(account, self.shards());
+        self.owners[shard as usize]
     }
 
     /// Each cell's shards, in shard order, cells in id order.
@@ -215,6 +239,34 @@ mod tests {
             table.apply(1, RoutingChange::MoveShard { shard: 7, to: from }, &topology),
             Err(RoutingError::AlreadyOwner { shard: 7, cell: from })
         );
+    }
+
+    #[test]
+    fn an_account_belongs_to_the_owner_of_its_users_shard() {
+        let topology = topology();
+        let table = RoutingTable::initial(&topology);
+        for user in [0u64, 1, 42, 99, 100, 12_345, u64::MAX] {
+            let account = cellpay_ledger::id::account_id(user, 7).unwrap();
+            let shard = (user % u64::from(topology.shards)) as u32;
+            assert_eq!(Some(table.cell_of_account(account)), topology.cell_of_shard(shard), "user {user}");
+        }
+        let moved = table.apply(1, RoutingChange::MoveShard { shard: 42, to: 4 }, &topology).unwrap();
+        assert_eq!(moved.cell_of_account(cellpay_ledger::id::account_id(142, 1).unwrap()), 4);
+        // Id 0 (a post or void naming no account) belongs to shard 0's owner.
+        assert_eq!(table.cell_of_account(0), table.owner(0).unwrap());
+    }
+
+    #[test]
+    fn a_published_table_is_checked_like_a_decoded_one() {
+        let table = RoutingTable::initial(&topology());
+        let owners: Vec<CellId> = (0..table.shards()).map(|shard| table.owner(shard).unwrap()).collect();
+        assert_eq!(RoutingTable::from_owners(1, owners.clone()), Ok(table));
+        assert!(RoutingTable::from_owners(0, owners.clone()).is_err(), "version 0");
+        assert!(RoutingTable::from_owners(1, Vec::new()).is_err(), "no shards");
+        assert!(RoutingTable::from_owners(1, vec![1; SHARDS_MAX as usize + 1]).is_err(), "too many shards");
+        let mut unowned = owners;
+        unowned[3] = GLOBAL_CELL;
+        assert!(RoutingTable::from_owners(1, unowned).is_err(), "an unowned shard");
     }
 
     #[test]
