@@ -107,8 +107,11 @@ pub const NODES_MAX: usize = 1024;
 pub const CELLS_MAX: usize = 4096;
 /// The largest number of replicas (voters and learners together) of one cell.
 pub const CELL_REPLICAS_MAX: usize = 64;
-/// The largest node or cell id: TOML integers are signed 64-bit.
+/// The largest node id: TOML integers are signed 64-bit.
 pub const ID_MAX: u64 = i64::MAX as u64;
+/// The largest cell id: a clearing account's id names two cells in 16 bits
+/// each (`cellpay_ledger::id::clearing_account_id`).
+pub const CELL_ID_MAX: u64 = u16::MAX as u64;
 /// The longest region or datacenter name, in bytes.
 pub const NAME_BYTES_MAX: usize = 64;
 /// The largest emulated one-way delay (10 s).
@@ -302,8 +305,8 @@ pub enum TopologyError {
     /// More than [`CELLS_MAX`] cells.
     #[error("{count} cells is more than the limit of {CELLS_MAX}")]
     TooManyCells { count: usize },
-    /// A cell id is zero or larger than [`ID_MAX`].
-    #[error("cell id {id} is out of range 1..={ID_MAX}")]
+    /// A cell id is zero or larger than [`CELL_ID_MAX`].
+    #[error("cell id {id} is out of range 1..={CELL_ID_MAX}")]
     CellIdOutOfRange { id: CellId },
     /// Two cells have the same id.
     #[error("cell {id} is listed twice")]
@@ -844,7 +847,7 @@ fn index_cells(ids: impl ExactSizeIterator<Item = CellId>) -> Result<HashMap<Cel
     }
     let mut positions = HashMap::with_capacity(count);
     for (position, id) in ids.enumerate() {
-        if id == 0 || id > ID_MAX {
+        if id == 0 || id > CELL_ID_MAX {
             return Err(TopologyError::CellIdOutOfRange { id });
         }
         if positions.insert(id, position).is_some() {

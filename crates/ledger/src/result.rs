@@ -4,7 +4,9 @@
 //! exactly one code. When several apply, the one listed first here wins: the
 //! declaration order below *is* the order of precedence, and the numeric value
 //! of a code is its position (so codes can be compared to check precedence).
-//! `ok` is 0. Codes are stable wire values: new codes are only appended.
+//! `ok` is 0. Codes are stable wire values: new codes are only appended, so a
+//! code appended later (from `id_reserved` on) takes the place in precedence
+//! its comment names, not its position.
 
 macro_rules! result_codes {
     ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $value:expr => $text:expr,)* }) => {
@@ -78,6 +80,9 @@ result_codes! {
         Exists = 20 => "exists",
         /// The ledger holds `accounts_max` accounts already.
         AccountsMaxReached = 21 => "accounts_max_reached",
+        /// The account's user id is the system's (`id::CLEARING_USER_ID`).
+        /// Checked right after `id_must_not_be_int_max`.
+        IdReserved = 22 => "id_reserved",
     }
 }
 
@@ -151,6 +156,24 @@ result_codes! {
         ExceedsDebits = 58 => "exceeds_debits",
         /// The ledger holds `pending_transfers_max` open pending transfers already.
         PendingTransfersMaxReached = 59 => "pending_transfers_max_reached",
+        /// The transfer id is the system's (`id::TRANSFER_ID_SYSTEM_MIN` and
+        /// up). Checked right after `id_must_not_be_int_max`.
+        IdReserved = 60 => "id_reserved",
+        /// The transfer names a cell's clearing account, which only the
+        /// system moves. Checked right after the account ids' own checks.
+        AccountReserved = 61 => "account_reserved",
+        /// A transfer between cells (or a linked chain touching several
+        /// cells) may not be pending, post or void a pending transfer, or be
+        /// balancing or closing. Checked before the transfer is tried.
+        CrossCellFlagsUnsupported = 62 => "cross_cell_flags_unsupported",
+        /// A cell the transfer involves does not own the account (a stale
+        /// routing table): nothing was applied; retry with a new id.
+        CrossCellMisrouted = 63 => "cross_cell_misrouted",
+        /// A cell the transfer involves did not answer in time: the transfer
+        /// was cancelled (nothing applied); retry with a new id.
+        CrossCellTimedOut = 64 => "cross_cell_timed_out",
+        /// The coordinating cell holds its limit of undecided cross-cell transfers.
+        CrossCellTransfersMaxReached = 65 => "cross_cell_transfers_max_reached",
     }
 }
 

@@ -98,6 +98,14 @@ struct Prefetched {
     credit_slot: Option<u32>,
 }
 
+/// Who a transfer comes from: a client, or the system (cross-cell legs and
+/// their resolutions, which may use system ids and clearing accounts).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Origin {
+    Client,
+    System,
+}
+
 /// One step to undo, recorded while a linked chain is open.
 #[derive(Clone, Copy, Debug)]
 enum Undo {
@@ -212,8 +220,13 @@ impl Ledger {
 
     /// How many accounts belong to `shard` of `shards` (a scan of every
     /// account: for rare operator checks, not the hot path).
+    /// Clearing accounts belong to the cell, not to a shard: never counted.
     pub fn accounts_in_shard(&self, shard: u32, shards: u32) -> usize {
-        self.accounts.values().filter(|account| crate::id::shard_of_account(account.id, shards) == shard).count()
+        self.accounts
+            .values()
+            .filter(|account| !crate::id::is_clearing_account(account.id))
+            .filter(|account| crate::id::shard_of_account(account.id, shards) == shard)
+            .count()
     }
 
     pub fn pending_open_count(&self) -> usize {
@@ -283,6 +296,9 @@ impl Ledger {
         if a.id == u128::MAX {
             return R::IdMustNotBeIntMax;
         }
+        if crate::id::is_clearing_account(a.id) {
+            return R::IdReserved;
+        }
         if a.flags.contains(AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS)
             && a.flags.contains(AccountFlags::CREDITS_MUST_NOT_EXCEED_DEBITS)
         {
@@ -328,6 +344,43 @@ impl Ledger {
         events: &[Transfer],
         history: &impl History,
     ) -> Vec<CreateTransferResult> {
+        self.create_transfers_as(timestamp, events, history, Origin::Client)
+    }
+
+    /// Creates the system's transfers: the legs of cross-cell transfers and
+    /// their resolutions. As [`Ledger::create_transfers`], except that they
+    /// may use system ids and clearing accounts, and that posting or voiding
+    /// a leg ignores closed accounts: a leg's resolution is the decision of
+    /// the transfer's coordinator, and must apply.
+    pub fn create_legs(
+        &mut self,
+        timestamp: u64,
+        events: &[Transfer],
+        history: &impl History,
+    ) -> Vec<CreateTransferResult> {
+        self.create_transfers_as(timestamp, events, history, Origin::System)
+    }
+
+    /// Creates (once) the clearing account `id` (see
+    /// [`crate::id::clearing_account_id`]) in `ledger`.
+    pub fn clearing_account(&mut self, timestamp: u64, ledger: u32, id: u128) {
+        assert!(crate::id::is_clearing_account(id), "account {id} is not a clearing account");
+        if self.accounts.get(&id).is_none() {
+            assert!(!self.chain_open, "clearing accounts are created outside linked chains");
+            let base = self.batch_timestamp(timestamp);
+            let code = crate::id::CLEARING_ACCOUNT_CODE;
+            self.account_insert(Account { id, ledger, code, timestamp: base, ..Account::default() });
+            self.timestamp_advance(base, 1);
+        }
+    }
+
+    fn create_transfers_as(
+        &mut self,
+        timestamp: u64,
+        events: &[Transfer],
+        history: &impl History,
+        origin: Origin,
+    ) -> Vec<CreateTransferResult> {
         assert!(events.len() <= BATCH_EVENTS_MAX, "batch over the limit: the caller must refuse it");
         let base = self.batch_timestamp(timestamp);
         let expired = self.expire(base);
@@ -350,7 +403,7 @@ impl Ledger {
             CreateTransferResult::LinkedEventFailed,
             CreateTransferResult::LinkedEventChainOpen,
             |ledger, index, transfer| {
-                ledger.create_transfer(transfer, first + index as u64, &prefetched[index], history)
+                ledger.create_transfer(transfer, first + index as u64, &prefetched[index], history, origin)
             },
         );
         self.prefetched = prefetched;
@@ -422,8 +475,9 @@ impl Ledger {
         timestamp: u64,
         prefetched: &Prefetched,
         history: &impl History,
+        origin: Origin,
     ) -> CreateTransferResult {
-        if let Err(result) = validate_transfer(t) {
+        if let Err(result) = validate_transfer(t, origin) {
             return result;
         }
         let existing = match self.transfers_new_index.get(&t.id) {
@@ -437,7 +491,7 @@ impl Ledger {
         if t.flags.contains(TransferFlags::POST_PENDING_TRANSFER)
             || t.flags.contains(TransferFlags::VOID_PENDING_TRANSFER)
         {
-            self.post_or_void(t, timestamp, history)
+            self.post_or_void(t, timestamp, history, origin)
         } else {
             self.transfer_simple(t, timestamp, prefetched)
         }
@@ -532,7 +586,13 @@ impl Ledger {
         R::Ok
     }
 
-    fn post_or_void(&mut self, t: &Transfer, timestamp: u64, history: &impl History) -> CreateTransferResult {
+    fn post_or_void(
+        &mut self,
+        t: &Transfer,
+        timestamp: u64,
+        history: &impl History,
+        origin: Origin,
+    ) -> CreateTransferResult {
         use CreateTransferResult as R;
         let post = t.flags.contains(TransferFlags::POST_PENDING_TRANSFER);
         let open = self.pending_open.get(&t.pending_id).copied();
@@ -580,10 +640,13 @@ impl Ledger {
         let cr_slot = self.accounts.slot(&p.credit_account_id).expect("pending credit account exists");
         let mut dr = *self.accounts.at(dr_slot);
         let mut cr = *self.accounts.at(cr_slot);
-        if dr.flags.contains(AccountFlags::CLOSED) && !p.flags.contains(TransferFlags::CLOSING_DEBIT) {
+        let closed_matters = origin == Origin::Client;
+        if closed_matters && dr.flags.contains(AccountFlags::CLOSED) && !p.flags.contains(TransferFlags::CLOSING_DEBIT)
+        {
             return R::DebitAccountAlreadyClosed;
         }
-        if cr.flags.contains(AccountFlags::CLOSED) && !p.flags.contains(TransferFlags::CLOSING_CREDIT) {
+        if closed_matters && cr.flags.contains(AccountFlags::CLOSED) && !p.flags.contains(TransferFlags::CLOSING_CREDIT)
+        {
             return R::CreditAccountAlreadyClosed;
         }
         if post {
@@ -832,6 +895,18 @@ impl Ledger {
         ids.iter().filter_map(|id| self.transfer_get(*id, history)).collect()
     }
 
+    /// The transfer applied under `id`, if any.
+    pub fn transfer(&self, id: u128, history: &impl History) -> Option<Transfer> {
+        self.transfer_get(id, history)
+    }
+
+    /// How a retry `event` compares with the transfer `existing` applied
+    /// under its id: `exists` if it is the same, else the first field that
+    /// differs (`exists_with_different_*`), as `create_transfers` answers.
+    pub fn compare_retry(event: &Transfer, existing: &Transfer) -> CreateTransferResult {
+        transfer_exists(event, existing)
+    }
+
     /// The status of a pending transfer (None if `id` is not a pending transfer).
     pub fn pending_status(&self, id: u128, history: &impl History) -> Option<PendingStatus> {
         self.pending_status_get(id, history)
@@ -1021,7 +1096,7 @@ fn merge_by_age<T>(
 }
 
 /// The checks that need nothing but the event itself, in order of precedence.
-fn validate_transfer(t: &Transfer) -> Result<(), CreateTransferResult> {
+fn validate_transfer(t: &Transfer, origin: Origin) -> Result<(), CreateTransferResult> {
     use CreateTransferResult as R;
     let flags = t.flags;
     if t.timestamp != 0 {
@@ -1036,6 +1111,11 @@ fn validate_transfer(t: &Transfer) -> Result<(), CreateTransferResult> {
     if t.id == u128::MAX {
         return Err(R::IdMustNotBeIntMax);
     }
+    let client = origin == Origin::Client;
+    if client && t.id >= crate::id::TRANSFER_ID_SYSTEM_MIN {
+        return Err(R::IdReserved);
+    }
+    let reserved = |account: u128| client && crate::id::is_clearing_account(account);
     let pending = flags.contains(TransferFlags::PENDING);
     let post = flags.contains(TransferFlags::POST_PENDING_TRANSFER);
     let void = flags.contains(TransferFlags::VOID_PENDING_TRANSFER);
@@ -1053,6 +1133,9 @@ fn validate_transfer(t: &Transfer) -> Result<(), CreateTransferResult> {
         }
         if t.debit_account_id != 0 && t.debit_account_id == t.credit_account_id {
             return Err(R::AccountsMustBeDifferent);
+        }
+        if reserved(t.debit_account_id) || reserved(t.credit_account_id) {
+            return Err(R::AccountReserved);
         }
         if t.pending_id == 0 {
             return Err(R::PendingIdMustNotBeZero);
@@ -1082,6 +1165,9 @@ fn validate_transfer(t: &Transfer) -> Result<(), CreateTransferResult> {
     }
     if t.debit_account_id == t.credit_account_id {
         return Err(R::AccountsMustBeDifferent);
+    }
+    if reserved(t.debit_account_id) || reserved(t.credit_account_id) {
+        return Err(R::AccountReserved);
     }
     if t.pending_id != 0 {
         return Err(R::PendingIdMustBeZero);

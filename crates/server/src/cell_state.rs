@@ -1,5 +1,6 @@
 //! A cell's replicated state besides its ledger: which shards its own log
-//! says it owns and, in the global cell, the routing table.
+//! says it owns, its cross-cell transfers in flight (`cross_cell`) and, in
+//! the global cell, the routing table.
 //!
 //! Both change only through entries of the cell's log (`record.rs` kinds 4
 //! and 5), so every replica holds the same state at the same index; both are
@@ -19,26 +20,32 @@
 //!
 //! ```text
 //! offset  size  field
-//!      0     4  magic b"cpCM"
+//!      0     4  magic b"cpCN"
 //!      4     4  length B of the log base record
 //!      8     B  the log base record (raft_log's encoding)
 //!    8+B     4  shards S
 //!   12+B  ⌈S/8⌉ owned shards, one bit each (shard i: byte i/8, bit i%8)
+//!      …     …  the cross-cell state (`CrossCellState::encode_into`)
 //!      …     1  1 if a routing table follows, else 0
 //!      …     …  the routing table (its own checksummed encoding)
 //! ```
 //!
-//! Stores written before this format hold the bare log base record; they
-//! decode with no cell state (the topology's then applies).
+//! Magic b"cpCM" is the same without the cross-cell state (stores written
+//! before cross-cell transfers: none in flight). Stores written before cell
+//! states hold the bare log base record; they decode with no cell state (the
+//! topology's then applies).
 
 use cellpay_cluster::routing::{RoutingChange, RoutingError, RoutingTable};
 use cellpay_cluster::topology::{CellId, Topology, GLOBAL_CELL};
-use cellpay_ledger::id::shard_of_account;
+use cellpay_ledger::id::{is_clearing_account, shard_of_account};
 use cellpay_ledger::Ledger;
 
+use crate::cross_cell::CrossCellState;
 use crate::raft_log::{self, LogBase, LogRecord};
 
-const MAGIC: [u8; 4] = *b"cpCM";
+const MAGIC: [u8; 4] = *b"cpCN";
+/// The format before cross-cell transfers.
+const MAGIC_OWNERSHIP_ONLY: [u8; 4] = *b"cpCM";
 
 /// A cell's replicated state besides its ledger.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,6 +54,8 @@ pub struct CellState {
     owned: Vec<bool>,
     /// The routing table: the global cell's only.
     routing: Option<RoutingTable>,
+    /// Cross-cell transfers this cell coordinates or has prepared.
+    pub cross: CrossCellState,
 }
 
 /// Why an ownership change was refused (nothing changed).
@@ -64,7 +73,7 @@ impl CellState {
     pub fn initial(topology: &Topology, cell: CellId) -> CellState {
         let owned = (0..topology.shards).map(|shard| topology.cell_of_shard(shard) == Some(cell)).collect();
         let routing = (cell == GLOBAL_CELL).then(|| RoutingTable::initial(topology));
-        CellState { owned, routing }
+        CellState { owned, routing, cross: CrossCellState::default() }
     }
 
     pub fn shards(&self) -> u32 {
@@ -75,9 +84,10 @@ impl CellState {
         self.owned.get(shard as usize).copied().unwrap_or(false)
     }
 
-    /// Whether the cell owns the shard of `account`.
+    /// Whether the cell owns the shard of `account`. Clearing accounts
+    /// belong to the cell itself, whatever their shard.
     pub fn owns_account(&self, account: u128) -> bool {
-        self.owns(shard_of_account(account, self.shards()))
+        is_clearing_account(account) || self.owns(shard_of_account(account, self.shards()))
     }
 
     pub fn routing(&self) -> Option<&RoutingTable> {
@@ -131,6 +141,7 @@ impl CellState {
             bits[shard / 8] |= 1 << (shard % 8);
         }
         out.extend_from_slice(&bits);
+        self.cross.encode_into(out);
         match &self.routing {
             Some(table) => {
                 out.push(1);
@@ -140,11 +151,12 @@ impl CellState {
         }
     }
 
-    fn decode(bytes: &[u8]) -> Option<CellState> {
+    fn decode(bytes: &[u8], with_cross: bool) -> Option<CellState> {
         let shards = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
         let bits = bytes.get(4..4 + shards.div_ceil(8))?;
         let owned = (0..shards).map(|shard| bits[shard / 8] & (1 << (shard % 8)) != 0).collect();
         let rest = &bytes[4 + bits.len()..];
+        let (cross, rest) = if with_cross { CrossCellState::decode(rest)? } else { (CrossCellState::default(), rest) };
         let routing = match rest.split_first()? {
             (0, []) => None,
             (1, table) => Some(RoutingTable::decode(table).ok()?),
@@ -153,7 +165,7 @@ impl CellState {
         if shards == 0 || routing.as_ref().is_some_and(|table| table.shards() as usize != shards) {
             return None;
         }
-        Some(CellState { owned, routing })
+        Some(CellState { owned, routing, cross })
     }
 }
 
@@ -176,12 +188,14 @@ pub fn decode_consensus(bytes: &[u8]) -> Option<(LogBase, Option<CellState>)> {
         LogRecord::Base { base, .. } => Some(base),
         _ => None,
     };
-    if bytes.get(..4) != Some(&MAGIC[..]) {
-        return Some((base(bytes)?, None));
-    }
+    let with_cross = match bytes.get(..4) {
+        Some(magic) if magic == MAGIC => true,
+        Some(magic) if magic == MAGIC_OWNERSHIP_ONLY => false,
+        _ => return Some((base(bytes)?, None)),
+    };
     let length = u32::from_le_bytes(bytes.get(4..8)?.try_into().ok()?) as usize;
     let record = bytes.get(8..8usize.checked_add(length)?)?;
-    let state = CellState::decode(&bytes[8 + length..])?;
+    let state = CellState::decode(&bytes[8 + length..], with_cross)?;
     Some((base(record)?, Some(state)))
 }
 

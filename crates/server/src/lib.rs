@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod cell_state;
+pub mod cross_cell;
 pub mod front;
 pub mod metrics;
 pub mod node;

@@ -46,7 +46,7 @@ use cellpay_cluster::transport::{Deliver, PeerConfig, Transport, TransportConfig
 use cellpay_ledger::id::shard_of_account;
 use cellpay_ledger::{
     Account, AccountBalance, AccountFilter, CheckpointDelta, CreateAccountResult, CreateTransferResult, FilterError,
-    Ledger, LedgerConfig, Transfer, BATCH_EVENTS_MAX,
+    Ledger, LedgerConfig, Transfer, TransferFlags, BATCH_EVENTS_MAX,
 };
 use cellpay_storage::store::{Store, StoreDatabase, StoreError};
 use crossbeam_channel::{bounded, select, Receiver, Sender, TryRecvError, TrySendError};
@@ -59,6 +59,7 @@ use raft::{RawNode, StateRole};
 use tokio::sync::oneshot;
 
 use crate::cell_state::{self, CellState};
+use crate::cross_cell::{self, Effects, Item};
 use crate::metrics::Metrics;
 use crate::raft_log::{CellLog, LogBase, NodeLog, NodeLogError};
 use crate::record::{self, Record, RecordError};
@@ -726,17 +727,31 @@ enum Route {
 }
 
 fn cell_of_account(routing: &RoutingTable, account: u128) -> CellId {
+    // A clearing account is its holder's, whatever its shard.
+    if cellpay_ledger::id::is_clearing_account(account) {
+        return CellId::from(cellpay_ledger::id::clearing_holder(account));
+    }
     let shard = shard_of_account(account, routing.shards());
     routing.owner(shard).expect("the shard of an account is below the shard count")
 }
 
 /// The first account `request` names whose shard the cell does not own by
 /// its `state`. (A lookup of transfers names no account: transfer ids are
-/// opaque, any cell may hold one; operator changes name none.)
-fn not_owned(state: &CellState, request: &Request) -> Option<u128> {
+/// opaque, any cell may hold one; operator changes name none.) Transfers may
+/// name other cells' accounts (cross-cell transfers), but not an account the
+/// `routing` table places in this cell, nor, for the first event (the one
+/// that makes this cell the coordinator), a debit account of another cell.
+fn not_owned(state: &CellState, routing: &RoutingTable, cell: CellId, request: &Request) -> Option<u128> {
     match request {
         Request::CreateAccounts(accounts) => first_foreign(state, accounts.iter().map(|account| account.id)),
-        Request::CreateTransfers(transfers) => first_foreign(state, transfer_accounts(transfers)),
+        Request::CreateTransfers(transfers) => {
+            let home = transfers.first().map(|t| t.debit_account_id).filter(|&id| id != 0);
+            if let Some(home) = home.filter(|&id| !state.owns_account(id)) {
+                return Some(home);
+            }
+            transfer_accounts(transfers)
+                .find(|&account| !state.owns_account(account) && cell_of_account(routing, account) == cell)
+        }
         Request::GetAccountTransfers(filter) | Request::GetAccountBalances(filter) => {
             first_foreign(state, std::iter::once(filter.account_id))
         }
@@ -753,6 +768,28 @@ fn first_foreign(state: &CellState, mut accounts: impl Iterator<Item = u128>) ->
 /// The accounts transfers name (a post or void may name none: id 0).
 fn transfer_accounts(transfers: &[Transfer]) -> impl Iterator<Item = u128> + '_ {
     transfers.iter().flat_map(|t| [t.debit_account_id, t.credit_account_id]).filter(|&id| id != 0)
+}
+
+/// Each event's (debit account's cell, credit account's cell) if any event
+/// names an account of another cell, else `None` (a cell-local request).
+/// An account is this cell's if its log owns it, else the `routing` table's
+/// owner's; an absent account (0: a post or void) counts as this cell's.
+fn cells_across(
+    state: &CellState,
+    routing: &RoutingTable,
+    cell: CellId,
+    transfers: &[Transfer],
+) -> Option<Vec<(CellId, CellId)>> {
+    let cell_of = |account: u128| {
+        if account == 0 || state.owns_account(account) {
+            cell
+        } else {
+            cell_of_account(routing, account)
+        }
+    };
+    let cells: Vec<(CellId, CellId)> =
+        transfers.iter().map(|t| (cell_of(t.debit_account_id), cell_of(t.credit_account_id))).collect();
+    cells.iter().any(|&(debit, credit)| debit != cell || credit != cell).then_some(cells)
 }
 
 /// The refusal of a request naming `account`, which `cell` does not own:
@@ -785,11 +822,15 @@ fn route(topology: &Topology, routing: &RoutingTable, request: &Request) -> Resu
             single(&mut cells).map(Route::Cell)
         }
         Request::CreateTransfers(transfers) => {
-            let mut cells = transfers.iter().enumerate().flat_map(|(index, t)| {
-                [t.debit_account_id, t.credit_account_id]
-                    .into_iter()
-                    .filter(|&id| id != 0)
-                    .map(move |id| (index, cell_of_account(routing, id)))
+            // A transfer goes to its debit account's cell (which coordinates
+            // it if the credit account is elsewhere); a linked chain to its
+            // first event's.
+            let mut chain_open = false;
+            let mut cells = transfers.iter().enumerate().filter_map(|(index, t)| {
+                let starts = !chain_open;
+                chain_open = t.flags.contains(TransferFlags::LINKED);
+                let home = [t.debit_account_id, t.credit_account_id].into_iter().find(|&id| id != 0);
+                starts.then(|| home.map(|id| (index, cell_of_account(routing, id)))).flatten()
             });
             single(&mut cells).map(Route::Cell)
         }
@@ -964,7 +1005,9 @@ impl SteppedNode {
     /// A message from a peer, as the transport delivers it.
     pub fn receive(&mut self, from: NodeId, payload: &[u8]) {
         match snapshot::decode(payload) {
-            Some(message @ PeerMessage::Raft { .. }) => self.engine.peer_message(from, message),
+            Some(message @ (PeerMessage::Raft { .. } | PeerMessage::CrossCell { .. })) => {
+                self.engine.peer_message(from, message)
+            }
             Some(message) => {
                 if let Some(staged) = self.receiver.receive(from, message) {
                     self.engine.snapshot_staged(staged);
@@ -1064,7 +1107,9 @@ fn start_transport(
     // Messages are decoded here, on the transport's thread; snapshot chunks
     // go to the snapshot receiver, Raft messages to the engine.
     let deliver: Deliver = Arc::new(move |from, payload| match snapshot::decode(&payload) {
-        Some(message @ PeerMessage::Raft { .. }) => inbox.try_send((from, message)).is_ok(),
+        Some(message @ (PeerMessage::Raft { .. } | PeerMessage::CrossCell { .. })) => {
+            inbox.try_send((from, message)).is_ok()
+        }
         Some(message) => snapshots.try_send((from, message)).is_ok(),
         None => {
             tracing::warn!(from, bytes = payload.len(), "dropped an undecodable message from a peer");
@@ -1140,6 +1185,27 @@ struct Replica {
     /// `(applied index, state hash)` as of the last idle tick.
     state_hash: (u64, u64),
     applied_last_tick: u64,
+    /// Cross-cell messages received as leader, waiting to be logged.
+    cross_inbox: Vec<(CellId, Item)>,
+    /// What applying cross-cell entries produced: messages for the leader
+    /// to send after the round (see `cross_cell`).
+    cross_effects: Effects,
+    /// The operations the entry being applied left waiting (its proposer's
+    /// answer is deferred until they are decided).
+    cross_waiting: Vec<(u128, usize)>,
+    /// Requests applied here whose cross-cell operations are not decided yet.
+    deferred: Vec<Deferred>,
+    /// When this replica last resent its cross-cell messages (as leader).
+    cross_resent: Instant,
+}
+
+/// A request whose answer waits for the decision of its cross-cell operations.
+struct Deferred {
+    envelope: Envelope,
+    results: Vec<CreateTransferResult>,
+    /// (operation, index of its first event in the request), not yet decided.
+    waiting: Vec<(u128, usize)>,
+    deadline: Instant,
 }
 
 impl Replica {
@@ -1178,6 +1244,11 @@ impl Replica {
             checkpoint_wanted: false,
             state_hash: (u64::MAX, 0),
             applied_last_tick: applied,
+            cross_inbox: Vec::new(),
+            cross_effects: Effects::default(),
+            cross_waiting: Vec::new(),
+            deferred: Vec::new(),
+            cross_resent: now,
         }
     }
 }
@@ -1403,7 +1474,11 @@ impl Engine {
                     break;
                 }
             }
-            let timeout = self.tick_next.saturating_duration_since(self.world.now());
+            let mut timeout = self.tick_next.saturating_duration_since(self.world.now());
+            // Cross-cell messages delivered locally wait for the next round: run it now.
+            if self.replicas.values().any(|replica| !replica.cross_inbox.is_empty()) {
+                timeout = Duration::ZERO;
+            }
             select! {
                 recv(requests) -> envelope => if let Ok(envelope) = envelope { self.request(envelope) },
                 recv(inbox) -> message => if let Ok((from, message)) = message { self.peer_message(from, message) },
@@ -1444,6 +1519,10 @@ impl Engine {
                     let _ = envelope.reply.send(Err(NodeError::OutcomeUnknown { cell: replica.cell, reason }));
                 }
             }
+            for deferred in replica.deferred.drain(..) {
+                let reason = "the node stopped before its cross-cell transfers were decided".to_string();
+                let _ = deferred.envelope.reply.send(Err(NodeError::OutcomeUnknown { cell: replica.cell, reason }));
+            }
             for envelope in replica.reads_new.drain(..) {
                 let _ = envelope.reply.send(Err(error.clone()));
             }
@@ -1464,8 +1543,9 @@ impl Engine {
         };
         // A cell serves only the accounts of the shards its log says it owns
         // (any replica can tell; applying checks again, at the entry's place in the log).
-        if let Some(account) = not_owned(&replica.state, &envelope.request) {
-            let _ = envelope.reply.send(Err(misrouted(&self.status.routing(), envelope.cell, account)));
+        let routing = self.status.routing();
+        if let Some(account) = not_owned(&replica.state, &routing, envelope.cell, &envelope.request) {
+            let _ = envelope.reply.send(Err(misrouted(&routing, envelope.cell, account)));
             return;
         }
         if let Err(error) = self.admin_precondition(envelope.cell, &envelope.request) {
@@ -1485,10 +1565,17 @@ impl Engine {
         // The leader stamps the entry; every replica applies it with this timestamp.
         let timestamp = self.world.timestamp_ns();
         let mut data =
-            Vec::with_capacity(record::HEADER_SIZE + envelope.request.events() * cellpay_ledger::RECORD_SIZE);
+            Vec::with_capacity(record::HEADER_SIZE + envelope.request.events() * (cellpay_ledger::RECORD_SIZE + 16));
         match &envelope.request {
             Request::CreateAccounts(accounts) => record::encode_create_accounts(&mut data, timestamp, accounts),
-            Request::CreateTransfers(transfers) => record::encode_create_transfers(&mut data, timestamp, transfers),
+            // Transfers naming another cell's accounts record each event's cells
+            // (by this leader's table), for the cross-cell protocol.
+            Request::CreateTransfers(transfers) => {
+                match cells_across(&replica.state, &routing, replica.cell, transfers) {
+                    None => record::encode_create_transfers(&mut data, timestamp, transfers),
+                    Some(cells) => record::encode_create_transfers_across(&mut data, timestamp, transfers, &cells),
+                }
+            }
             &Request::ChangeRouting { expected_version, change } => {
                 record::encode_change_routing(&mut data, timestamp, expected_version, change)
             }
@@ -1668,7 +1755,14 @@ impl Engine {
     }
 
     fn peer_message(&mut self, from: NodeId, message: PeerMessage) {
-        let PeerMessage::Raft { cell, message } = message else { return };
+        let (cell, message) = match message {
+            PeerMessage::Raft { cell, message } => (cell, message),
+            PeerMessage::CrossCell { cell, from: from_cell, items } => {
+                self.cross_received(cell, from_cell, items);
+                return;
+            }
+            PeerMessage::Chunk { .. } | PeerMessage::SnapshotMessage { .. } => return,
+        };
         // A snapshot is only accepted with its data (see `snapshot_staged`);
         // entries over the log's record limit could never be logged.
         let oversized =
@@ -1773,6 +1867,11 @@ impl Engine {
                 let _ = envelope.reply.send(Err(NodeError::OutcomeUnknown { cell, reason }));
             }
         }
+        for deferred in replica.deferred.drain(..) {
+            let reason = "a snapshot replaced the replica's state".to_string();
+            let _ = deferred.envelope.reply.send(Err(NodeError::OutcomeUnknown { cell, reason }));
+        }
+        replica.cross_effects = Effects::default();
         replica.pulse_in_flight = false;
         tracing::info!(
             cell,
@@ -1858,6 +1957,7 @@ impl Engine {
                 replica.pulse_in_flight = propose(replica, data, None, now + self.config.proposal_timeout);
             }
         }
+        self.cross_tick(now, timestamp);
         for cell in self.replicas.keys().copied().collect::<Vec<_>>() {
             let replica = &self.replicas[&cell];
             let stale = now.saturating_duration_since(replica.checkpoint_last) >= self.config.checkpoint_idle_interval;
@@ -1877,6 +1977,7 @@ impl Engine {
     /// One round of consensus I/O for every replica: see the module documentation.
     fn round(&mut self) {
         self.election_timeouts_draw();
+        self.cross_propose();
         for replica in self.replicas.values_mut() {
             // Raft drops a read index asked before the leader has committed
             // an entry of its term: the reads wait for that (a round or two).
@@ -1945,6 +2046,7 @@ impl Engine {
         }
         if persisting.is_empty() {
             self.serve_reads();
+            self.cross_flush();
             return;
         }
         let started = Instant::now();
@@ -1975,6 +2077,7 @@ impl Engine {
         }
         self.snapshots_finished();
         self.serve_reads();
+        self.cross_flush();
         for &cell in &cells {
             let replica = self.replicas.get_mut(&cell).expect("hosted");
             let due = replica.ledger.transfers_new_count() >= self.config.checkpoint_transfers_max;
@@ -1985,6 +2088,122 @@ impl Engine {
         self.checkpoints_finish(false);
         for replica in self.replicas.values() {
             self.publish(replica);
+        }
+    }
+
+    /// Cross-cell messages for `cell` from cell `from`. Only a leader takes
+    /// them: what its applied state already answers is answered (or dropped)
+    /// at once; the rest waits to be logged (`cross_propose`). A follower
+    /// drops them: senders resend to the leader they learn.
+    fn cross_received(&mut self, cell: CellId, from: CellId, items: Vec<Item>) {
+        let Some(replica) = self.replicas.get_mut(&cell) else { return };
+        if replica.raw.raft.state != StateRole::Leader {
+            return;
+        }
+        let mut answers = Vec::new();
+        for item in items {
+            match replica.state.cross.triage(from, &item) {
+                Ok(()) if replica.cross_inbox.len() < cross_cell::INBOX_ITEMS_MAX => {
+                    replica.cross_inbox.push((from, item))
+                }
+                Ok(()) => {}
+                Err(Some(answer)) => answers.push((from, answer)),
+                Err(None) => {}
+            }
+        }
+        self.cross_send(cell, answers);
+    }
+
+    /// Sends cross-cell messages from `cell` to the leaders of their cells,
+    /// one message per destination cell (local leaders directly). A message
+    /// for a cell with no known leader is not sent: it is resent later.
+    fn cross_send(&mut self, cell: CellId, items: Vec<(CellId, Item)>) {
+        let mut by_cell: BTreeMap<CellId, Vec<Item>> = BTreeMap::new();
+        for (to, item) in items {
+            by_cell.entry(to).or_default().push(item);
+        }
+        for (to, items) in by_cell {
+            let leader = match self.replicas.get(&to) {
+                Some(replica) => Some(replica.raw.raft.leader_id).filter(|&id| id != raft::INVALID_ID),
+                None => self.status.cell(to).and_then(|status| status.leader),
+            };
+            let Some(leader) = leader else { continue };
+            if leader == self.config.node {
+                self.cross_received(to, cell, items);
+                continue;
+            }
+            for chunk in item_chunks(items) {
+                let _ = self.world.send(leader, snapshot::encode_cross_cell(to, cell, &chunk));
+            }
+        }
+    }
+
+    /// Logs the cross-cell messages each leader received (one entry per
+    /// sending cell and round), and sends what applying entries produced.
+    fn cross_propose(&mut self) {
+        let timestamp = self.world.timestamp_ns();
+        for replica in self.replicas.values_mut() {
+            if replica.cross_inbox.is_empty() {
+                continue;
+            }
+            let inbox = std::mem::take(&mut replica.cross_inbox);
+            if replica.raw.raft.state != StateRole::Leader {
+                continue;
+            }
+            let mut by_cell: BTreeMap<CellId, Vec<Item>> = BTreeMap::new();
+            for (from, item) in inbox {
+                by_cell.entry(from).or_default().push(item);
+            }
+            for (from, items) in by_cell {
+                for chunk in item_chunks(items) {
+                    let mut data = Vec::new();
+                    record::encode_cross_cell(&mut data, timestamp, from, &chunk);
+                    // Not tracked: a lost entry's messages are resent by their senders.
+                    if let Err(error) = replica.raw.propose(Vec::new(), data) {
+                        tracing::debug!(cell = replica.cell, %error, "cross-cell messages not logged");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends the messages applying produced (a leader's; a follower's are dropped).
+    fn cross_flush(&mut self) {
+        let cells: Vec<CellId> = self.replicas.keys().copied().collect();
+        for cell in cells {
+            let replica = self.replicas.get_mut(&cell).expect("hosted");
+            if replica.cross_effects.outbox.is_empty() {
+                continue;
+            }
+            let outbox = std::mem::take(&mut replica.cross_effects.outbox);
+            if replica.raw.raft.state == StateRole::Leader {
+                self.cross_send(cell, outbox);
+            }
+        }
+    }
+
+    /// Every `RESEND_INTERVAL`, a leader resends what its cross-cell state
+    /// has not had answered (see `CrossCellState::resend`); every replica
+    /// answers its deferred requests that waited too long (`timeout`).
+    fn cross_tick(&mut self, now: Instant, timestamp: u64) {
+        let cells: Vec<CellId> = self.replicas.keys().copied().collect();
+        for cell in cells {
+            let replica = self.replicas.get_mut(&cell).expect("hosted");
+            while let Some(index) = replica.deferred.iter().position(|deferred| deferred.deadline <= now) {
+                let deferred = replica.deferred.swap_remove(index);
+                let timeout_ms = (self.config.proposal_timeout + cross_cell::DECISION_WAIT).as_millis() as u64;
+                let _ = deferred.envelope.reply.send(Err(NodeError::Timeout { cell, timeout_ms }));
+            }
+            let due = now.saturating_duration_since(replica.cross_resent) >= cross_cell::RESEND_INTERVAL;
+            if replica.raw.raft.state != StateRole::Leader || !due {
+                continue;
+            }
+            replica.cross_resent = now;
+            let settle = cross_cell::RESEND_INTERVAL.as_nanos() as u64 / 2;
+            let items = replica.state.cross.resend(cell, timestamp, settle);
+            if !items.is_empty() {
+                self.cross_send(cell, items);
+            }
         }
     }
 
@@ -2212,6 +2431,22 @@ fn fail_reads(replica: &mut Replica) {
     }
 }
 
+/// Splits items into batches of at most `cross_cell::ITEMS_BYTES_MAX` encoded bytes.
+fn item_chunks(items: Vec<Item>) -> Vec<Vec<Item>> {
+    let mut chunks: Vec<Vec<Item>> = Vec::new();
+    let mut bytes = 0;
+    for item in items {
+        let size = cross_cell::item_bytes(&item);
+        if chunks.is_empty() || bytes + size > cross_cell::ITEMS_BYTES_MAX {
+            chunks.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += size;
+        chunks.last_mut().expect("pushed").push(item);
+    }
+    chunks
+}
+
 /// Sends Raft messages to their peers; returns the snapshot messages, which
 /// need their data shipped first (see `snapshot.rs`).
 fn send_messages(world: &dyn World, cell: CellId, messages: Vec<Message>, raw: &mut RawNode<CellLog>) -> Vec<Message> {
@@ -2265,6 +2500,7 @@ fn apply_entries(replica: &mut Replica, entries: Vec<Entry>, applying: &Applying
                     }
                 };
                 replica.records_applied += 1;
+                replica.cross_waiting.clear();
                 apply_record(replica, &record, applying)
             }
             EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
@@ -2284,11 +2520,50 @@ fn apply_entries(replica: &mut Replica, entries: Vec<Entry>, applying: &Applying
                         (Some(reply), true) => reply.clone(),
                         _ => Err(NodeError::NotLeader { cell: replica.cell, leader: None }),
                     };
+                    // Cross-cell operations still undecided: answered once they are.
+                    if let (true, Ok(Reply::CreateTransfers(results))) = (mine, &answer) {
+                        if !replica.cross_waiting.is_empty() {
+                            let waiting = std::mem::take(&mut replica.cross_waiting);
+                            let deadline = proposal.deadline + cross_cell::DECISION_WAIT;
+                            let results = results.clone();
+                            replica.deferred.push(Deferred { envelope, results, waiting, deadline });
+                            continue;
+                        }
+                    }
                     metrics.commit_seconds.observe(envelope.queued_at.elapsed().as_secs_f64());
                     let _ = envelope.reply.send(answer);
                 }
                 None => replica.pulse_in_flight = false,
             }
+        }
+        answer_decided(replica, metrics);
+    }
+}
+
+/// Answers the deferred requests whose cross-cell operations the entries
+/// just applied decided (on any replica: a decision is in the log, whoever
+/// leads now).
+fn answer_decided(replica: &mut Replica, metrics: &Metrics) {
+    if replica.cross_effects.decided.is_empty() {
+        return;
+    }
+    let decided: BTreeMap<u128, Vec<CreateTransferResult>> = replica.cross_effects.decided.drain(..).collect();
+    let mut index = 0;
+    while index < replica.deferred.len() {
+        let deferred = &mut replica.deferred[index];
+        deferred.waiting.retain(|(op, start)| match decided.get(op) {
+            Some(results) => {
+                deferred.results[*start..*start + results.len()].copy_from_slice(results);
+                false
+            }
+            None => true,
+        });
+        if deferred.waiting.is_empty() {
+            let done = replica.deferred.swap_remove(index);
+            metrics.commit_seconds.observe(done.envelope.queued_at.elapsed().as_secs_f64());
+            let _ = done.envelope.reply.send(Ok(Reply::CreateTransfers(done.results)));
+        } else {
+            index += 1;
         }
     }
 }
@@ -2347,6 +2622,52 @@ fn apply_record(replica: &mut Replica, record: &Record, applying: &Applying) -> 
             let results = replica.ledger.create_transfers(timestamp, transfers, replica.store.as_ref());
             metrics.results("create_transfers", &results, CreateTransferResult::as_str);
             Some(Ok(Reply::CreateTransfers(results)))
+        }
+        Record::CreateTransfersAcross { timestamp, transfers, cells } => {
+            // The accounts the record places in this cell must still be its own.
+            let local = transfers
+                .iter()
+                .zip(cells)
+                .flat_map(|(t, &(debit, credit))| [(t.debit_account_id, debit), (t.credit_account_id, credit)])
+                .filter(|&(account, owner)| account != 0 && owner == cell)
+                .map(|(account, _)| account);
+            if let Some(account) = first_foreign(&replica.state, local) {
+                return Some(Err(misrouted(&applying.status.routing(), cell, account)));
+            }
+            let timestamp = clock.unwrap_or(*timestamp);
+            let history = replica.store.as_ref();
+            let coordinated = replica.state.cross.create_transfers(
+                &mut replica.ledger,
+                history,
+                cell,
+                timestamp,
+                transfers,
+                cells,
+                &mut replica.cross_effects,
+            );
+            metrics.results("create_transfers", &coordinated.results, CreateTransferResult::as_str);
+            replica.cross_waiting = coordinated.waiting;
+            Some(Ok(Reply::CreateTransfers(coordinated.results)))
+        }
+        Record::CrossCell { timestamp, from, items } => {
+            let timestamp = clock.unwrap_or(*timestamp);
+            let mut cross = std::mem::take(&mut replica.state.cross);
+            let state = &replica.state;
+            let owns = |account: u128| state.owns_account(account);
+            let history = replica.store.as_ref();
+            cross.apply_items(
+                &mut replica.ledger,
+                history,
+                &owns,
+                cell,
+                timestamp,
+                *from,
+                items,
+                &mut replica.cross_effects,
+            );
+            replica.state.cross = cross;
+            // A decision changes what a snapshot must hold: the cell state.
+            None
         }
         Record::Pulse { timestamp } => {
             replica.ledger.pulse(clock.unwrap_or(*timestamp));
@@ -2540,9 +2861,25 @@ mod tests {
             panic!()
         };
         assert_eq!(moved_cell, to);
+        // A transfer to another cell's account goes to its debit account's cell, which coordinates it;
+        // transfers of different debit cells in one request are refused (a gateway splits them).
         transfer.credit_account_id = account(99);
-        let error = route(&topology, &routing, &Request::CreateTransfers(vec![transfer])).err().unwrap();
-        assert!(matches!(error, NodeError::CrossCell { first_index: 0, index: 0, .. }), "{error:?}");
+        let Ok(Route::Cell(home)) = route(&topology, &routing, &Request::CreateTransfers(vec![transfer])) else {
+            panic!()
+        };
+        assert_eq!(home, cell);
+        let mut other = transfer;
+        other.debit_account_id = account(99);
+        other.credit_account_id = account(1);
+        let error = route(&topology, &routing, &Request::CreateTransfers(vec![transfer, other])).err().unwrap();
+        assert!(matches!(error, NodeError::CrossCell { first_index: 0, index: 1, .. }), "{error:?}");
+        // A linked chain goes whole to its first event's cell.
+        transfer.flags = TransferFlags::LINKED;
+        let Ok(Route::Cell(chain)) = route(&topology, &routing, &Request::CreateTransfers(vec![transfer, other]))
+        else {
+            panic!()
+        };
+        assert_eq!(chain, cell);
         let Ok(Route::Split(parts)) =
             route(&topology, &routing, &Request::LookupAccounts(vec![account(1), account(99), account(2)]))
         else {

@@ -3,7 +3,8 @@
 //! ```text
 //! offset  size  field
 //!      0     1  kind (1 create_accounts, 2 create_transfers, 3 pulse,
-//!                 4 routing change, 5 shard ownership)
+//!                 4 routing change, 5 shard ownership, 6 cross-cell
+//!                 messages, 7 create_transfers naming cells)
 //!      1     3  reserved, zero
 //!      4     4  event count (u32 LE); 0 for kinds 3 to 5
 //!      8     8  timestamp the ledger applied the request with (u64 LE, ns)
@@ -20,11 +21,21 @@
 //!     32     8  the cell it moves to (u64 LE)
 //! ```
 //!
+//! Kind 7 is `create_transfers` where some accounts are in other cells:
+//! after the events, each event's (debit account's cell, credit account's
+//! cell), u64 LE each, as the leader's routing table said when it proposed
+//! (the log, not a later table, decides where each leg goes). Kind 6 holds
+//! cross-cell messages a cell's leader received: the sending cell (u64 LE)
+//! and the items (`cross_cell::encode_items`).
+//!
 //! The timestamp is recorded so that replay applies every request exactly as
 //! it was applied the first time: the ledger is deterministic given its input.
 
 use cellpay_cluster::routing::RoutingChange;
+use cellpay_cluster::topology::CellId;
 use cellpay_ledger::{Account, Transfer, BATCH_EVENTS_MAX, RECORD_SIZE};
+
+use crate::cross_cell::{self, Item};
 
 pub const HEADER_SIZE: usize = 16;
 /// The largest record payload: a full batch.
@@ -57,6 +68,19 @@ pub enum Record {
         shard: u32,
         owned: bool,
     },
+    /// Cross-cell messages from cell `from` (see `cross_cell`).
+    CrossCell {
+        timestamp: u64,
+        from: CellId,
+        items: Vec<Item>,
+    },
+    /// Transfers some of whose accounts are in other cells: each event's
+    /// (debit account's cell, credit account's cell).
+    CreateTransfersAcross {
+        timestamp: u64,
+        transfers: Vec<Transfer>,
+        cells: Vec<(CellId, CellId)>,
+    },
 }
 
 const KIND_CREATE_ACCOUNTS: u8 = 1;
@@ -64,6 +88,8 @@ const KIND_CREATE_TRANSFERS: u8 = 2;
 const KIND_PULSE: u8 = 3;
 const KIND_CHANGE_ROUTING: u8 = 4;
 const KIND_SHARD_OWNERSHIP: u8 = 5;
+const KIND_CROSS_CELL: u8 = 6;
+const KIND_CREATE_TRANSFERS_ACROSS: u8 = 7;
 const CHANGE_ROUTING_BODY: usize = 24;
 const SHARD_OWNERSHIP_BODY: usize = 8;
 
@@ -81,6 +107,8 @@ pub enum RecordError {
     TooManyEvents { count: u32 },
     #[error("record of kind {kind} holds {size} bytes, not {expected}")]
     BodySize { kind: u8, size: usize, expected: usize },
+    #[error("cross-cell record of {size} bytes is malformed")]
+    CrossCell { size: usize },
 }
 
 fn header(out: &mut Vec<u8>, kind: u8, count: usize, timestamp: u64) {
@@ -134,6 +162,29 @@ pub fn encode_shard_ownership(out: &mut Vec<u8>, timestamp: u64, shard: u32, own
     out.extend_from_slice(&[u8::from(owned), 0, 0, 0]);
 }
 
+/// Encodes cross-cell messages from cell `from` into `out` (cleared first).
+pub fn encode_cross_cell(out: &mut Vec<u8>, timestamp: u64, from: CellId, items: &[Item]) {
+    header(out, KIND_CROSS_CELL, 0, timestamp);
+    out.extend_from_slice(&from.to_le_bytes());
+    cross_cell::encode_items(out, items);
+}
+
+/// Encodes transfers naming accounts of other cells into `out` (cleared first).
+pub fn encode_create_transfers_across(
+    out: &mut Vec<u8>,
+    timestamp: u64,
+    transfers: &[Transfer],
+    cells: &[(CellId, CellId)],
+) {
+    assert_eq!(transfers.len(), cells.len());
+    encode_create_transfers(out, timestamp, transfers);
+    out[0] = KIND_CREATE_TRANSFERS_ACROSS;
+    for &(debit, credit) in cells {
+        out.extend_from_slice(&debit.to_le_bytes());
+        out.extend_from_slice(&credit.to_le_bytes());
+    }
+}
+
 fn u32_at(bytes: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
 }
@@ -166,14 +217,24 @@ pub fn decode(payload: &[u8]) -> Result<Record, RecordError> {
             let body = fixed(SHARD_OWNERSHIP_BODY)?;
             return Ok(Record::ShardOwnership { timestamp, shard: u32_at(body, 0), owned: body[4] != 0 });
         }
+        KIND_CROSS_CELL => {
+            let malformed = RecordError::CrossCell { size: payload.len() };
+            if count != 0 || body.len() < 8 {
+                return Err(malformed);
+            }
+            let items = cross_cell::decode_items(&body[8..]).ok_or(malformed)?;
+            return Ok(Record::CrossCell { timestamp, from: u64_at(body, 0), items });
+        }
         _ => {}
     }
     if count as usize > BATCH_EVENTS_MAX {
         return Err(RecordError::TooManyEvents { count });
     }
-    if body.len() != count as usize * RECORD_SIZE {
+    let cells_size = if kind == KIND_CREATE_TRANSFERS_ACROSS { count as usize * 16 } else { 0 };
+    if body.len() != count as usize * RECORD_SIZE + cells_size {
         return Err(RecordError::SizeMismatch { count, size: payload.len() });
     }
+    let (body, cells) = body.split_at(count as usize * RECORD_SIZE);
     let events = body.chunks_exact(RECORD_SIZE).map(|chunk| chunk.try_into().expect("128 bytes"));
     match kind {
         KIND_CREATE_ACCOUNTS => {
@@ -182,6 +243,11 @@ pub fn decode(payload: &[u8]) -> Result<Record, RecordError> {
         KIND_CREATE_TRANSFERS => {
             Ok(Record::CreateTransfers { timestamp, transfers: events.map(Transfer::decode).collect() })
         }
+        KIND_CREATE_TRANSFERS_ACROSS => Ok(Record::CreateTransfersAcross {
+            timestamp,
+            transfers: events.map(Transfer::decode).collect(),
+            cells: cells.chunks_exact(16).map(|pair| (u64_at(pair, 0), u64_at(pair, 8))).collect(),
+        }),
         KIND_PULSE if count == 0 => Ok(Record::Pulse { timestamp }),
         KIND_PULSE => Err(RecordError::SizeMismatch { count, size: payload.len() }),
         kind => Err(RecordError::UnknownKind { kind }),
@@ -211,6 +277,29 @@ mod tests {
             encode_shard_ownership(&mut buffer, 46, 99, owned);
             assert_eq!(decode(&buffer), Ok(Record::ShardOwnership { timestamp: 46, shard: 99, owned }));
         }
+        let transfers =
+            vec![Transfer { id: 3, amount: 7, ..Transfer::default() }, Transfer { id: 4, ..Transfer::default() }];
+        let cells = vec![(1, 2), (2, 2)];
+        encode_create_transfers_across(&mut buffer, 47, &transfers, &cells);
+        assert_eq!(decode(&buffer), Ok(Record::CreateTransfersAcross { timestamp: 47, transfers, cells }));
+        let items = vec![
+            Item::Try {
+                op: 3,
+                deadline: 9,
+                events: vec![Transfer { id: 3, ..Transfer::default() }],
+                cells: vec![(1, 2)],
+            },
+            Item::Decide { op: 3, confirm: true, deadline: 9 },
+            Item::Prepared { op: 3 },
+            Item::Refused { op: 3, event: 1, code: 34 },
+            Item::Done { op: 3 },
+            Item::Ask { op: 3 },
+            Item::Timeout { op: 3 },
+        ];
+        encode_cross_cell(&mut buffer, 48, 2, &items);
+        assert_eq!(decode(&buffer), Ok(Record::CrossCell { timestamp: 48, from: 2, items }));
+        buffer.push(0);
+        assert!(matches!(decode(&buffer), Err(RecordError::CrossCell { .. })));
     }
 
     #[test]

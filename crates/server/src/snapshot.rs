@@ -67,6 +67,7 @@ pub const SNAPSHOT_RECEIVES_MAX: usize = 4;
 const KIND_RAFT: u8 = 1;
 const KIND_CHUNK: u8 = 2;
 const KIND_SNAPSHOT_MESSAGE: u8 = 3;
+const KIND_CROSS_CELL: u8 = 4;
 
 /// A message between peers.
 pub enum PeerMessage {
@@ -76,6 +77,8 @@ pub enum PeerMessage {
     Chunk { cell: CellId, first: bool, bytes: Vec<u8> },
     /// The Raft snapshot message that ends an image's chunks.
     SnapshotMessage { cell: CellId, message: Message },
+    /// Cross-cell messages from cell `from` to the leader of cell `cell` (see `cross_cell`).
+    CrossCell { cell: CellId, from: CellId, items: Vec<crate::cross_cell::Item> },
 }
 
 /// Frame: kind (u8), cell (u64 LE), then the Raft message (protobuf) or, for
@@ -90,6 +93,14 @@ fn encode(kind: u8, cell: CellId, body: impl FnOnce(&mut Vec<u8>)) -> Vec<u8> {
 
 pub fn encode_raft(cell: CellId, message: &Message) -> Vec<u8> {
     encode(KIND_RAFT, cell, |out| message.write_to_vec(out).expect("a raft message encodes"))
+}
+
+/// Frame of cross-cell messages: after the cell, the sending cell (u64 LE) and the items.
+pub fn encode_cross_cell(cell: CellId, from: CellId, items: &[crate::cross_cell::Item]) -> Vec<u8> {
+    encode(KIND_CROSS_CELL, cell, |out| {
+        out.extend_from_slice(&from.to_le_bytes());
+        crate::cross_cell::encode_items(out, items);
+    })
 }
 
 fn encode_snapshot_message(cell: CellId, message: &Message) -> Vec<u8> {
@@ -116,6 +127,10 @@ pub fn decode(payload: &[u8]) -> Option<PeerMessage> {
         KIND_CHUNK => {
             let (&first, bytes) = body.split_first()?;
             Some(PeerMessage::Chunk { cell, first: first != 0, bytes: bytes.to_vec() })
+        }
+        KIND_CROSS_CELL => {
+            let from = u64::from_le_bytes(body.get(..8)?.try_into().ok()?);
+            Some(PeerMessage::CrossCell { cell, from, items: crate::cross_cell::decode_items(&body[8..])? })
         }
         _ => None,
     }
@@ -448,7 +463,7 @@ fn receive_loop(database: &StoreDatabase, incoming: &Receiver<(NodeId, PeerMessa
             }
             PeerMessage::Chunk { cell, first: false, bytes } => (cell, Incoming::Chunk(bytes)),
             PeerMessage::SnapshotMessage { cell, message } => (cell, Incoming::End(message)),
-            PeerMessage::Raft { .. } => continue,
+            PeerMessage::Raft { .. } | PeerMessage::CrossCell { .. } => continue,
         };
         // The rest of a transfer goes to its worker; anything else is a leftover.
         if let Some(transfer) = transfers.get(&cell).filter(|transfer| transfer.from == from) {
@@ -584,7 +599,7 @@ impl InlineReceiver {
             }
             PeerMessage::Chunk { cell, first: false, bytes } => (cell, Incoming::Chunk(bytes)),
             PeerMessage::SnapshotMessage { cell, message } => (cell, Incoming::End(message)),
-            PeerMessage::Raft { .. } => return None,
+            PeerMessage::Raft { .. } | PeerMessage::CrossCell { .. } => return None,
         };
         if self.transfers.get(&cell).is_none_or(|(sender, _)| *sender != from) {
             return None;

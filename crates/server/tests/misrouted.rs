@@ -56,10 +56,15 @@ fn a_cell_refuses_accounts_of_shards_it_does_not_own_naming_the_routing_version(
         let mut answer = stepped.submit(owner, request.clone());
         assert!(matches!(answer.try_recv(), Ok(Err(NodeError::NotLeader { .. }))), "{request:?}");
     }
-    // One foreign account in a transfer is enough; a lookup of transfers names no account.
+    // A transfer to another cell's account is a cross-cell transfer, taken
+    // by its debit account's cell (which coordinates it); the credit
+    // account's cell refuses it, naming the debit account. A lookup of
+    // transfers names no account.
     let mixed = Transfer { credit_account_id: theirs, ..transfer };
     let mut answer = stepped.submit(owner, Request::CreateTransfers(vec![mixed]));
-    assert!(matches!(answer.try_recv(), Ok(Err(NodeError::Misrouted { account, .. })) if account == theirs));
+    assert!(matches!(answer.try_recv(), Ok(Err(NodeError::NotLeader { .. }))));
+    let mut answer = stepped.submit(other, Request::CreateTransfers(vec![mixed]));
+    assert!(matches!(answer.try_recv(), Ok(Err(NodeError::Misrouted { account, .. })) if account == mine));
     let mut answer = stepped.submit(other, Request::LookupTransfers(vec![7]));
     assert!(matches!(answer.try_recv(), Ok(Err(NodeError::NotLeader { .. }))));
     stepped.shutdown();

@@ -1,0 +1,1011 @@
+//! Cross-cell transfers: try / confirm / cancel between cells, decided by
+//! the coordinator's log.
+//!
+//! A transfer whose accounts are in two cells (or a linked chain touching
+//! several) is split into **legs**, one pending transfer per event per cell
+//! involved, each under the event's own id:
+//!
+//! - in the debit account's cell: debit the account, credit the cell's
+//!   clearing account for the credit account's cell (`id::clearing_account_id`);
+//! - in the credit account's cell: debit the clearing account for the debit
+//!   account's cell, credit the account;
+//! - an event of a chain whose accounts are both in one cell: one leg there.
+//!
+//! The **coordinator** is the cell of the first event's debit account (the
+//! cell a router sends the request to). Its log drives everything:
+//!
+//! 1. **try**: the request's entry applies the coordinator's legs (a linked
+//!    chain of pending transfers: all or nothing) and records the operation
+//!    (`Op`), with a deadline `TRY_WINDOW_NS` after its timestamp; the
+//!    coordinator's leader sends `Try` to every other cell involved;
+//! 2. each participant's log applies its legs (all or nothing) and records
+//!    them as prepared, or refuses (a result code, and which event); its
+//!    leader answers `Prepared` or `Refused`;
+//! 3. the coordinator's log records the answers; the **decision** is the
+//!    entry that sees every participant prepared (confirm) or one refusal
+//!    (cancel), or a `Timeout` entry after the deadline (cancel). Its own legs
+//!    are posted or voided in that same entry; the client's results are
+//!    answered once it is applied (durable);
+//! 4. the leader sends `Decide`; each participant posts or voids its legs
+//!    and answers `Done`; the coordinator forgets the operation once every
+//!    participant is done.
+//!
+//! A leg is posted or voided by the system transfer `id::resolution_id(leg)`
+//! (a void records the refusal: the failing event's index in `user_data_64`
+//! and its result code in `user_data_32`), so every balance change is a
+//! transfer, and a retry of the client's request is answered from them
+//! (`exists`, or the original refusal).
+//!
+//! **Every message is idempotent and may be lost, repeated or reordered.**
+//! Leaders resend from the replicated state (`resend`): tries and decisions
+//! until answered, and a prepared participant asks its coordinator (`Ask`).
+//! A `Decide(cancel)` for an operation a participant has not tried leaves a
+//! **tombstone**, so a late `Try` is refused rather than reserving money
+//! nobody will release; a participant also refuses a `Try` past its
+//! deadline (by its own log's time), so tombstones are dropped after it.
+//! Both tests use the participant's own log timestamps, so no clock needs to
+//! agree with another.
+//!
+//! Architecture invariant: this module is deterministic: a function of the
+//! log (entries and their timestamps) and the ledger; no clock, no I/O.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use cellpay_cluster::topology::CellId;
+use cellpay_ledger::id::{clearing_account_id, is_clearing_account, resolution_id, TRANSFER_ID_SYSTEM_MIN};
+use cellpay_ledger::{CreateTransferResult as R, History, Ledger, Transfer, TransferFlags, RECORD_SIZE};
+
+/// How long (by the coordinator's log time) a cross-cell transfer may wait
+/// for its participants before it is cancelled, and how long after it a
+/// participant still accepts its try.
+pub const TRY_WINDOW_NS: u64 = 10_000_000_000;
+/// How long a request's answer may wait for its cross-cell operations'
+/// decisions after its own entry's commit deadline (then: `timeout`, outcome
+/// unknown; the decision is still made and a retry answers it).
+pub const DECISION_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+/// How often a leader resends the cross-cell messages not yet answered.
+pub const RESEND_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// Messages received by a leader and waiting to be logged, per cell (more are dropped: senders resend).
+pub const INBOX_ITEMS_MAX: usize = 16_384;
+
+/// Undecided or unacknowledged cross-cell operations a cell coordinates at once.
+pub const OPS_MAX: usize = 65_536;
+/// Prepared operations and tombstones a cell holds as a participant.
+pub const PARTS_MAX: usize = 262_144;
+
+/// What a participant has answered, as the coordinator's log records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PartStatus {
+    Trying,
+    Prepared,
+    /// The participant applied the decision (or needs none).
+    Done,
+}
+
+/// The coordinator's decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Confirm,
+    /// Cancelled because `event` (an index into the operation's events) was refused `code`.
+    Cancel {
+        event: u32,
+        code: R,
+    },
+}
+
+/// An operation this cell coordinates.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Op {
+    /// The client's events, in request order (one, or a linked chain).
+    pub events: Vec<Transfer>,
+    /// Each event's (debit account's cell, credit account's cell).
+    pub cells: Vec<(CellId, CellId)>,
+    /// Log time after which the coordinator cancels and participants refuse the try.
+    pub deadline: u64,
+    pub participants: BTreeMap<CellId, PartStatus>,
+    pub decision: Option<Decision>,
+}
+
+/// What a participant holds for an operation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Part {
+    /// Its legs are pending, waiting for the decision.
+    Prepared { legs: Vec<u128> },
+    /// Cancelled before its try arrived: a late try is refused.
+    Tombstone,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PartRecord {
+    part: Part,
+    deadline: u64,
+}
+
+/// A cell's cross-cell state: what it coordinates and what it has prepared.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CrossCellState {
+    ops: BTreeMap<u128, Op>,
+    /// By (coordinator, operation id).
+    parts: BTreeMap<(CellId, u128), PartRecord>,
+    /// Tombstones by deadline, for dropping them once no try can be accepted.
+    tombstones: BTreeSet<(u64, CellId, u128)>,
+}
+
+/// A message between cells (and, `Timeout`, from a cell's leader to its own log).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Item {
+    /// Coordinator → participant: apply your legs of this operation.
+    Try { op: u128, deadline: u64, events: Vec<Transfer>, cells: Vec<(CellId, CellId)> },
+    /// Coordinator → participant: the decision.
+    Decide { op: u128, confirm: bool, deadline: u64 },
+    /// Participant → coordinator: my legs are pending.
+    Prepared { op: u128 },
+    /// Participant → coordinator: event `event` was refused `code` (nothing applied).
+    Refused { op: u128, event: u32, code: u32 },
+    /// Participant → coordinator: the decision is applied.
+    Done { op: u128 },
+    /// Participant → coordinator: what was decided? (Answered by the leader, never logged.)
+    Ask { op: u128 },
+    /// A coordinator's leader to its own log: the deadline passed.
+    Timeout { op: u128 },
+}
+
+/// What applying cross-cell entries produced, besides the state change.
+#[derive(Debug, Default)]
+pub struct Effects {
+    /// Messages for the leader to send: (to cell, item).
+    pub outbox: Vec<(CellId, Item)>,
+    /// Operations decided here (coordinator), with one result per event.
+    pub decided: Vec<(u128, Vec<R>)>,
+}
+
+/// The result of a client's request applied at its coordinator.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Coordinated {
+    /// One per event; the events of an operation not yet decided hold `Ok`
+    /// until `waiting` says otherwise.
+    pub results: Vec<R>,
+    /// Operations not yet decided: (operation id, index of its first event in the request).
+    pub waiting: Vec<(u128, usize)>,
+}
+
+/// The results of an operation's events for a decision.
+pub fn decision_results(events: usize, decision: Decision) -> Vec<R> {
+    match decision {
+        Decision::Confirm => vec![R::Ok; events],
+        Decision::Cancel { event, code } => {
+            let mut results = vec![R::LinkedEventFailed; events];
+            results[(event as usize).min(events - 1)] = code;
+            results
+        }
+    }
+}
+
+/// Why an event cannot take part in a cross-cell transfer (checked before any leg is tried).
+fn refuse_event(event: &Transfer) -> Option<R> {
+    if event.id >= TRANSFER_ID_SYSTEM_MIN {
+        return Some(R::IdReserved);
+    }
+    if is_clearing_account(event.debit_account_id) || is_clearing_account(event.credit_account_id) {
+        return Some(R::AccountReserved);
+    }
+    let unsupported = [
+        TransferFlags::PENDING,
+        TransferFlags::POST_PENDING_TRANSFER,
+        TransferFlags::VOID_PENDING_TRANSFER,
+        TransferFlags::BALANCING_DEBIT,
+        TransferFlags::BALANCING_CREDIT,
+        TransferFlags::CLOSING_DEBIT,
+        TransferFlags::CLOSING_CREDIT,
+    ];
+    if unsupported.iter().any(|&flag| event.flags.contains(flag)) {
+        return Some(R::CrossCellFlagsUnsupported);
+    }
+    // Clearing accounts are made per ledger: a ledger must be named first.
+    if event.ledger == 0 {
+        return Some(R::LedgerMustNotBeZero);
+    }
+    None
+}
+
+/// `cell`'s legs of an operation, each with the index of its event: pending
+/// transfers under the events' ids, linked so that they apply all or nothing.
+fn legs_for(cell: CellId, events: &[Transfer], cells: &[(CellId, CellId)]) -> Vec<(usize, Transfer)> {
+    let mut legs: Vec<(usize, Transfer)> = Vec::new();
+    for (index, (event, &(debit_cell, credit_cell))) in events.iter().zip(cells).enumerate() {
+        let clearing = |peer: CellId| clearing_account_id(event.ledger, cell_u16(cell), cell_u16(peer));
+        let (debit, credit) = match (debit_cell == cell, credit_cell == cell) {
+            (true, true) => (event.debit_account_id, event.credit_account_id),
+            (true, false) => (event.debit_account_id, clearing(credit_cell)),
+            (false, true) => (clearing(debit_cell), event.credit_account_id),
+            (false, false) => continue,
+        };
+        let leg = Transfer {
+            id: event.id,
+            debit_account_id: debit,
+            credit_account_id: credit,
+            amount: event.amount,
+            pending_id: 0,
+            user_data_128: event.user_data_128,
+            user_data_64: event.user_data_64,
+            user_data_32: event.user_data_32,
+            timeout_s: 0,
+            ledger: event.ledger,
+            code: event.code,
+            flags: TransferFlags::PENDING | TransferFlags::LINKED,
+            timestamp: 0,
+        };
+        legs.push((index, leg));
+    }
+    if let Some((_, last)) = legs.last_mut() {
+        last.flags.remove(TransferFlags::LINKED);
+    }
+    legs
+}
+
+fn cell_u16(cell: CellId) -> u16 {
+    u16::try_from(cell).expect("cell ids fit in 16 bits (checked by the topology)")
+}
+
+/// Creates the clearing accounts `legs` name, before the legs (outside their chain).
+fn ensure_clearing_accounts(ledger: &mut Ledger, timestamp: u64, legs: &[(usize, Transfer)]) {
+    for (_, leg) in legs {
+        for account in [leg.debit_account_id, leg.credit_account_id] {
+            if is_clearing_account(account) {
+                ledger.clearing_account(timestamp, leg.ledger, account);
+            }
+        }
+    }
+}
+
+/// The first failing leg's event and code, if the legs were refused.
+fn refusal(legs: &[(usize, Transfer)], results: &[R]) -> Option<(usize, R)> {
+    let failed = results.iter().position(|&result| result != R::Ok && result != R::LinkedEventFailed);
+    let failed = failed.or_else(|| results.iter().position(|&result| result != R::Ok))?;
+    Some((legs[failed].0, results[failed]))
+}
+
+/// Posts (confirm) or voids (cancel) legs with their resolution transfers.
+/// They must apply: a leg's resolution is a decision already made.
+fn resolve(ledger: &mut Ledger, history: &impl History, timestamp: u64, legs: &[u128], decision: Decision) {
+    if legs.is_empty() {
+        return;
+    }
+    let (flags, user_data_64, user_data_32) = match decision {
+        Decision::Confirm => (TransferFlags::POST_PENDING_TRANSFER, 0, 0),
+        Decision::Cancel { event, code } => (TransferFlags::VOID_PENDING_TRANSFER, u64::from(event), code as u32),
+    };
+    let resolutions: Vec<Transfer> = legs
+        .iter()
+        .map(|&leg| Transfer {
+            id: resolution_id(leg),
+            pending_id: leg,
+            flags,
+            user_data_64,
+            user_data_32,
+            ..Transfer::default()
+        })
+        .collect();
+    let results = ledger.create_legs(timestamp, &resolutions, history);
+    for (leg, result) in legs.iter().zip(&results) {
+        assert!(
+            matches!(result, R::Ok | R::Exists),
+            "the resolution of cross-cell leg {leg} ({decision:?}) was refused: {result}"
+        );
+    }
+}
+
+impl CrossCellState {
+    pub fn ops(&self) -> &BTreeMap<u128, Op> {
+        &self.ops
+    }
+
+    /// Operations this cell has prepared as a participant and not yet resolved.
+    pub fn prepared(&self) -> usize {
+        self.parts.values().filter(|record| matches!(record.part, Part::Prepared { .. })).count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty() && self.parts.is_empty()
+    }
+
+    /// Applies a client's transfers at the cell they were routed to: events
+    /// whose accounts are all here go to the ledger as usual; each cross-cell
+    /// operation (a transfer, or a linked chain, touching another cell) tries
+    /// this cell's legs and is recorded for the decision.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create_transfers(
+        &mut self,
+        ledger: &mut Ledger,
+        history: &impl History,
+        cell: CellId,
+        timestamp: u64,
+        events: &[Transfer],
+        cells: &[(CellId, CellId)],
+        effects: &mut Effects,
+    ) -> Coordinated {
+        assert_eq!(events.len(), cells.len());
+        let mut coordinated = Coordinated { results: Vec::with_capacity(events.len()), waiting: Vec::new() };
+        let mut start = 0;
+        while start < events.len() {
+            // A segment: one event, or a linked chain (to its first unlinked event, or the end).
+            let mut end = start;
+            while end + 1 < events.len() && events[end].flags.contains(TransferFlags::LINKED) {
+                end += 1;
+            }
+            let end = end + 1;
+            let local = cells[start..end].iter().all(|&(debit, credit)| debit == cell && credit == cell);
+            // Consecutive local segments go to the ledger together.
+            let mut local_end = end;
+            if local {
+                while local_end < events.len() {
+                    let mut next = local_end;
+                    while next + 1 < events.len() && events[next].flags.contains(TransferFlags::LINKED) {
+                        next += 1;
+                    }
+                    if !cells[local_end..=next].iter().all(|&(debit, credit)| debit == cell && credit == cell) {
+                        break;
+                    }
+                    local_end = next + 1;
+                }
+                let results = ledger.create_transfers(timestamp, &events[start..local_end], history);
+                coordinated.results.extend(results);
+                start = local_end;
+                continue;
+            }
+            let segment = &events[start..end];
+            let open_chain = segment.last().is_some_and(|event| event.flags.contains(TransferFlags::LINKED));
+            let results = if open_chain {
+                let mut results = vec![R::LinkedEventFailed; segment.len()];
+                *results.last_mut().expect("a segment is not empty") = R::LinkedEventChainOpen;
+                Some(results)
+            } else {
+                self.coordinate(ledger, history, cell, timestamp, segment, &cells[start..end], effects)
+            };
+            match results {
+                Some(results) => coordinated.results.extend(results),
+                None => {
+                    coordinated.waiting.push((segment[0].id, start));
+                    coordinated.results.extend(std::iter::repeat_n(R::Ok, segment.len()));
+                }
+            }
+            start = end;
+        }
+        coordinated
+    }
+
+    /// Starts one cross-cell operation here; `None` if it waits for its
+    /// decision (new, or a retry of one in flight), else its results.
+    #[allow(clippy::too_many_arguments)]
+    fn coordinate(
+        &mut self,
+        ledger: &mut Ledger,
+        history: &impl History,
+        cell: CellId,
+        timestamp: u64,
+        events: &[Transfer],
+        cells: &[(CellId, CellId)],
+        effects: &mut Effects,
+    ) -> Option<Vec<R>> {
+        let refused = |event: usize, code: R| {
+            Some(decision_results(events.len(), Decision::Cancel { event: event as u32, code }))
+        };
+        for (index, event) in events.iter().enumerate() {
+            if let Some(code) = refuse_event(event) {
+                return refused(index, code);
+            }
+        }
+        // The coordinator is the cell of the first event's debit account: it holds that leg.
+        if cells[0].0 != cell {
+            return refused(0, R::CrossCellMisrouted);
+        }
+        let op = events[0].id;
+        if let Some(open) = self.ops.get(&op) {
+            if open.events == events && open.decision.is_none() {
+                return None;
+            }
+            if let Some(decision) = open.decision.filter(|_| open.events == events) {
+                return Some(decision_results(events.len(), decision));
+            }
+            let (index, code) = differs(&open.events, events);
+            return refused(index, code);
+        }
+        let legs = legs_for(cell, events, cells);
+        if let Some(existing) = ledger.transfer(op, history) {
+            return Some(self.retried(ledger, history, events, &legs, &existing));
+        }
+        if self.ops.len() >= OPS_MAX {
+            return refused(0, R::CrossCellTransfersMaxReached);
+        }
+        ensure_clearing_accounts(ledger, timestamp, &legs);
+        let transfers: Vec<Transfer> = legs.iter().map(|(_, leg)| *leg).collect();
+        let results = ledger.create_legs(timestamp, &transfers, history);
+        if let Some((index, code)) = refusal(&legs, &results) {
+            return refused(index, code);
+        }
+        let participants: BTreeMap<CellId, PartStatus> = cells
+            .iter()
+            .flat_map(|&(debit, credit)| [debit, credit])
+            .filter(|&other| other != cell)
+            .map(|other| (other, PartStatus::Trying))
+            .collect();
+        let deadline = timestamp.saturating_add(TRY_WINDOW_NS);
+        for &participant in participants.keys() {
+            let item = Item::Try { op, deadline, events: events.to_vec(), cells: cells.to_vec() };
+            effects.outbox.push((participant, item));
+        }
+        let record = Op { events: events.to_vec(), cells: cells.to_vec(), deadline, participants, decision: None };
+        self.ops.insert(op, record);
+        None
+    }
+
+    /// The answer to a retry of an operation decided and forgotten: from
+    /// its first leg and that leg's resolution.
+    fn retried(
+        &self,
+        ledger: &Ledger,
+        history: &impl History,
+        events: &[Transfer],
+        legs: &[(usize, Transfer)],
+        existing: &Transfer,
+    ) -> Vec<R> {
+        let refused =
+            |event: usize, code: R| decision_results(events.len(), Decision::Cancel { event: event as u32, code });
+        let (_, expected) = legs.first().expect("the coordinator holds the first event's debit leg");
+        let compared = Ledger::compare_retry(expected, existing);
+        if compared != R::Exists {
+            return refused(0, compared);
+        }
+        match ledger.transfer(resolution_id(existing.id), history) {
+            Some(resolution) if resolution.flags.contains(TransferFlags::POST_PENDING_TRANSFER) => {
+                vec![R::Exists; events.len()]
+            }
+            Some(resolution) => {
+                let code = cellpay_ledger::CreateTransferResult::from_u32(resolution.user_data_32)
+                    .unwrap_or(R::CrossCellTimedOut);
+                let event = u32::try_from(resolution.user_data_64).unwrap_or(0);
+                decision_results(events.len(), Decision::Cancel { event, code })
+            }
+            None => panic!("cross-cell leg {} is open but its operation is not recorded", existing.id),
+        }
+    }
+
+    /// Applies a batch of cross-cell items `from` another cell (or, for
+    /// `Timeout`, from this cell's leader), at log time `timestamp`.
+    /// `owns` says whether this cell owns an account's shard.
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply_items(
+        &mut self,
+        ledger: &mut Ledger,
+        history: &impl History,
+        owns: &dyn Fn(u128) -> bool,
+        cell: CellId,
+        timestamp: u64,
+        from: CellId,
+        items: &[Item],
+        effects: &mut Effects,
+    ) {
+        while let Some(&(deadline, coordinator, op)) = self.tombstones.first() {
+            if deadline >= timestamp {
+                break;
+            }
+            self.tombstones.pop_first();
+            self.parts.remove(&(coordinator, op));
+        }
+        for item in items {
+            match item {
+                Item::Try { op, deadline, events, cells } => {
+                    let tried = Tried { op: *op, deadline: *deadline, events, cells };
+                    if let Some(answer) = self.participant_try(ledger, history, owns, cell, timestamp, from, &tried) {
+                        effects.outbox.push((from, answer));
+                    }
+                }
+                &Item::Decide { op, confirm, deadline } => {
+                    let key = (from, op);
+                    match self.parts.remove(&key) {
+                        Some(PartRecord { part: Part::Prepared { legs }, .. }) => {
+                            // The failing event and code are the coordinator's to record.
+                            let decision =
+                                if confirm { Decision::Confirm } else { Decision::Cancel { event: 0, code: R::Ok } };
+                            resolve(ledger, history, timestamp, &legs, decision);
+                        }
+                        Some(tombstone) => {
+                            self.parts.insert(key, tombstone);
+                        }
+                        None if !confirm && timestamp <= deadline && self.parts.len() < PARTS_MAX => {
+                            self.parts.insert(key, PartRecord { part: Part::Tombstone, deadline });
+                            self.tombstones.insert((deadline, from, op));
+                        }
+                        // A repeated decision, or a cancel whose try can no longer be accepted.
+                        None => {}
+                    }
+                    effects.outbox.push((from, Item::Done { op }));
+                }
+                &Item::Prepared { op } => {
+                    let Some(record) = self.ops.get_mut(&op) else { continue };
+                    if record.decision.is_some() {
+                        continue;
+                    }
+                    if let Some(status @ PartStatus::Trying) = record.participants.get_mut(&from) {
+                        *status = PartStatus::Prepared;
+                    }
+                    if record.participants.values().all(|&status| status == PartStatus::Prepared) {
+                        self.decide(ledger, history, cell, timestamp, op, Decision::Confirm, effects);
+                    }
+                }
+                &Item::Refused { op, event, code } => {
+                    let undecided = self.ops.get(&op).is_some_and(|record| record.decision.is_none());
+                    if undecided {
+                        let code = R::from_u32(code).unwrap_or(R::CrossCellMisrouted);
+                        self.decide(ledger, history, cell, timestamp, op, Decision::Cancel { event, code }, effects);
+                    }
+                }
+                &Item::Done { op } => {
+                    let Some(record) = self.ops.get_mut(&op) else { continue };
+                    if record.decision.is_none() {
+                        continue;
+                    }
+                    if let Some(status) = record.participants.get_mut(&from) {
+                        *status = PartStatus::Done;
+                    }
+                    if record.participants.values().all(|&status| status == PartStatus::Done) {
+                        self.ops.remove(&op);
+                    }
+                }
+                &Item::Ask { op } => {
+                    if let Some(answer) = self.answer_ask(op) {
+                        effects.outbox.push((from, answer));
+                    }
+                }
+                &Item::Timeout { op } => {
+                    let due = self.ops.get(&op).is_some_and(|r| r.decision.is_none() && timestamp > r.deadline);
+                    if due {
+                        let cancel = Decision::Cancel { event: 0, code: R::CrossCellTimedOut };
+                        self.decide(ledger, history, cell, timestamp, op, cancel, effects);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A participant applies its legs of an operation (or finds it tried
+    /// already, or refuses it); returns the answer for the coordinator.
+    #[allow(clippy::too_many_arguments)]
+    fn participant_try(
+        &mut self,
+        ledger: &mut Ledger,
+        history: &impl History,
+        owns: &dyn Fn(u128) -> bool,
+        cell: CellId,
+        timestamp: u64,
+        coordinator: CellId,
+        tried: &Tried,
+    ) -> Option<Item> {
+        let op = tried.op;
+        let refused = |event: usize, code: R| Some(Item::Refused { op, event: event as u32, code: code as u32 });
+        match self.parts.get(&(coordinator, op)) {
+            Some(PartRecord { part: Part::Prepared { .. }, .. }) => return Some(Item::Prepared { op }),
+            Some(PartRecord { part: Part::Tombstone, .. }) => return None,
+            None => {}
+        }
+        if timestamp > tried.deadline {
+            return refused(0, R::CrossCellTimedOut);
+        }
+        if tried.events.is_empty() || tried.events.len() != tried.cells.len() {
+            return refused(0, R::CrossCellMisrouted);
+        }
+        for (index, event) in tried.events.iter().enumerate() {
+            if let Some(code) = refuse_event(event) {
+                return refused(index, code);
+            }
+        }
+        let legs = legs_for(cell, tried.events, tried.cells);
+        for (index, leg) in &legs {
+            let foreign = [leg.debit_account_id, leg.credit_account_id]
+                .into_iter()
+                .any(|account| !is_clearing_account(account) && !owns(account));
+            if foreign {
+                return refused(*index, R::CrossCellMisrouted);
+            }
+        }
+        if legs.is_empty() {
+            return refused(0, R::CrossCellMisrouted);
+        }
+        if self.parts.len() >= PARTS_MAX {
+            return refused(legs[0].0, R::CrossCellTransfersMaxReached);
+        }
+        ensure_clearing_accounts(ledger, timestamp, &legs);
+        let transfers: Vec<Transfer> = legs.iter().map(|(_, leg)| *leg).collect();
+        let results = ledger.create_legs(timestamp, &transfers, history);
+        match refusal(&legs, &results) {
+            None => {
+                let legs = transfers.iter().map(|leg| leg.id).collect();
+                self.parts
+                    .insert((coordinator, op), PartRecord { part: Part::Prepared { legs }, deadline: tried.deadline });
+                Some(Item::Prepared { op })
+            }
+            // A try repeated after its decision was applied here: the coordinator needs no answer.
+            Some((_, R::Exists)) => None,
+            Some((index, code)) => refused(index, code),
+        }
+    }
+
+    /// Decides an operation: its own legs are posted or voided now, the
+    /// participants are told, the waiting client answered.
+    #[allow(clippy::too_many_arguments)]
+    fn decide(
+        &mut self,
+        ledger: &mut Ledger,
+        history: &impl History,
+        cell: CellId,
+        timestamp: u64,
+        op: u128,
+        decision: Decision,
+        effects: &mut Effects,
+    ) {
+        let record = self.ops.get_mut(&op).expect("decided operations are recorded");
+        assert!(record.decision.is_none(), "cross-cell operation {op} decided twice");
+        record.decision = Some(decision);
+        let legs: Vec<u128> = legs_for(cell, &record.events, &record.cells).iter().map(|(_, leg)| leg.id).collect();
+        resolve(ledger, history, timestamp, &legs, decision);
+        effects.decided.push((op, decision_results(record.events.len(), decision)));
+        let confirm = decision == Decision::Confirm;
+        for &participant in record.participants.keys() {
+            effects.outbox.push((participant, Item::Decide { op, confirm, deadline: record.deadline }));
+        }
+    }
+
+    /// A leader's answer to a participant's `Ask`: the decision, if made.
+    pub fn answer_ask(&self, op: u128) -> Option<Item> {
+        let record = self.ops.get(&op)?;
+        let decision = record.decision?;
+        Some(Item::Decide { op, confirm: decision == Decision::Confirm, deadline: record.deadline })
+    }
+
+    /// Whether a leader must log `item` from `from`, or can answer (or drop)
+    /// it from the state it has applied: `Err(answer)` when it need not.
+    pub fn triage(&self, from: CellId, item: &Item) -> Result<(), Option<Item>> {
+        match item {
+            Item::Try { op, .. } => match self.parts.get(&(from, *op)) {
+                Some(PartRecord { part: Part::Prepared { .. }, .. }) => Err(Some(Item::Prepared { op: *op })),
+                Some(PartRecord { part: Part::Tombstone, .. }) => Err(None),
+                None => Ok(()),
+            },
+            &Item::Decide { op, confirm, .. } => match self.parts.get(&(from, op)) {
+                Some(PartRecord { part: Part::Prepared { .. }, .. }) => Ok(()),
+                Some(PartRecord { part: Part::Tombstone, .. }) => Err(Some(Item::Done { op })),
+                // A confirm is only sent after this cell prepared: it has been applied already.
+                None if confirm => Err(Some(Item::Done { op })),
+                None => Ok(()),
+            },
+            &Item::Prepared { op } | &Item::Refused { op, .. } => match self.ops.get(&op) {
+                Some(record) if record.decision.is_none() => Ok(()),
+                _ => Err(None),
+            },
+            &Item::Done { op } => match self.ops.get(&op) {
+                Some(record) if record.decision.is_some() => Ok(()),
+                _ => Err(None),
+            },
+            &Item::Ask { op } => Err(self.answer_ask(op)),
+            Item::Timeout { .. } => Ok(()),
+        }
+    }
+
+    /// Everything a leader must (re)send from this state, operations started
+    /// at least `settle_ns` of log time before `now` only: tries and
+    /// decisions not yet answered, a `Timeout` to itself past a deadline, and
+    /// an `Ask` for each operation it has prepared as a participant.
+    pub fn resend(&self, cell: CellId, now: u64, settle_ns: u64) -> Vec<(CellId, Item)> {
+        let mut items = Vec::new();
+        for (&op, record) in &self.ops {
+            let started = record.deadline.saturating_sub(TRY_WINDOW_NS);
+            if now < started.saturating_add(settle_ns) {
+                continue;
+            }
+            match record.decision {
+                None => {
+                    for (&participant, &status) in &record.participants {
+                        if status == PartStatus::Trying {
+                            let item = Item::Try {
+                                op,
+                                deadline: record.deadline,
+                                events: record.events.clone(),
+                                cells: record.cells.clone(),
+                            };
+                            items.push((participant, item));
+                        }
+                    }
+                    if now > record.deadline {
+                        items.push((cell, Item::Timeout { op }));
+                    }
+                }
+                Some(decision) => {
+                    for (&participant, &status) in &record.participants {
+                        if status != PartStatus::Done {
+                            let confirm = decision == Decision::Confirm;
+                            items.push((participant, Item::Decide { op, confirm, deadline: record.deadline }));
+                        }
+                    }
+                }
+            }
+        }
+        for (&(coordinator, op), record) in &self.parts {
+            if matches!(record.part, Part::Prepared { .. }) {
+                items.push((coordinator, Item::Ask { op }));
+            }
+        }
+        items
+    }
+
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        put_u32(out, self.ops.len() as u32);
+        for (&op, record) in &self.ops {
+            put_u128(out, op);
+            put_u64(out, record.deadline);
+            put_events(out, &record.events, &record.cells);
+            put_u32(out, record.participants.len() as u32);
+            for (&participant, &status) in &record.participants {
+                put_u64(out, participant);
+                out.push(match status {
+                    PartStatus::Trying => 0,
+                    PartStatus::Prepared => 1,
+                    PartStatus::Done => 2,
+                });
+            }
+            match record.decision {
+                None => out.push(0),
+                Some(Decision::Confirm) => out.push(1),
+                Some(Decision::Cancel { event, code }) => {
+                    out.push(2);
+                    put_u32(out, event);
+                    put_u32(out, code as u32);
+                }
+            }
+        }
+        put_u32(out, self.parts.len() as u32);
+        for (&(coordinator, op), record) in &self.parts {
+            put_u64(out, coordinator);
+            put_u128(out, op);
+            put_u64(out, record.deadline);
+            match &record.part {
+                Part::Tombstone => out.push(0),
+                Part::Prepared { legs } => {
+                    out.push(1);
+                    put_u32(out, legs.len() as u32);
+                    for &leg in legs {
+                        put_u128(out, leg);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Decodes what `encode_into` wrote, returning the state and the bytes after it.
+    pub fn decode(bytes: &[u8]) -> Option<(CrossCellState, &[u8])> {
+        let mut reader = Reader { bytes };
+        let mut state = CrossCellState::default();
+        for _ in 0..reader.u32()? {
+            let op = reader.u128()?;
+            let deadline = reader.u64()?;
+            let (events, cells) = reader.events()?;
+            let mut participants = BTreeMap::new();
+            for _ in 0..reader.u32()? {
+                let participant = reader.u64()?;
+                let status = match reader.u8()? {
+                    0 => PartStatus::Trying,
+                    1 => PartStatus::Prepared,
+                    2 => PartStatus::Done,
+                    _ => return None,
+                };
+                participants.insert(participant, status);
+            }
+            let decision = match reader.u8()? {
+                0 => None,
+                1 => Some(Decision::Confirm),
+                2 => {
+                    let event = reader.u32()?;
+                    Some(Decision::Cancel { event, code: R::from_u32(reader.u32()?)? })
+                }
+                _ => return None,
+            };
+            state.ops.insert(op, Op { events, cells, deadline, participants, decision });
+        }
+        for _ in 0..reader.u32()? {
+            let coordinator = reader.u64()?;
+            let op = reader.u128()?;
+            let deadline = reader.u64()?;
+            let part = match reader.u8()? {
+                0 => {
+                    state.tombstones.insert((deadline, coordinator, op));
+                    Part::Tombstone
+                }
+                1 => {
+                    let count = reader.u32()? as usize;
+                    let legs = (0..count).map(|_| reader.u128()).collect::<Option<Vec<_>>>()?;
+                    Part::Prepared { legs }
+                }
+                _ => return None,
+            };
+            state.parts.insert((coordinator, op), PartRecord { part, deadline });
+        }
+        Some((state, reader.bytes))
+    }
+}
+
+/// A `Try` as a participant applies it.
+struct Tried<'a> {
+    op: u128,
+    deadline: u64,
+    events: &'a [Transfer],
+    cells: &'a [(CellId, CellId)],
+}
+
+/// The first event where a retry differs from the operation recorded under its id.
+fn differs(recorded: &[Transfer], retry: &[Transfer]) -> (usize, R) {
+    for (index, (recorded, retry)) in recorded.iter().zip(retry).enumerate() {
+        let compared = Ledger::compare_retry(retry, recorded);
+        if compared != R::Exists {
+            return (index, compared);
+        }
+    }
+    // Same events but a different count: the chain differs in length.
+    (recorded.len().min(retry.len()).saturating_sub(1), R::ExistsWithDifferentFlags)
+}
+
+/// Items in one message or log record, at most this many bytes encoded.
+pub const ITEMS_BYTES_MAX: usize = 1 << 20;
+
+/// Encodes items; `encode_items(..).len()` is what `ITEMS_BYTES_MAX` bounds.
+pub fn encode_items(out: &mut Vec<u8>, items: &[Item]) {
+    put_u32(out, items.len() as u32);
+    for item in items {
+        match item {
+            Item::Try { op, deadline, events, cells } => {
+                out.push(1);
+                put_u128(out, *op);
+                put_u64(out, *deadline);
+                put_events(out, events, cells);
+            }
+            &Item::Decide { op, confirm, deadline } => {
+                out.push(2);
+                put_u128(out, op);
+                out.push(u8::from(confirm));
+                put_u64(out, deadline);
+            }
+            &Item::Prepared { op } => {
+                out.push(3);
+                put_u128(out, op);
+            }
+            &Item::Refused { op, event, code } => {
+                out.push(4);
+                put_u128(out, op);
+                put_u32(out, event);
+                put_u32(out, code);
+            }
+            &Item::Done { op } => {
+                out.push(5);
+                put_u128(out, op);
+            }
+            &Item::Ask { op } => {
+                out.push(6);
+                put_u128(out, op);
+            }
+            &Item::Timeout { op } => {
+                out.push(7);
+                put_u128(out, op);
+            }
+        }
+    }
+}
+
+/// The encoded size of one item (for splitting batches under `ITEMS_BYTES_MAX`).
+pub fn item_bytes(item: &Item) -> usize {
+    match item {
+        Item::Try { events, .. } => 1 + 16 + 8 + 4 + events.len() * (RECORD_SIZE + 16),
+        _ => 1 + 16 + 9 + 8,
+    }
+}
+
+/// Decodes what `encode_items` wrote (and nothing more); `None` if malformed.
+pub fn decode_items(bytes: &[u8]) -> Option<Vec<Item>> {
+    let mut reader = Reader { bytes };
+    let count = reader.u32()? as usize;
+    let mut items = Vec::with_capacity(count.min(bytes.len() / 17));
+    for _ in 0..count {
+        let kind = reader.u8()?;
+        let op = reader.u128()?;
+        items.push(match kind {
+            1 => {
+                let deadline = reader.u64()?;
+                let (events, cells) = reader.events()?;
+                Item::Try { op, deadline, events, cells }
+            }
+            2 => {
+                let confirm = match reader.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return None,
+                };
+                Item::Decide { op, confirm, deadline: reader.u64()? }
+            }
+            3 => Item::Prepared { op },
+            4 => Item::Refused { op, event: reader.u32()?, code: reader.u32()? },
+            5 => Item::Done { op },
+            6 => Item::Ask { op },
+            7 => Item::Timeout { op },
+            _ => return None,
+        });
+    }
+    reader.bytes.is_empty().then_some(items)
+}
+
+fn put_u32(out: &mut Vec<u8>, value: u32) {
+    out.extend_from_slice(&value.to_le_bytes());
+}
+
+fn put_u64(out: &mut Vec<u8>, value: u64) {
+    out.extend_from_slice(&value.to_le_bytes());
+}
+
+fn put_u128(out: &mut Vec<u8>, value: u128) {
+    out.extend_from_slice(&value.to_le_bytes());
+}
+
+fn put_events(out: &mut Vec<u8>, events: &[Transfer], cells: &[(CellId, CellId)]) {
+    put_u32(out, events.len() as u32);
+    let mut bytes = [0u8; RECORD_SIZE];
+    for (event, &(debit, credit)) in events.iter().zip(cells) {
+        event.encode(&mut bytes);
+        out.extend_from_slice(&bytes);
+        put_u64(out, debit);
+        put_u64(out, credit);
+    }
+}
+
+/// An operation's events and each event's (debit cell, credit cell).
+type OpEvents = (Vec<Transfer>, Vec<(CellId, CellId)>);
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, count: usize) -> Option<&'a [u8]> {
+        if self.bytes.len() < count {
+            return None;
+        }
+        let (taken, rest) = self.bytes.split_at(count);
+        self.bytes = rest;
+        Some(taken)
+    }
+
+    fn u8(&mut self) -> Option<u8> {
+        Some(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
+    }
+
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+
+    fn u128(&mut self) -> Option<u128> {
+        Some(u128::from_le_bytes(self.take(16)?.try_into().ok()?))
+    }
+
+    fn events(&mut self) -> Option<OpEvents> {
+        let count = self.u32()? as usize;
+        if count == 0 || count > cellpay_ledger::BATCH_EVENTS_MAX {
+            return None;
+        }
+        let mut events = Vec::with_capacity(count);
+        let mut cells = Vec::with_capacity(count);
+        for _ in 0..count {
+            events.push(Transfer::decode(self.take(RECORD_SIZE)?.try_into().ok()?));
+            cells.push((self.u64()?, self.u64()?));
+        }
+        Some((events, cells))
+    }
+}

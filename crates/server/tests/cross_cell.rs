@@ -1,0 +1,187 @@
+//! Cross-cell transfers, in process: one node hosting the global cell and
+//! two cells (cell 1 owns shards 0–49, cell 2 shards 50–99). A transfer
+//! between the cells is tried in both, decided by the debit account's cell
+//! and posted in both; a refusal in either cancels both legs; a linked chain
+//! across the cells is all or nothing; retries answer as the first attempt
+//! did; and everything survives a crash (replayed from the log) and a clean
+//! restart (restored from checkpoints, the cross-cell state with them).
+
+use std::sync::Arc;
+
+use cellpay_cluster::topology::{Cell, Topology};
+use cellpay_ledger::id::{account_id, clearing_account_id, resolution_id};
+use cellpay_ledger::{Account, AccountFlags, CreateAccountResult, CreateTransferResult as R, Transfer, TransferFlags};
+use cellpay_server::node::{single_node_topology, Node, NodeConfig, NodeHandle, Reply, Request};
+
+const LEDGER: u32 = 1;
+
+/// One node; cell 1 owns shards 0–49, cell 2 shards 50–99.
+fn topology() -> Arc<Topology> {
+    let one = single_node_topology();
+    let cell = |id, shards: std::ops::Range<u32>| Cell {
+        id,
+        shards: shards.collect(),
+        voters: vec![1],
+        learners: Vec::new(),
+        leader_preference: Vec::new(),
+    };
+    let cells = vec![cell(1, 0..50), cell(2, 50..100)];
+    Arc::new(Topology::new(one.shards, one.latency, one.regions, cells).unwrap())
+}
+
+fn start(dir: &std::path::Path) -> Node {
+    Node::start(NodeConfig::cluster(dir, topology(), 1)).unwrap()
+}
+
+/// User 1 and 2 are in cell 1; users 51 and 52 in cell 2.
+fn user(user: u64) -> u128 {
+    account_id(user, 1).unwrap()
+}
+
+fn transfer(id: u128, debit: u64, credit: u64, amount: u128) -> Transfer {
+    Transfer {
+        id,
+        debit_account_id: user(debit),
+        credit_account_id: user(credit),
+        amount,
+        ledger: LEDGER,
+        code: 1,
+        ..Transfer::default()
+    }
+}
+
+async fn transfers(handle: &NodeHandle, batch: Vec<Transfer>) -> Vec<R> {
+    match handle.submit(Request::CreateTransfers(batch)).await {
+        Ok(Reply::CreateTransfers(results)) => results,
+        other => panic!("transfers were not answered: {other:?}"),
+    }
+}
+
+async fn account(handle: &NodeHandle, id: u128) -> Account {
+    match handle.submit(Request::LookupAccounts(vec![id])).await {
+        Ok(Reply::Accounts(accounts)) if accounts.len() == 1 => accounts[0],
+        other => panic!("account {id} was not found: {other:?}"),
+    }
+}
+
+/// (debits_posted, credits_posted, debits_pending, credits_pending)
+async fn balance(handle: &NodeHandle, id: u128) -> (u128, u128, u128, u128) {
+    let a = account(handle, id).await;
+    (a.debits_posted, a.credits_posted, a.debits_pending, a.credits_pending)
+}
+
+async fn setup(handle: &NodeHandle) {
+    // Users 1 and 51 are funded by banks (user 3 in cell 1, user 53 in cell 2).
+    let limited = |id| Account {
+        id: user(id),
+        ledger: LEDGER,
+        code: 1,
+        flags: AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS,
+        ..Account::default()
+    };
+    let bank = |id| Account { id: user(id), ledger: LEDGER, code: 1, ..Account::default() };
+    for accounts in [vec![limited(1), limited(2), bank(3)], vec![limited(51), limited(52), bank(53)]] {
+        let results = handle.submit(Request::CreateAccounts(accounts)).await;
+        assert_eq!(results, Ok(Reply::CreateAccounts(vec![CreateAccountResult::Ok; 3])));
+    }
+    assert_eq!(transfers(handle, vec![transfer(1, 3, 1, 1_000)]).await, vec![R::Ok]);
+    assert_eq!(transfers(handle, vec![transfer(2, 53, 51, 1_000)]).await, vec![R::Ok]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_between_cells_is_applied_in_both_or_in_neither() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(dir.path());
+    let handle = node.handle();
+    setup(&handle).await;
+
+    // Cell 1 → cell 2: decided by cell 1, posted in both.
+    assert_eq!(transfers(&handle, vec![transfer(10, 1, 52, 100)]).await, vec![R::Ok]);
+    assert_eq!(balance(&handle, user(1)).await, (100, 1_000, 0, 0));
+    assert_eq!(balance(&handle, user(52)).await, (0, 100, 0, 0));
+    let to_cell_2 = clearing_account_id(LEDGER, 1, 2);
+    let from_cell_1 = clearing_account_id(LEDGER, 2, 1);
+    assert_eq!(balance(&handle, to_cell_2).await, (0, 100, 0, 0), "cell 1's clearing account for cell 2");
+    // The lookup finds both legs; each leg is posted by its resolution.
+    let legs = match handle.submit(Request::LookupTransfers(vec![10, resolution_id(10)])).await {
+        Ok(Reply::Transfers(found)) => found,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(legs.len(), 2, "one leg and one resolution per id, merged by id: {legs:?}");
+    assert!(legs.iter().any(|t| t.id == resolution_id(10) && t.flags.contains(TransferFlags::POST_PENDING_TRANSFER)));
+
+    // A retry answers `exists`, and moves nothing.
+    assert_eq!(transfers(&handle, vec![transfer(10, 1, 52, 100)]).await, vec![R::Exists]);
+    let mut changed = transfer(10, 1, 52, 101);
+    changed.user_data_32 = 0;
+    assert_eq!(transfers(&handle, vec![changed]).await, vec![R::ExistsWithDifferentAmount]);
+    assert_eq!(balance(&handle, user(1)).await, (100, 1_000, 0, 0));
+
+    // Refused by the participant (no such credit account): nothing applied anywhere.
+    assert_eq!(transfers(&handle, vec![transfer(11, 1, 77, 5)]).await, vec![R::CreditAccountNotFound]);
+    assert_eq!(balance(&handle, user(1)).await, (100, 1_000, 0, 0), "the debit leg was voided");
+    assert_eq!(balance(&handle, to_cell_2).await, (0, 100, 0, 0));
+    // A retry of the cancelled transfer answers the same refusal.
+    assert_eq!(transfers(&handle, vec![transfer(11, 1, 77, 5)]).await, vec![R::CreditAccountNotFound]);
+
+    // Refused by the coordinator (over the balance): never tried elsewhere.
+    assert_eq!(transfers(&handle, vec![transfer(12, 1, 52, 5_000)]).await, vec![R::ExceedsCredits]);
+    assert_eq!(balance(&handle, user(52)).await, (0, 100, 0, 0));
+
+    // Cell 2 → cell 1, and a local transfer in the same request.
+    let batch = vec![transfer(13, 51, 2, 30), transfer(14, 51, 52, 20)];
+    assert_eq!(transfers(&handle, batch).await, vec![R::Ok, R::Ok]);
+    assert_eq!(balance(&handle, user(51)).await, (50, 1_000, 0, 0));
+    assert_eq!(balance(&handle, user(2)).await, (0, 30, 0, 0));
+    assert_eq!(balance(&handle, from_cell_1).await, (100, 30, 0, 0), "cell 2's clearing account for cell 1");
+
+    // A linked chain across both cells: all or nothing. Its second event
+    // (in cell 2, debiting user 52, who holds 120) fails: the first is undone.
+    let mut first = transfer(20, 1, 51, 10);
+    first.flags = TransferFlags::LINKED;
+    let second = transfer(21, 52, 2, 500);
+    assert_eq!(transfers(&handle, vec![first, second]).await, vec![R::LinkedEventFailed, R::ExceedsCredits]);
+    assert_eq!(balance(&handle, user(1)).await, (100, 1_000, 0, 0));
+    assert_eq!(balance(&handle, user(51)).await, (50, 1_000, 0, 0));
+    // The same chain, possible this time (new ids): both apply.
+    let mut first = transfer(22, 1, 51, 10);
+    first.flags = TransferFlags::LINKED;
+    let second = transfer(23, 52, 2, 60);
+    assert_eq!(transfers(&handle, vec![first, second]).await, vec![R::Ok, R::Ok]);
+    assert_eq!(balance(&handle, user(52)).await, (60, 120, 0, 0));
+    assert_eq!(balance(&handle, user(2)).await, (0, 90, 0, 0));
+
+    // Unsupported across cells (for now): pending transfers; reserved ids and accounts.
+    let mut pending = transfer(30, 1, 52, 1);
+    pending.flags = TransferFlags::PENDING;
+    assert_eq!(transfers(&handle, vec![pending]).await, vec![R::CrossCellFlagsUnsupported]);
+    assert_eq!(transfers(&handle, vec![transfer(resolution_id(31), 1, 2, 1)]).await, vec![R::IdReserved]);
+    let mut clearing = transfer(32, 1, 2, 1);
+    clearing.credit_account_id = to_cell_2;
+    assert_eq!(transfers(&handle, vec![clearing]).await, vec![R::AccountReserved]);
+
+    // Money is conserved in each cell, and the clearing accounts of the pair net to zero.
+    let status = |cell| handle.status().cell(cell).unwrap();
+    assert!(status(1).accounts > 0 && status(2).accounts > 0);
+    let (x, y) = (balance(&handle, to_cell_2).await, balance(&handle, from_cell_1).await);
+    assert_eq!(x.1 - x.0, y.0 - y.1, "what cell 1 credited cell 2's clearing account, cell 2 debited cell 1's");
+    drop(handle);
+
+    // A crash: everything is replayed from the log; a clean stop: from the checkpoints.
+    let before = (balance(&node.handle(), user(1)).await, balance(&node.handle(), user(52)).await);
+    node.halt();
+    let node = start(dir.path());
+    let handle = node.handle();
+    assert_eq!((balance(&handle, user(1)).await, balance(&handle, user(52)).await), before);
+    assert_eq!(transfers(&handle, vec![transfer(10, 1, 52, 100)]).await, vec![R::Exists]);
+    assert_eq!(transfers(&handle, vec![transfer(40, 1, 52, 1)]).await, vec![R::Ok]);
+    drop(handle);
+    node.shutdown();
+    let node = start(dir.path());
+    assert_eq!(node.recovery.records_replayed, 0);
+    let handle = node.handle();
+    assert_eq!(balance(&handle, user(52)).await, (60, 121, 0, 0));
+    assert_eq!(transfers(&handle, vec![transfer(11, 1, 77, 5)]).await, vec![R::CreditAccountNotFound]);
+    drop(handle);
+    node.shutdown();
+}
