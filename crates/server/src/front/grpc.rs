@@ -4,7 +4,10 @@
 //! Status codes follow `cellpay_api::ErrorCode::grpc_code`: `INVALID_ARGUMENT`
 //! for a malformed request, `RESOURCE_EXHAUSTED` for a message over
 //! `proto::MESSAGE_BYTES_MAX`, `UNAVAILABLE` when overloaded or shutting down,
-//! `INTERNAL` for a server bug. Nothing is applied when a call fails.
+//! `INTERNAL` for a server bug. A refusal's metadata says whether nothing was
+//! applied, and what a router needs to send the request elsewhere (the
+//! leader, or the owner and routing version of a misrouted account: see
+//! `forward`).
 
 use axum::response::Response;
 use axum::Router;
@@ -14,52 +17,49 @@ use cellpay_api::ErrorCode;
 use tonic::server::NamedService;
 use tonic::{Code, Status};
 
-use super::{grpc_response, node_error_code, record_events};
-use crate::forward::{FORWARDED_KEY, NOTHING_APPLIED_KEY};
-use crate::node::{NodeError, NodeHandle, Origin, Reply, Request};
+use super::backend::{Backend, Caller, FrontError};
+use super::{grpc_response, record_events};
+use crate::forward::FORWARDED_KEY;
+use crate::node::{Reply, Request};
 
-pub(super) fn router(handle: NodeHandle) -> Router {
-    let server = LedgerServer::new(GrpcLedger { handle })
+pub(super) fn router<B: Backend>(backend: B) -> Router {
+    let server = LedgerServer::new(GrpcLedger { backend })
         .max_decoding_message_size(MESSAGE_BYTES_MAX)
         .max_encoding_message_size(MESSAGE_BYTES_MAX);
-    let path = format!("/{}/{{*method}}", <LedgerServer<GrpcLedger> as NamedService>::NAME);
+    let path = format!("/{}/{{*method}}", <LedgerServer<GrpcLedger<B>> as NamedService>::NAME);
     Router::new().route_service(&path, server).layer(axum::middleware::map_response(message_too_large))
 }
 
-struct GrpcLedger {
-    handle: NodeHandle,
+struct GrpcLedger<B> {
+    backend: B,
 }
 
-impl GrpcLedger {
+impl<B: Backend> GrpcLedger<B> {
     async fn submit<T>(&self, call: &tonic::Request<T>, request: Request) -> Result<Reply, Status> {
         record_events(&request);
         // A forwarded call names the cell it is for.
         let forwarded = call.metadata().get(FORWARDED_KEY);
-        let result = match forwarded.map(|value| value.to_str().ok()?.strip_prefix("cell=")?.parse().ok()) {
-            Some(Some(cell)) => self.handle.submit_forwarded(cell, request).await,
-            Some(None) => {
-                Err(NodeError::Unavailable { cell: 0, reason: format!("a malformed {FORWARDED_KEY} header") })
-            }
-            None => self.handle.submit_from(request, Origin::Client).await,
+        let caller = match forwarded.map(|value| value.to_str().ok()?.strip_prefix("cell=")?.parse().ok()) {
+            Some(Some(cell)) => Caller::Forwarded(cell),
+            Some(None) => Caller::ForwardedMalformed,
+            None => Caller::Client,
         };
-        result.map_err(|error| {
-            let mut status = Status::new(node_error_code(&error).grpc_code(), error.to_string());
-            if error.nothing_applied() {
-                status.metadata_mut().insert(NOTHING_APPLIED_KEY, tonic::metadata::MetadataValue::from_static("1"));
-            }
+        self.backend.submit(request, caller).await.map_err(|error| {
+            let mut status = Status::new(error.code().grpc_code(), error.to_string());
+            error.metadata(status.metadata_mut());
             status
         })
     }
 }
 
-/// The node answered with a reply of another kind: a bug in the node, answered `INTERNAL`.
+/// The backend answered with a reply of another kind: a bug, answered `INTERNAL`.
 fn unexpected_reply(operation: &str, reply: &Reply) -> Status {
-    tracing::error!(operation, ?reply, "the node answered with a reply of the wrong kind");
+    tracing::error!(operation, ?reply, "the backend answered with a reply of the wrong kind");
     Status::new(ErrorCode::Internal.grpc_code(), "internal error")
 }
 
 #[tonic::async_trait]
-impl Ledger for GrpcLedger {
+impl<B: Backend> Ledger for GrpcLedger<B> {
     async fn create_accounts(
         &self,
         request: tonic::Request<proto::CreateAccountsRequest>,

@@ -1,5 +1,6 @@
-//! The node's network front ends: the REST API, the gRPC API, `/metrics`,
-//! `/health` and `/openapi.json`, all on one listener.
+//! The network front ends of a node or a gateway: the REST API, the gRPC
+//! API, `/metrics`, `/health` and `/openapi.json`, all on one listener.
+//! What they serve is a [`Backend`]: a node's handle, or a gateway's.
 //!
 //! One port, two protocols: every accepted connection is served by hyper-util's
 //! auto builder, which reads the first bytes and speaks HTTP/2 (prior
@@ -23,11 +24,14 @@
 //! `shutdown_grace` are dropped.
 //!
 //! Architecture invariant: the front ends only translate (with `cellpay_api`)
-//! and submit to a [`NodeHandle`]; they hold no ledger state. No input can
+//! and submit to a [`Backend`]; they hold no ledger state. No input can
 //! make them panic: every malformed request is an error reply.
 
+mod backend;
 mod grpc;
 mod rest;
+
+pub use backend::{node_error_code, Backend, Caller, FrontError};
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -57,7 +61,7 @@ use tower::ServiceBuilder;
 use tracing::field::Empty;
 use tracing::Instrument;
 
-use crate::node::{NodeError, NodeHandle, Request};
+use crate::node::Request;
 
 /// The front ends' limits. Every one bounds a resource a client could hold.
 #[derive(Clone, Debug)]
@@ -123,13 +127,13 @@ type FrontService = BoxCloneSyncService<hyper::Request<Incoming>, Response, Infa
 /// `limits.shutdown_grace`), and returns `Ok`. Accept errors (such as running
 /// out of file descriptors) and errors on single connections are logged and
 /// served through, never returned.
-pub async fn serve(
+pub async fn serve<B: Backend>(
     listener: TcpListener,
-    handle: NodeHandle,
+    backend: B,
     limits: FrontLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    let service = front_service(handle, &limits);
+    let service = front_service(backend, &limits);
     let builder = Arc::new(connection_builder(&limits));
     let connections = Arc::new(Semaphore::new(limits.connections_max.min(Semaphore::MAX_PERMITS)));
     let (stop_sender, stop) = watch::channel(false);
@@ -198,10 +202,10 @@ pub async fn serve(
 }
 
 /// The request stack, outermost first: trace and time out, shed load, route.
-fn front_service(handle: NodeHandle, limits: &FrontLimits) -> FrontService {
+fn front_service<B: Backend>(backend: B, limits: &FrontLimits) -> FrontService {
     let router = Router::new()
-        .merge(rest::router(handle.clone()))
-        .merge(grpc::router(handle))
+        .merge(rest::router(backend.clone()))
+        .merge(grpc::router(backend))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed);
     let in_flight = Arc::new(Semaphore::new(limits.requests_in_flight_max.min(Semaphore::MAX_PERMITS)));
@@ -356,24 +360,6 @@ fn record_events(request: &Request) {
 
 fn is_grpc(headers: &HeaderMap) -> bool {
     headers.get(header::CONTENT_TYPE).is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"))
-}
-
-/// The wire code of a node's refusal; its HTTP status and gRPC code follow from it.
-fn node_error_code(error: &NodeError) -> ErrorCode {
-    match error {
-        NodeError::Overloaded { .. } | NodeError::ShuttingDown => ErrorCode::Overloaded,
-        NodeError::BatchEmpty => ErrorCode::BatchEmpty,
-        NodeError::BatchTooLarge { .. } => ErrorCode::BatchTooLarge,
-        NodeError::InvalidFilter(_) => ErrorCode::InvalidFilter,
-        NodeError::CrossCell { .. } => ErrorCode::CrossCell,
-        NodeError::Misrouted { .. } => ErrorCode::Misrouted,
-        NodeError::ChangeRefused { .. } => ErrorCode::Conflict,
-        NodeError::NotLeader { .. }
-        | NodeError::CellNotHosted { .. }
-        | NodeError::Unavailable { .. }
-        | NodeError::ForwardFailed { .. } => ErrorCode::Unavailable,
-        NodeError::Timeout { .. } | NodeError::OutcomeUnknown { .. } => ErrorCode::Timeout,
-    }
 }
 
 /// A REST error reply: `{"error": {"code": ..., "message": ...}}` with the code's HTTP status.

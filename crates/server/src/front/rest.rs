@@ -5,6 +5,11 @@
 //! `body_too_large` above; see [`JsonBody`]), decoded (400 with the field and
 //! the event named), and submitted; business outcomes are per-event results in
 //! a 200 reply.
+//!
+//! [`router`] serves what every backend serves (the six ledger operations,
+//! `/metrics`, `/health`, `/openapi.json`, the routing watch);
+//! [`node_router`] adds a node's own endpoints (its status and the
+//! operator's changes).
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, State};
@@ -23,65 +28,76 @@ use cellpay_cluster::routing::{RoutingChange, RoutingTable};
 use cellpay_cluster::topology::{shard_ranges, GLOBAL_CELL};
 use http_body_util::BodyExt;
 
-use super::{error_response, node_error_code, record_events};
+use super::backend::{Backend, Caller, FrontError};
+use super::{error_response, record_events};
 use crate::node::{MembershipChange, NodeError, NodeHandle, Reply, Request};
 
 /// The content type of `GET /metrics`: prometheus-client writes the OpenMetrics text format.
 pub(super) const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-pub(super) fn router(handle: NodeHandle) -> Router {
+/// The routes every backend serves, then the backend's own.
+pub(super) fn router<B: Backend>(backend: B) -> Router {
+    let own = backend.routes();
     Router::new()
-        .route("/v1/accounts", post(create_accounts))
-        .route("/v1/transfers", post(create_transfers))
-        .route("/v1/accounts/lookup", post(lookup_accounts))
-        .route("/v1/transfers/lookup", post(lookup_transfers))
-        .route("/v1/accounts/transfers", post(get_account_transfers))
-        .route("/v1/accounts/balances", post(get_account_balances))
-        .route("/metrics", get(metrics))
-        .route("/health", get(health))
+        .route("/v1/accounts", post(create_accounts::<B>))
+        .route("/v1/transfers", post(create_transfers::<B>))
+        .route("/v1/accounts/lookup", post(lookup_accounts::<B>))
+        .route("/v1/transfers/lookup", post(lookup_transfers::<B>))
+        .route("/v1/accounts/transfers", post(get_account_transfers::<B>))
+        .route("/v1/accounts/balances", post(get_account_balances::<B>))
+        .route("/metrics", get(metrics::<B>))
+        .route("/health", get(health::<B>))
+        .route("/v1/cluster/routing", get(cluster_routing::<B>))
+        .route("/openapi.json", get(openapi))
+        .with_state(backend)
+        .merge(own)
+}
+
+/// A node's own endpoints: its view of the cluster and the operator's changes.
+pub(super) fn node_router(handle: NodeHandle) -> Router {
+    Router::new()
         .route("/v1/cluster/status", get(cluster_status))
-        .route("/v1/cluster/routing", get(cluster_routing).post(cluster_routing_change))
+        .route("/v1/cluster/routing", post(cluster_routing_change))
         .route("/v1/cluster/ownership", post(cluster_ownership))
         .route("/v1/cluster/drain", post(cluster_drain))
         .route("/v1/cluster/membership", post(cluster_membership))
-        .route("/openapi.json", get(openapi))
         .with_state(handle)
 }
 
-async fn create_accounts(State(handle): State<NodeHandle>, JsonBody(body): JsonBody) -> Response {
-    call(&handle, json::decode_create_accounts(&body).map(Request::CreateAccounts)).await
+async fn create_accounts<B: Backend>(State(backend): State<B>, JsonBody(body): JsonBody) -> Response {
+    call(&backend, json::decode_create_accounts(&body).map(Request::CreateAccounts)).await
 }
 
-async fn create_transfers(State(handle): State<NodeHandle>, JsonBody(body): JsonBody) -> Response {
-    call(&handle, json::decode_create_transfers(&body).map(Request::CreateTransfers)).await
+async fn create_transfers<B: Backend>(State(backend): State<B>, JsonBody(body): JsonBody) -> Response {
+    call(&backend, json::decode_create_transfers(&body).map(Request::CreateTransfers)).await
 }
 
-async fn lookup_accounts(State(handle): State<NodeHandle>, JsonBody(body): JsonBody) -> Response {
-    call(&handle, json::decode_lookup_ids(&body).map(Request::LookupAccounts)).await
+async fn lookup_accounts<B: Backend>(State(backend): State<B>, JsonBody(body): JsonBody) -> Response {
+    call(&backend, json::decode_lookup_ids(&body).map(Request::LookupAccounts)).await
 }
 
-async fn lookup_transfers(State(handle): State<NodeHandle>, JsonBody(body): JsonBody) -> Response {
-    call(&handle, json::decode_lookup_ids(&body).map(Request::LookupTransfers)).await
+async fn lookup_transfers<B: Backend>(State(backend): State<B>, JsonBody(body): JsonBody) -> Response {
+    call(&backend, json::decode_lookup_ids(&body).map(Request::LookupTransfers)).await
 }
 
-async fn get_account_transfers(State(handle): State<NodeHandle>, JsonBody(body): JsonBody) -> Response {
-    call(&handle, json::decode_account_filter(&body).map(Request::GetAccountTransfers)).await
+async fn get_account_transfers<B: Backend>(State(backend): State<B>, JsonBody(body): JsonBody) -> Response {
+    call(&backend, json::decode_account_filter(&body).map(Request::GetAccountTransfers)).await
 }
 
-async fn get_account_balances(State(handle): State<NodeHandle>, JsonBody(body): JsonBody) -> Response {
-    call(&handle, json::decode_account_filter(&body).map(Request::GetAccountBalances)).await
+async fn get_account_balances<B: Backend>(State(backend): State<B>, JsonBody(body): JsonBody) -> Response {
+    call(&backend, json::decode_account_filter(&body).map(Request::GetAccountBalances)).await
 }
 
 /// Submits a decoded request and answers with its reply or its error.
-async fn call(handle: &NodeHandle, decoded: Result<Request, DecodeError>) -> Response {
+async fn call<B: Backend>(backend: &B, decoded: Result<Request, DecodeError>) -> Response {
     let request = match decoded {
         Ok(request) => request,
         Err(error) => return decode_error_response(&error),
     };
     record_events(&request);
-    match handle.submit(request).await {
+    match backend.submit(request, Caller::Client).await {
         Ok(reply) => reply_response(&reply),
-        Err(error) => error_response(node_error_code(&error), error.to_string()),
+        Err(error) => error_response(error.code(), error.to_string()),
     }
 }
 
@@ -103,16 +119,14 @@ fn decode_error_response(error: &DecodeError) -> Response {
     (status, Json(ErrorBodyJson::from_decode_error(error))).into_response()
 }
 
-async fn metrics(State(handle): State<NodeHandle>) -> Response {
-    ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], handle.metrics().encode()).into_response()
+async fn metrics<B: Backend>(State(backend): State<B>) -> Response {
+    ([(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)], backend.metrics_text()).into_response()
 }
 
-/// Live while the engine runs (whether or not this node leads any cell).
-async fn health(State(handle): State<NodeHandle>) -> Response {
-    if handle.is_running() {
-        ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], "ok").into_response()
-    } else {
-        error_response(ErrorCode::Overloaded, "the node is shutting down")
+async fn health<B: Backend>(State(backend): State<B>) -> Response {
+    match backend.health() {
+        Ok(()) => ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], "ok").into_response(),
+        Err(reason) => error_response(ErrorCode::Overloaded, reason),
     }
 }
 
@@ -134,7 +148,7 @@ async fn cluster_drain(State(handle): State<NodeHandle>, JsonBody(body): JsonBod
     }
     match handle.set_region_drained(&drain.region, drain.drained) {
         Ok(()) => Json(serde_json::json!({"region": drain.region, "drained": drain.drained})).into_response(),
-        Err(error) => error_response(node_error_code(&error), error.to_string()),
+        Err(error) => error_response(error.code(), error.to_string()),
     }
 }
 
@@ -177,29 +191,28 @@ async fn cluster_membership(State(handle): State<NodeHandle>, JsonBody(body): Js
     }
     match handle.change_membership(request.cell, changes).await {
         Ok(()) => Json(serde_json::json!({"cell": request.cell, "proposed": true})).into_response(),
-        Err(error) => error_response(node_error_code(&error), error.to_string()),
+        Err(error) => error_response(error.code(), error.to_string()),
     }
 }
 
-/// This node's view of the cluster: where it is, every cell it hosts (role,
-/// leader, term, commit and applied index, log, state hash) and its links.
-/// The routing table this node routes by: its version and each cell's
-/// shards, as ranges in the topology file's syntax.
+/// The routing table this backend routes by: its version and each cell's
+/// shards, as ranges in the topology file's syntax, and each shard's owner.
 ///
-/// A watch: with `?newer_than=V`, the answer waits until this node knows a
-/// table newer than version V, or `wait_ms` passes (default and most
+/// A watch: with `?newer_than=V`, the answer waits until the backend knows
+/// a table newer than version V, or `wait_ms` passes (default and most
 /// 25,000), then gives the table it has; a gateway polls again with the
 /// version it got. Each node answers with its own replica of the global
 /// cell's table (a read inside the caller's region; a stale table costs a
-/// `misrouted` refusal, never a wrong write).
-async fn cluster_routing(State(handle): State<NodeHandle>, Query(watch): Query<RoutingWatch>) -> Response {
+/// `misrouted` refusal, never a wrong write); a gateway with the table it
+/// routes by.
+async fn cluster_routing<B: Backend>(State(backend): State<B>, Query(watch): Query<RoutingWatch>) -> Response {
+    let mut receiver = backend.routing_watch();
     if let Some(newer_than) = watch.newer_than {
         let wait = Duration::from_millis(watch.wait_ms.unwrap_or(ROUTING_WAIT_MS_MAX).min(ROUTING_WAIT_MS_MAX));
         let deadline = tokio::time::Instant::now() + wait;
-        let mut receiver = handle.status().routing_watch();
-        // Timing out, or the node stopping (checked every slice, so a watch
-        // never holds up a shutdown), answers with the table as it is.
-        while handle.is_running() {
+        // Timing out, or the backend stopping (checked every slice, so a
+        // watch never holds up a shutdown), answers with the table as it is.
+        while backend.is_running() {
             let slice = deadline.saturating_duration_since(tokio::time::Instant::now()).min(ROUTING_WAIT_SLICE);
             if slice.is_zero() {
                 break;
@@ -210,7 +223,8 @@ async fn cluster_routing(State(handle): State<NodeHandle>, Query(watch): Query<R
             }
         }
     }
-    Json(routing_json(&handle.status().routing())).into_response()
+    let table = receiver.borrow().clone();
+    Json(routing_json(&table)).into_response()
 }
 
 /// The longest a routing watch waits: under the front end's 30 s request
@@ -281,7 +295,7 @@ fn operator_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Box<R
 fn admin_response(result: Result<Reply, NodeError>) -> Response {
     match result {
         Ok(reply) => reply_response(&reply),
-        Err(error) => error_response(node_error_code(&error), error.to_string()),
+        Err(error) => error_response(error.code(), error.to_string()),
     }
 }
 
@@ -295,6 +309,8 @@ fn routing_json(routing: &RoutingTable) -> serde_json::Value {
     serde_json::json!({"version": routing.version(), "shards": routing.shards(), "cells": cells, "owners": owners})
 }
 
+/// This node's view of the cluster: where it is, every cell it hosts (role,
+/// leader, term, commit and applied index, log, state hash) and its links.
 async fn cluster_status(State(handle): State<NodeHandle>) -> Response {
     let topology = handle.topology();
     let node = handle.node();
