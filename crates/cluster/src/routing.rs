@@ -21,7 +21,7 @@
 
 use std::collections::BTreeMap;
 
-use cellpay_ledger::id::shard_of_account;
+use cellpay_ledger::id::{clearing_holder, is_clearing_account, shard_of_account};
 
 use crate::topology::{CellId, Topology, GLOBAL_CELL, SHARDS_MAX};
 
@@ -97,9 +97,14 @@ impl RoutingTable {
     }
 
     /// The cell that owns `account`: the owner of its shard
-    /// (`ledger::id::shard_of_account`). Every account id has a shard, so
-    /// every account has an owner.
+    /// (`ledger::id::shard_of_account`), except a clearing account, which
+    /// is its holder's whatever its shard (`ledger::id::clearing_holder`; a
+    /// cell the topology may not have, for an id no cell minted). Every
+    /// account id has a shard, so every account has an owner.
     pub fn cell_of_account(&self, account: u128) -> CellId {
+        if is_clearing_account(account) {
+            return CellId::from(clearing_holder(account));
+        }
         let shard = shard_of_account(account, self.shards());
         self.owners[shard as usize]
     }
@@ -245,7 +250,7 @@ mod tests {
     fn an_account_belongs_to_the_owner_of_its_users_shard() {
         let topology = topology();
         let table = RoutingTable::initial(&topology);
-        for user in [0u64, 1, 42, 99, 100, 12_345, u64::MAX] {
+        for user in [0u64, 1, 42, 99, 100, 12_345, u64::MAX - 1] {
             let account = cellpay_ledger::id::account_id(user, 7).unwrap();
             let shard = (user % u64::from(topology.shards)) as u32;
             assert_eq!(Some(table.cell_of_account(account)), topology.cell_of_shard(shard), "user {user}");
@@ -254,6 +259,8 @@ mod tests {
         assert_eq!(moved.cell_of_account(cellpay_ledger::id::account_id(142, 1).unwrap()), 4);
         // Id 0 (a post or void naming no account) belongs to shard 0's owner.
         assert_eq!(table.cell_of_account(0), table.owner(0).unwrap());
+        // A clearing account is its holder's.
+        assert_eq!(table.cell_of_account(cellpay_ledger::id::clearing_account_id(1, 3, 2)), 3);
     }
 
     #[test]

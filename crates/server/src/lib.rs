@@ -8,7 +8,11 @@
 //! - [`record`]: the write-ahead log's record format (one record per write request).
 //! - [`metrics`]: Prometheus metrics.
 //! - [`front`]: the network front ends: REST, gRPC, `/metrics`, `/health` and
-//!   `/openapi.json` on one listener, with connection and in-flight limits.
+//!   `/openapi.json` on one listener, with connection and in-flight limits,
+//!   serving a node or a gateway.
+//! - [`gateway`]: the stateless router in front of the cells (`cellpay
+//!   gateway`): splits requests by cell, sends each part to its cell's
+//!   leader, merges the answers, batches across clients.
 //!
 //! Architecture invariant: only this crate (and the binary) knows about
 //! threads, clocks, sockets and HTTP; the ledger crate stays pure.
@@ -24,6 +28,7 @@ pub mod record;
 
 pub use front::{serve, FrontLimits};
 pub mod forward;
+pub mod gateway;
 pub mod raft_log;
 pub mod raft_logger;
 pub mod snapshot;
