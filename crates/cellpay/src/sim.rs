@@ -34,13 +34,14 @@ pub fn main(args: SimArgs) -> Result<bool> {
         let report = run(config.clone());
         let [slow_fsyncs, late_ticks, step_downs, connections_dropped] = report.fault_points;
         println!(
-            "seed {seed}: {} · trace {:016x} · {} steps, {:.1} s simulated in {:.2} s · {} transfers acknowledged, {} retries · {} crashes ({} torn writes), {} cuts ({} regions), {} connections dropped, {} logs damaged ({} caught, {} cut as torn, {} disks replaced), {} of {} messages lost, {} duplicated · {} snapshots installed, {} shards moved · fault points: {slow_fsyncs} slow fsyncs, {late_ticks} late ticks, {step_downs} step-downs, {connections_dropped} connections dropped",
+            "seed {seed}: {} · trace {:016x} · {} steps, {:.1} s simulated in {:.2} s · {} transfers acknowledged ({} cross-cell), {} retries · {} crashes ({} torn writes), {} cuts ({} regions), {} connections dropped, {} logs damaged ({} caught, {} cut as torn, {} disks replaced), {} of {} messages lost, {} duplicated · {} snapshots installed, {} shards moved · fault points: {slow_fsyncs} slow fsyncs, {late_ticks} late ticks, {step_downs} step-downs, {connections_dropped} connections dropped",
             if report.passed() { "ok" } else { "FAILED" },
             report.trace_hash,
             report.steps,
             report.virtual_seconds,
             started.elapsed().as_secs_f64(),
             report.transfers_acknowledged,
+            report.transfers_acknowledged_cross_cell,
             report.retries,
             report.crashes,
             report.torn_writes,

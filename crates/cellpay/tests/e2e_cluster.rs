@@ -1063,6 +1063,60 @@ async fn a_write_through_one_node_is_read_through_any_other() {
         "linearizable reads: {rounds} writes, each read back through the 4 other nodes, in {:.1} s",
         started.elapsed().as_secs_f64()
     );
+
+    // Cross-cell transfers over the real transport: from every cell to the
+    // next, each written through one node and read back through another.
+    for (index, &from) in cells.iter().enumerate() {
+        let to = cells[(index + 1) % cells.len()];
+        let (debit, credit) = (groups[&from][0], groups[&to][0]);
+        let amount = 1_000 + index as u128;
+        let id = (8u128 << 64) | (index as u128 + 1);
+        let writer = 1 + index as u64 % NODES;
+        let sent = Instant::now();
+        let request = proto::CreateTransfersRequest::from_ledger(&[transfer(id, debit, credit, amount)]);
+        let mut client = clients[&writer].clone();
+        let results = client.create_transfers(request).await.expect("a write").into_inner().to_ledger().unwrap();
+        assert_eq!(results, [CreateTransferResult::Ok], "cross-cell transfer from cell {from} to cell {to}");
+        println!(
+            "cross-cell transfer cell {from} -> cell {to}: answered in {:.1} ms",
+            sent.elapsed().as_secs_f64() * 1e3
+        );
+        balances.entry(debit).or_default().0 += amount;
+        balances.entry(credit).or_default().1 += amount;
+        // The client is answered once the coordinator's decision is durable:
+        // its leg is posted; the credit leg may still be pending (money in
+        // flight is visible as pending) until the credit cell applies the decision.
+        let reader = 1 + (index as u64 + 1) % NODES;
+        let mut client = clients[&reader].clone();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let request = proto::LookupAccountsRequest::from_ledger(&[debit, credit]);
+            let read = client.lookup_accounts(request).await.expect("a read").into_inner().to_ledger().unwrap();
+            assert_eq!(read.len(), 2);
+            let mut posted = true;
+            for account in read {
+                let (debits, credits) = balances[&account.id];
+                let debits_read = account.debits_posted + account.debits_pending;
+                let credits_read = account.credits_posted + account.credits_pending;
+                assert_eq!(
+                    (debits_read, credits_read),
+                    (debits, credits),
+                    "account {}: money in flight is pending",
+                    account.id
+                );
+                assert!(
+                    account.id != debit || account.debits_pending == 0,
+                    "the coordinator's leg is posted when answered"
+                );
+                posted &= account.debits_pending == 0 && account.credits_pending == 0;
+            }
+            if posted {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the credit leg of cross-cell transfer {id:#x} was not posted in 5 s");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
     cluster.assert_replicas_identical().await;
 
     // Every node routes by the topology's table, version 1: `ctl routing show` says so.
@@ -1153,7 +1207,9 @@ async fn move_an_empty_shard(cluster: &mut Cluster) {
     .unwrap();
     assert_eq!(results, [CreateAccountResult::Ok]);
     // Every replica of the new owner holds it (once applied), none of the old owner's.
-    let expected = |cell: u64| groups_count(&topology, cell) + u64::from(cell == to);
+    // (Each cell also holds two clearing accounts: the cross-cell transfers above went to and came from it.)
+    let clearing = |cell: u64| if cell == GLOBAL_CELL { 0 } else { 2 };
+    let expected = |cell: u64| groups_count(&topology, cell) + u64::from(cell == to) + clearing(cell);
     let deadline = Instant::now() + FAILOVER_DEADLINE;
     loop {
         let statuses = cluster.statuses().await;

@@ -1027,8 +1027,16 @@ impl SteppedNode {
     }
 
     /// One round of consensus I/O, application and answers.
+    /// One round; again (a few times at most) while cross-cell messages
+    /// delivered within this node wait to be logged, as the engine's thread does.
     pub fn round(&mut self) {
         self.engine.round();
+        for _ in 0..3 {
+            if self.engine.replicas.values().all(|replica| replica.cross_inbox.is_empty()) {
+                break;
+            }
+            self.engine.round();
+        }
     }
 
     pub fn status(&self) -> &Arc<StatusBoard> {
@@ -2029,8 +2037,13 @@ impl Engine {
             let replica = self.replicas.get_mut(&cell).expect("hosted");
             let committed = ready.take_committed_entries();
             let clock = follower_clock(&*self.world, replica);
-            let applying =
-                Applying { metrics: &self.metrics, clock, topology: &self.config.topology, status: &self.status };
+            let applying = Applying {
+                metrics: &self.metrics,
+                clock,
+                topology: &self.config.topology,
+                status: &self.status,
+                confirm_without_try: self.world.bug(Bug::ConfirmWithoutTry),
+            };
             apply_entries(replica, committed, &applying);
             if !ready.entries().is_empty() {
                 self.log.append_entries(cell, ready.entries());
@@ -2069,8 +2082,13 @@ impl Engine {
             }
             snapshots.extend(send_messages(&*self.world, cell, light.take_messages(), &mut replica.raw));
             let clock = follower_clock(&*self.world, replica);
-            let applying =
-                Applying { metrics: &self.metrics, clock, topology: &self.config.topology, status: &self.status };
+            let applying = Applying {
+                metrics: &self.metrics,
+                clock,
+                topology: &self.config.topology,
+                status: &self.status,
+                confirm_without_try: self.world.bug(Bug::ConfirmWithoutTry),
+            };
             apply_entries(replica, light.take_committed_entries(), &applying);
             replica.raw.advance_apply();
             self.snapshots_offer(cell, snapshots);
@@ -2484,6 +2502,8 @@ struct Applying<'a> {
     topology: &'a Topology,
     /// Where a routing table the global cell applies is published.
     status: &'a StatusBoard,
+    /// The deliberate bug [`Bug::ConfirmWithoutTry`].
+    confirm_without_try: bool,
 }
 
 fn apply_entries(replica: &mut Replica, entries: Vec<Entry>, applying: &Applying) {
@@ -2636,6 +2656,7 @@ fn apply_record(replica: &mut Replica, record: &Record, applying: &Applying) -> 
             }
             let timestamp = clock.unwrap_or(*timestamp);
             let history = replica.store.as_ref();
+            replica.state.cross.bug_confirm_without_try = applying.confirm_without_try;
             let coordinated = replica.state.cross.create_transfers(
                 &mut replica.ledger,
                 history,
@@ -2944,7 +2965,13 @@ mod tests {
         let noop = Entry { index: 98, term: 7, ..Entry::default() };
         let topology = single_node_topology();
         let status = StatusBoard::new(RoutingTable::initial(&topology));
-        let applying = Applying { metrics: &metrics, clock: None, topology: &topology, status: &status };
+        let applying = Applying {
+            metrics: &metrics,
+            clock: None,
+            topology: &topology,
+            status: &status,
+            confirm_without_try: false,
+        };
         apply_entries(&mut replica, vec![noop, account_entry(99, 7, 3)], &applying);
         assert_eq!(replica.ledger.accounts_count(), 1, "the write was applied");
         assert!(matches!(answer.try_recv(), Ok(Ok(Reply::CreateAccounts(_)))), "and answered as applied");

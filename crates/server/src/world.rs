@@ -40,6 +40,9 @@ pub enum Bug {
     FollowerClock,
     /// The leader answers a write `ok` when it proposes it, before it commits.
     AckBeforeCommit,
+    /// A cross-cell transfer's coordinator confirms it as soon as its own
+    /// legs are tried, without the other cells' tries.
+    ConfirmWithoutTry,
 }
 
 pub trait World: Send {

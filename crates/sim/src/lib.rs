@@ -47,8 +47,8 @@ use crate::workload::{Action, Book, Client};
 use crate::world::{FaultRates, Shared, SimWorld};
 
 pub const NODES: u64 = 5;
-pub const CELLS: u32 = 3;
-pub const CLIENTS: u64 = 6;
+pub const CELLS: u32 = 4;
+pub const CLIENTS: u64 = 8;
 const TICK_NS: u64 = 100_000_000;
 /// After the faults stop, every request in doubt resolves and every cell
 /// commits within this (virtual) time.
@@ -82,11 +82,14 @@ pub fn bug_name(bug: Bug) -> &'static str {
         Bug::AckBeforeFsync => "ack-before-fsync",
         Bug::FollowerClock => "follower-clock",
         Bug::AckBeforeCommit => "ack-before-commit",
+        Bug::ConfirmWithoutTry => "confirm-without-try",
     }
 }
 
 pub fn bug_from_name(name: &str) -> Option<Bug> {
-    [Bug::AckBeforeFsync, Bug::FollowerClock, Bug::AckBeforeCommit].into_iter().find(|&b| bug_name(b) == name)
+    [Bug::AckBeforeFsync, Bug::FollowerClock, Bug::AckBeforeCommit, Bug::ConfirmWithoutTry]
+        .into_iter()
+        .find(|&b| bug_name(b) == name)
 }
 
 /// What a run did and found.
@@ -98,6 +101,8 @@ pub struct SimReport {
     pub virtual_seconds: f64,
     pub batches_acknowledged: u64,
     pub transfers_acknowledged: u64,
+    /// Of them, transfers between accounts of two cells.
+    pub transfers_acknowledged_cross_cell: u64,
     pub retries: u64,
     pub crashes: u64,
     pub torn_writes: u64,
@@ -256,7 +261,14 @@ impl Sim {
                 Client::new(i + 1, cell, &topology, rng.fork())
             })
             .collect();
-        let clients: Vec<Client> = clients;
+        let mut clients: Vec<Client> = clients;
+        // Each client also pays the users of the clients of other cells (cross-cell transfers).
+        for index in 0..clients.len() {
+            let cell = clients[index].cell;
+            let foreign: Vec<u128> =
+                clients.iter().filter(|other| other.cell != cell).flat_map(|other| other.users().to_vec()).collect();
+            clients[index].set_foreign(foreign);
+        }
         let used: BTreeSet<u32> = clients
             .iter()
             .flat_map(Client::accounts)
@@ -624,7 +636,10 @@ pub fn run(config: SimConfig) -> SimReport {
     sim.mover.stop();
     let deadline = sim.now() + QUIESCE_BOUND_NS;
     let quiet = sim.run_until(deadline, |sim| {
-        !sim.clients.iter().any(Client::is_waiting) && !sim.mover.busy() && checkers::replicas::converged(sim)
+        !sim.clients.iter().any(Client::is_waiting)
+            && !sim.mover.busy()
+            && checkers::atomicity::settled(sim)
+            && checkers::replicas::converged(sim)
     });
     if !quiet {
         let replicas: Vec<String> = sim
@@ -654,6 +669,16 @@ pub fn run(config: SimConfig) -> SimReport {
     sim.report.virtual_seconds = sim.now() as f64 / 1e9;
     sim.report.batches_acknowledged = sim.book.batches_acknowledged;
     sim.report.transfers_acknowledged = sim.book.sent.keys().filter(|id| sim.book.acknowledged(**id)).count() as u64;
+    let cell_of =
+        |account: u128| sim.topology.cell_of_shard(cellpay_ledger::id::shard_of_account(account, sim.topology.shards));
+    sim.report.transfers_acknowledged_cross_cell = sim
+        .book
+        .sent
+        .iter()
+        .filter(|(id, (_, t))| {
+            sim.book.acknowledged(**id) && cell_of(t.debit_account_id) != cell_of(t.credit_account_id)
+        })
+        .count() as u64;
     sim.report.retries = sim.book.retries;
     sim.report.shards_moved = sim.mover.moves.iter().filter(|m| m.step == mover::Step::Done).count() as u64;
     sim.report.trace_hash = sim.trace;

@@ -1,7 +1,8 @@
-//! The clients: each works in one cell's accounts, sends cell-local batches
+//! The clients: each works in one cell's accounts, sends batches to its cell
 //! (transfers, two-phase transfers with post, void and timeouts, linked
-//! chains) and lookups, and retries a batch with the same ids after a
-//! timeout, a crash or a refusal until it is answered.
+//! chains, and about a third of the events cross-cell: transfers and linked
+//! chains paying users of other cells) and lookups, and retries a batch with
+//! the same ids after a timeout, a crash or a refusal until it is answered.
 
 use std::collections::BTreeMap;
 
@@ -68,6 +69,8 @@ pub struct Client {
     pub cell: CellId,
     bank: u128,
     users: Vec<u128>,
+    /// Users of other cells' clients: the credit side of cross-cell transfers.
+    foreign: Vec<u128>,
     rng: Rng,
     phase: Phase,
     leader_hint: Option<NodeId>,
@@ -101,6 +104,7 @@ impl Client {
             cell,
             bank: account(users[0]),
             users: users[1..].iter().map(|&u| account(u)).collect(),
+            foreign: Vec::new(),
             rng,
             phase: Phase::Setup,
             leader_hint: None,
@@ -110,6 +114,15 @@ impl Client {
             answered: 0,
             stopped: false,
         }
+    }
+
+    pub fn users(&self) -> &[u128] {
+        &self.users
+    }
+
+    /// The users this client pays across cells.
+    pub fn set_foreign(&mut self, foreign: Vec<u128>) {
+        self.foreign = foreign;
     }
 
     pub fn accounts(&self) -> impl Iterator<Item = u128> + '_ {
@@ -151,7 +164,9 @@ impl Client {
         while (transfers.len() as u64) < count {
             let roll = self.rng.below(100);
             let id = self.transfer_id();
-            let (debit, credit) = self.pair();
+            let (debit, mut credit) = self.pair();
+            // Two thirds of the simple transfers and chains pay a user of another cell.
+            let across = !self.foreign.is_empty() && self.rng.chance(650_000);
             let amount = u128::from(self.rng.between(1, 300));
             let base = Transfer {
                 id,
@@ -163,7 +178,10 @@ impl Client {
                 ..Transfer::default()
             };
             if roll < 55 {
-                transfers.push(base);
+                if across {
+                    credit = self.foreign[self.rng.below(self.foreign.len() as u64) as usize];
+                }
+                transfers.push(Transfer { credit_account_id: credit, ..base });
             } else if roll < 70 {
                 let timeout_s = if self.rng.chance(500_000) { 0 } else { self.rng.between(1, 4) as u32 };
                 transfers.push(Transfer { flags: TransferFlags::PENDING, timeout_s, ..base });
@@ -177,10 +195,13 @@ impl Client {
                 };
                 transfers.push(Transfer { id, pending_id, flags, ledger: LEDGER, code: 1, ..Transfer::default() });
             } else {
-                // A linked chain of two: both or neither.
+                // A linked chain of two: both or neither (across cells too).
                 let (debit2, credit2) = self.pair();
                 let second_id = self.transfer_id();
-                transfers.push(Transfer { flags: TransferFlags::LINKED, ..base });
+                if across {
+                    credit = self.foreign[self.rng.below(self.foreign.len() as u64) as usize];
+                }
+                transfers.push(Transfer { flags: TransferFlags::LINKED, credit_account_id: credit, ..base });
                 transfers.push(Transfer {
                     id: second_id,
                     debit_account_id: debit2,

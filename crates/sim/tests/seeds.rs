@@ -15,11 +15,14 @@ fn the_ci_seeds_pass_every_checker() {
     let started = std::time::Instant::now();
     // What the seeds put the cluster through, all together.
     let mut covered = [0u64; 9];
+    let (mut acknowledged, mut cross_cell) = (0, 0);
     for seed in ci_seeds() {
         let config = SimConfig::new(seed, CI_STEPS);
         let report = run(config.clone());
         assert!(report.passed(), "seed {seed} failed: {:#?}\nreplay: {}", report.failures, config.command());
         assert!(report.transfers_acknowledged > 0, "seed {seed}: the workload made progress");
+        acknowledged += report.transfers_acknowledged;
+        cross_cell += report.transfers_acknowledged_cross_cell;
         let counts = [
             report.crashes,
             report.torn_writes,
@@ -52,6 +55,11 @@ fn the_ci_seeds_pass_every_checker() {
         println!("{name}: {total}");
         assert!(total > 0, "the CI seeds never exercised: {name}");
     }
+    // Transfers acknowledged between accounts of two cells (chains' local
+    // events aside): at least 30% of the workload.
+    let share = cross_cell as f64 / acknowledged as f64;
+    println!("cross-cell transfers acknowledged: {cross_cell} of {acknowledged} ({:.0}%)", share * 100.0);
+    assert!(share >= 0.30, "the workload sent too few cross-cell transfers: {share:.2}");
 }
 
 #[test]
@@ -93,6 +101,12 @@ fn acknowledging_before_the_fsync_is_caught() {
 fn applying_with_a_followers_clock_is_caught() {
     let (seed, checkers) = caught(Bug::FollowerClock, &["replicas"]).expect("a CI seed catches the bug");
     println!("follower-clock: seed {seed}: {checkers:?}");
+}
+
+#[test]
+fn confirming_a_cross_cell_transfer_without_its_credit_try_is_caught() {
+    let (seed, checkers) = caught(Bug::ConfirmWithoutTry, &["atomicity"]).expect("a CI seed catches the bug");
+    println!("confirm-without-try: seed {seed}: {checkers:?}");
 }
 
 #[test]

@@ -1,11 +1,12 @@
 //! No transfer applied twice: every account's balances, in every replica,
 //! equal what the transfers the ledger holds add up to (each counted once):
-//! posted = single-phase transfers and posts; pending = pending transfers
-//! still pending. A transfer applied twice (a retry not recognised) would
+//! posted = single-phase transfers and posts (cross-cell legs' resolutions
+//! included); pending = pending transfers still pending. A transfer applied twice (a retry not recognised) would
 //! leave a balance above the sum.
 
 use std::collections::BTreeMap;
 
+use cellpay_ledger::id::resolution_id;
 use cellpay_ledger::{PendingStatus, TransferFlags};
 
 use super::Failure;
@@ -24,7 +25,9 @@ pub(crate) fn check(sim: &Sim) -> Vec<Failure> {
     for (&node, stepped) in &sim.nodes {
         let Some(stepped) = stepped else { continue };
         for (cell, _, ledger, store) in stepped.replicas() {
-            let ids: Vec<u128> = sim.book.sent.iter().filter(|(_, &(c, _))| c == cell).map(|(&id, _)| id).collect();
+            // Every transfer sent (a cross-cell transfer has a leg in each of its
+            // cells, under its id) and every leg's resolution.
+            let ids: Vec<u128> = sim.book.sent.keys().flat_map(|&id| [id, resolution_id(id)]).collect();
             let mut sums: BTreeMap<u128, Sums> = BTreeMap::new();
             for transfer in ledger.lookup_transfers(&ids, store) {
                 let flags = transfer.flags;

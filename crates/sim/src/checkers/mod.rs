@@ -4,6 +4,7 @@
 
 pub mod acknowledged;
 pub mod applied_once;
+pub mod atomicity;
 pub mod balance_limits;
 pub mod conservation;
 pub mod disk;
@@ -38,6 +39,7 @@ pub(crate) fn run_all(sim: &mut Sim) {
     failures.extend(acknowledged::check(sim));
     failures.extend(applied_once::check(sim));
     failures.extend(ownership::check(sim));
+    failures.extend(atomicity::check(sim));
     // The first few of each checker, and how many more.
     let mut shown: std::collections::BTreeMap<&'static str, usize> = std::collections::BTreeMap::new();
     for failure in failures {
