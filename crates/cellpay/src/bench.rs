@@ -58,6 +58,12 @@ pub struct BenchArgs {
     /// to the cells in turn, and account creation is split by cell.
     #[arg(long)]
     pub cluster: Option<PathBuf>,
+    /// With --cluster: send every batch to --address (a gateway) rather
+    /// than to the cells' leaders, each batch's transfers taking the cells
+    /// in turn (each transfer stays inside one cell), so that the gateway
+    /// splits every batch.
+    #[arg(long, requires = "cluster")]
+    pub gateway: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Serialize)]
@@ -334,8 +340,8 @@ pub async fn bench(args: &BenchArgs) -> Result<BenchResult> {
         None => vec![0],
     });
     let routes = match &topology {
-        Some(topology) => Some(Arc::new(Routes::start(topology.clone()).await?)),
-        None => None,
+        Some(topology) if !args.gateway => Some(Arc::new(Routes::start(topology.clone()).await?)),
+        _ => None,
     };
     let pickers: Arc<Vec<Picker>> = Arc::new(
         groups.iter().map(|group| Picker::new(group.len() as u64, args.distribution, args.zipf_exponent)).collect(),
@@ -366,8 +372,10 @@ pub async fn bench(args: &BenchArgs) -> Result<BenchResult> {
                 let count = (args.transfers - first).min(args.batch_size as u64);
                 batch.clear();
                 let cell = (number % groups.len() as u64) as usize;
-                let (group, picker) = (&groups[cell], &pickers[cell]);
                 for offset in 0..count {
+                    // Through a gateway, a batch's transfers take the cells in turn.
+                    let cell = if args.gateway { (cell + offset as usize) % groups.len() } else { cell };
+                    let (group, picker) = (&groups[cell], &pickers[cell]);
                     let (debit, credit) = picker.pair(&mut rng);
                     batch.push(Transfer {
                         id: id_base | u128::from(first + offset + 1),

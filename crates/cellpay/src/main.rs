@@ -5,6 +5,7 @@ mod client;
 mod commands;
 mod ctl;
 mod demo;
+mod gateway;
 mod server;
 mod shard_move;
 mod sim;
@@ -26,6 +27,8 @@ enum Command {
     Server(server::ServerArgs),
     /// Run one node of a cluster (hosts a replica of every cell placed on it).
     Node(server::NodeArgs),
+    /// Run a gateway: the stateless router in front of a cluster (same API as a node).
+    Gateway(gateway::GatewayArgs),
     /// Operate a cluster: write a topology file, show leaders and health.
     Ctl(ctl::CtlArgs),
     /// Run a local node with a steady payment workload and a live summary.
@@ -75,6 +78,7 @@ fn main() -> Result<()> {
         match cli.command {
             Command::Server(args) => server::run(args).await,
             Command::Node(args) => server::run_node(args).await,
+            Command::Gateway(args) => gateway::run(args).await,
             Command::Ctl(args) => ctl::run(args).await,
             Command::Demo(args) => demo::run(args).await,
             Command::Account(args) => commands::account(args).await,

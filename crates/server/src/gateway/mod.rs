@@ -93,14 +93,22 @@ pub struct GatewayConfig {
     pub status_interval: Duration,
 }
 
+/// Parts waiting per cell and kind, by default: with 8,190 events each at
+/// most, the most the queues of one cell can hold is bounded.
+pub const QUEUE_PARTS_MAX_DEFAULT: usize = 1024;
+/// Combined calls in flight per cell and kind, by default: a few, so that
+/// one slow commit does not stop a cell's traffic, and parts pile up (and
+/// are combined) while they are busy.
+pub const CELL_CALLS_MAX_DEFAULT: usize = 4;
+
 impl GatewayConfig {
     pub fn new(topology: Arc<Topology>) -> GatewayConfig {
         GatewayConfig {
             topology,
             region: None,
             batching: true,
-            queue_parts_max: 1024,
-            cell_calls_max: 4,
+            queue_parts_max: QUEUE_PARTS_MAX_DEFAULT,
+            cell_calls_max: CELL_CALLS_MAX_DEFAULT,
             retry_duration: Duration::from_secs(10),
             call_timeout: Duration::from_secs(12),
             misroute_retries_max: 3,

@@ -1,0 +1,632 @@
+//! End-to-end: two `cellpay gateway` processes in front of a five-node
+//! cluster of real `cellpay node` processes (four cells), under a load of
+//! batches that span every cell, sent through both gateways and retried
+//! with the same ids on any failure.
+//!
+//! `two_gateways_under_load_lose_and_double_nothing_when_one_is_killed_and_restarted`:
+//! 1. a batch spanning the four cells is split, applied and answered in
+//!    request order through a gateway;
+//! 2. the load runs through both gateways; gateway 1 is killed (SIGKILL)
+//!    and restarted on its port, and the load goes on through both;
+//! 3. the leader of cell 1 is killed, so the gateways follow the new leader
+//!    (redirects, calls cut mid-flight resent with the same events), and
+//!    the node comes back;
+//! 4. the audit: every acknowledged transfer is in exactly one cell (each
+//!    cell's leader asked directly), once, as sent; every account's balances
+//!    are the sums of the transfers found; money is conserved.
+//!
+//! Each process's stdout and stderr go to files beside the cluster's data;
+//! when the test fails, the directory is kept and its path printed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{File, OpenOptions};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use cellpay_api::proto;
+use cellpay_api::proto::ledger_client::LedgerClient;
+use cellpay_cluster::topology::Topology;
+use cellpay_ledger::{id, Account, CreateAccountResult, CreateTransferResult, Transfer, BATCH_EVENTS_MAX};
+use tonic::transport::Channel;
+
+const NODES: u64 = 5;
+const CELLS: u32 = 4;
+/// A local cluster's ports (a peer and a client port per node), then one per gateway.
+const CLUSTER_PORTS: u16 = 2 * NODES as u16;
+const GATEWAYS: usize = 2;
+const LEDGER: u32 = 1;
+/// Users of the load, one account each, spread over every shard.
+const USERS: u64 = 200;
+const WORKERS: u64 = 8;
+const BATCH_TRANSFERS_MIN: u64 = 8;
+const BATCH_TRANSFERS_MAX: u64 = 64;
+/// How long a client waits for a gateway's answer (over the gateway's own
+/// 10 s of retries plus one call); then the batch is resent, same ids.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+const RETRY_BACKOFF: Duration = Duration::from_millis(20);
+/// After the load is told to stop, how long a batch in flight keeps being resent.
+const STOP_RETRY_DURATION: Duration = Duration::from_secs(30);
+const POLL_INTERVAL: Duration = Duration::from_millis(25);
+const START_DEADLINE: Duration = Duration::from_secs(30);
+const PROGRESS_DEADLINE: Duration = Duration::from_secs(20);
+/// Transfers the load acknowledges between two steps of the test.
+const PROGRESS_TRANSFERS: u64 = 3_000;
+
+// ---------------------------------------------------------------------------
+// The processes: five nodes and two gateways, killed on drop.
+
+struct Cluster {
+    /// `None` once kept (a failed test leaves its logs behind).
+    dir: Option<tempfile::TempDir>,
+    root: PathBuf,
+    topology_path: PathBuf,
+    topology: Topology,
+    gateway_addresses: Vec<SocketAddr>,
+    /// Running processes by name (`node-3`, `gateway-1`).
+    processes: BTreeMap<String, Child>,
+    http: reqwest::Client,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let root = dir.path().to_path_buf();
+        let base_port = free_port_range(CLUSTER_PORTS + GATEWAYS as u16);
+        let (base, cells) = (base_port.to_string(), CELLS.to_string());
+        let output = Command::new(env!("CARGO_BIN_EXE_cellpay"))
+            .args(["ctl", "init", "--cells", &cells, "--base-port", &base, "--no-latency"])
+            .output()
+            .expect("run cellpay ctl init");
+        assert!(output.status.success(), "ctl init failed: {}", String::from_utf8_lossy(&output.stderr));
+        let text = String::from_utf8(output.stdout).expect("the topology is UTF-8");
+        let topology = Topology::parse(&text).expect("ctl init prints a valid topology");
+        let topology_path = root.join("cluster.toml");
+        std::fs::write(&topology_path, &text).expect("write the topology");
+        let gateway_addresses =
+            (0..GATEWAYS as u16).map(|g| SocketAddr::from(([127, 0, 0, 1], base_port + CLUSTER_PORTS + g))).collect();
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().expect("an HTTP client");
+        let mut cluster = Cluster {
+            dir: Some(dir),
+            root,
+            topology_path,
+            topology,
+            gateway_addresses,
+            processes: BTreeMap::new(),
+            http,
+        };
+        eprintln!("cluster: {NODES} nodes, {CELLS} cells, {GATEWAYS} gateways, in {}", cluster.root.display());
+        for node in 1..=NODES {
+            cluster.spawn_node(node);
+        }
+        for gateway in 1..=GATEWAYS {
+            cluster.spawn_gateway(gateway);
+        }
+        cluster
+    }
+
+    fn spawn(&mut self, name: String, args: &[String]) {
+        assert!(!self.processes.contains_key(&name), "{name} is already running");
+        let dir = self.root.join(&name);
+        std::fs::create_dir_all(&dir).expect("the process's directory");
+        let append = |file: &str| -> File {
+            OpenOptions::new().create(true).append(true).open(dir.join(file)).expect("a log file")
+        };
+        let child = Command::new(env!("CARGO_BIN_EXE_cellpay"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(append("stdout.log"))
+            .stderr(append("stderr.log"))
+            .spawn()
+            .unwrap_or_else(|error| panic!("start {name}: {error}"));
+        self.processes.insert(name, child);
+    }
+
+    fn spawn_node(&mut self, node: u64) {
+        let name = format!("node-{node}");
+        let data = self.root.join(&name).join("data").display().to_string();
+        let cluster = self.topology_path.display().to_string();
+        let args = ["node", "--cluster", &cluster, "--node", &node.to_string(), "--data", &data];
+        self.spawn(name, &args.map(String::from));
+    }
+
+    fn spawn_gateway(&mut self, gateway: usize) {
+        let cluster = self.topology_path.display().to_string();
+        let listen = self.gateway_addresses[gateway - 1].to_string();
+        let args = ["gateway", "--cluster", &cluster, "--listen", &listen];
+        self.spawn(format!("gateway-{gateway}"), &args.map(String::from));
+    }
+
+    /// SIGKILL (std's `kill` on Unix), and reap.
+    fn kill(&mut self, name: &str) {
+        let mut child = self.processes.remove(name).unwrap_or_else(|| panic!("{name} is not running"));
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reap");
+    }
+
+    /// Panics, showing its log, if a process that should be up has exited.
+    fn assert_running(&mut self) {
+        for (name, child) in self.processes.iter_mut() {
+            if let Some(exit) = child.try_wait().expect("poll a child") {
+                let log = std::fs::read_to_string(self.root.join(name).join("stderr.log")).unwrap_or_default();
+                panic!("{name} exited by itself ({exit}); its log:\n{}", tail(&log, 40));
+            }
+        }
+    }
+
+    fn node_address(&self, node: u64) -> SocketAddr {
+        self.topology.node(node).expect("a node of the topology").client_address
+    }
+
+    /// Each cell's leader: the replica that says it leads, at the highest
+    /// term, among the nodes that answer; `None` until every cell has one.
+    async fn leaders(&self) -> Option<BTreeMap<u64, u64>> {
+        let mut best: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+        for node in self.processes.keys().filter_map(|name| name.strip_prefix("node-")?.parse().ok()) {
+            let Some(status) = self.status(node).await else { continue };
+            for replica in status["cells"].as_array()?.iter().filter(|replica| replica["role"] == "leader") {
+                let (cell, term) = (replica["cell"].as_u64()?, replica["term"].as_u64()?);
+                if best.get(&cell).is_none_or(|&(known, _)| term > known) {
+                    best.insert(cell, (term, node));
+                }
+            }
+        }
+        let leaders: BTreeMap<u64, u64> = best.into_iter().map(|(cell, (_, node))| (cell, node)).collect();
+        self.topology.cells.iter().all(|cell| leaders.contains_key(&cell.id)).then_some(leaders)
+    }
+
+    async fn status(&self, node: u64) -> Option<serde_json::Value> {
+        let url = format!("http://{}/v1/cluster/status", self.node_address(node));
+        self.http.get(url).send().await.ok()?.error_for_status().ok()?.json().await.ok()
+    }
+
+    async fn wait_for_leaders(&mut self) -> BTreeMap<u64, u64> {
+        let started = Instant::now();
+        loop {
+            self.assert_running();
+            if let Some(leaders) = self.leaders().await {
+                return leaders;
+            }
+            assert!(started.elapsed() < START_DEADLINE, "no leader in every cell after {START_DEADLINE:?}");
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// Waits until gateway `gateway` (1-based) answers `/health` (a node has given it the routing table).
+    async fn wait_for_gateway(&mut self, gateway: usize) {
+        let url = format!("http://{}/health", self.gateway_addresses[gateway - 1]);
+        let started = Instant::now();
+        loop {
+            self.assert_running();
+            let healthy = self.http.get(&url).send().await.is_ok_and(|reply| reply.status().is_success());
+            if healthy {
+                return;
+            }
+            assert!(started.elapsed() < START_DEADLINE, "gateway {gateway} not healthy after {START_DEADLINE:?}");
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    fn gateway_client(&self, gateway: usize) -> LedgerClient<Channel> {
+        grpc(self.gateway_addresses[gateway - 1])
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, mut child) in std::mem::take(&mut self.processes) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            if let Some(dir) = self.dir.take() {
+                let kept = dir.keep();
+                eprintln!("the test failed: the cluster's data and logs are kept in {}", kept.display());
+            }
+        }
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The first of `count` consecutive free ports, chosen at random so that
+/// parallel test runs do not collide.
+fn free_port_range(count: u16) -> u16 {
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).expect("a clock after 1970").subsec_nanos();
+    let mut rng = Rng::new(u64::from(std::process::id()) << 32 ^ u64::from(nanos));
+    for _ in 0..200 {
+        let base = 12_000 + 2 * rng.below(10_000) as u16;
+        let bound: Result<Vec<_>, _> =
+            (base..base + count).map(|port| std::net::TcpListener::bind(("127.0.0.1", port))).collect();
+        if bound.is_ok() {
+            return base;
+        }
+    }
+    panic!("no {count} consecutive free ports found");
+}
+
+/// xorshift64*: small, fast, seeded.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
+
+fn grpc(address: SocketAddr) -> LedgerClient<Channel> {
+    let channel = Channel::from_shared(format!("http://{address}"))
+        .expect("a valid URI")
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(REQUEST_TIMEOUT)
+        .connect_lazy();
+    LedgerClient::new(channel)
+        .max_decoding_message_size(proto::MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(proto::MESSAGE_BYTES_MAX)
+}
+
+fn account_of_user(user: u64) -> u128 {
+    id::account_id(user, 1).expect("not a reserved id")
+}
+
+/// The users' accounts by the cell the topology puts them in.
+fn accounts_by_cell(topology: &Topology) -> BTreeMap<u64, Vec<u128>> {
+    let mut groups: BTreeMap<u64, Vec<u128>> = BTreeMap::new();
+    for user in 1..=USERS {
+        let account = account_of_user(user);
+        let cell = topology.cell_of_shard(id::shard_of_account(account, topology.shards)).expect("an owned shard");
+        groups.entry(cell).or_default().push(account);
+    }
+    assert_eq!(groups.len(), CELLS as usize, "every cell holds accounts");
+    groups
+}
+
+fn transfer(id: u128, debit: u128, credit: u128, amount: u128) -> Transfer {
+    Transfer {
+        id,
+        debit_account_id: debit,
+        credit_account_id: credit,
+        amount,
+        ledger: LEDGER,
+        code: 1,
+        ..Transfer::default()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The load.
+
+#[derive(Default)]
+struct Book {
+    sent: Mutex<BTreeMap<u128, Transfer>>,
+    /// Every event acknowledged (`ok`, or `exists` after a retry).
+    acknowledged: Mutex<BTreeMap<u128, CreateTransferResult>>,
+    /// Transfers whose batch was never answered: outcome unknown.
+    unknown: Mutex<BTreeSet<u128>>,
+    /// Transfers acknowledged through each gateway (0-based).
+    through: [AtomicU64; GATEWAYS],
+    failures: Mutex<BTreeMap<String, u64>>,
+    batches_retried: AtomicU64,
+    stop: AtomicBool,
+}
+
+impl Book {
+    fn acknowledged_count(&self) -> u64 {
+        self.acknowledged.lock().unwrap().len() as u64
+    }
+
+    fn record_failure(&self, gateway: usize, status: &tonic::Status) {
+        assert_ne!(status.code(), tonic::Code::InvalidArgument, "a bad request: {}", status.message());
+        let message: String = status.message().chars().take(120).collect();
+        let key = format!("gateway {}: {:?}: {message}", gateway + 1, status.code());
+        *self.failures.lock().unwrap().entry(key).or_default() += 1;
+    }
+}
+
+/// Sends batches mixing every cell, through the gateways in turn; a failed
+/// batch is resent whole, same ids, through the next gateway.
+async fn load_worker(
+    worker: u64,
+    clients: Vec<LedgerClient<Channel>>,
+    groups: Arc<BTreeMap<u64, Vec<u128>>>,
+    book: Arc<Book>,
+) {
+    let mut rng = Rng::new(worker + 1);
+    let mut next_gateway = worker as usize % clients.len();
+    let mut sequence = 0u128;
+    let cells: Vec<&Vec<u128>> = groups.values().collect();
+    while !book.stop.load(Ordering::Relaxed) {
+        let size = BATCH_TRANSFERS_MIN + rng.below(BATCH_TRANSFERS_MAX - BATCH_TRANSFERS_MIN + 1);
+        let batch: Vec<Transfer> = (0..size)
+            .map(|_| {
+                sequence += 1;
+                let accounts = cells[rng.below(cells.len() as u64) as usize];
+                let debit = rng.below(accounts.len() as u64) as usize;
+                let credit = (debit + 1 + rng.below(accounts.len() as u64 - 1) as usize) % accounts.len();
+                let id = (u128::from(worker + 1) << 64) | sequence;
+                transfer(id, accounts[debit], accounts[credit], 1 + u128::from(rng.below(100)))
+            })
+            .collect();
+        {
+            let mut sent = book.sent.lock().unwrap();
+            batch.iter().for_each(|t| assert!(sent.insert(t.id, *t).is_none(), "id {} sent twice", t.id));
+        }
+        let mut stopped_at: Option<Instant> = None;
+        for attempt in 1u32.. {
+            let gateway = next_gateway % clients.len();
+            let mut client = clients[gateway].clone();
+            match client.create_transfers(proto::CreateTransfersRequest::from_ledger(&batch)).await {
+                Ok(reply) => {
+                    let results = reply.into_inner().to_ledger().expect("a well-formed reply");
+                    assert_eq!(results.len(), batch.len(), "one result per event");
+                    let mut acknowledged = book.acknowledged.lock().unwrap();
+                    // `exists` may come on a first attempt too: the gateway
+                    // resends a call whose outcome it did not learn.
+                    for (transfer, result) in batch.iter().zip(&results) {
+                        match result {
+                            CreateTransferResult::Ok | CreateTransferResult::Exists => {}
+                            other => panic!("transfer {} answered {other}", transfer.id),
+                        }
+                        acknowledged.insert(transfer.id, *result);
+                    }
+                    book.through[gateway].fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    next_gateway += 1;
+                    break;
+                }
+                Err(status) => book.record_failure(gateway, &status),
+            }
+            if attempt == 1 {
+                book.batches_retried.fetch_add(1, Ordering::Relaxed);
+            }
+            next_gateway += 1;
+            if book.stop.load(Ordering::Relaxed)
+                && stopped_at.get_or_insert_with(Instant::now).elapsed() > STOP_RETRY_DURATION
+            {
+                book.unknown.lock().unwrap().extend(batch.iter().map(|t| t.id));
+                break;
+            }
+            tokio::time::sleep(RETRY_BACKOFF).await;
+        }
+    }
+}
+
+/// Waits until the load has acknowledged `transfers` more (and, if given, that many more through `gateway`).
+async fn assert_progress(
+    cluster: &mut Cluster,
+    book: &Book,
+    workers: &[tokio::task::JoinHandle<()>],
+    gateway: Option<usize>,
+    what: &str,
+) {
+    let before = book.acknowledged_count();
+    let through_before = gateway.map(|g| book.through[g].load(Ordering::Relaxed));
+    let started = Instant::now();
+    loop {
+        cluster.assert_running();
+        assert!(workers.iter().all(|worker| !worker.is_finished()), "{what}: a load worker ended (panicked?)");
+        let done = book.acknowledged_count() >= before + PROGRESS_TRANSFERS;
+        let through = match (gateway, through_before) {
+            (Some(g), Some(b)) => book.through[g].load(Ordering::Relaxed) >= b + PROGRESS_TRANSFERS,
+            _ => true,
+        };
+        if done && through {
+            eprintln!(
+                "{what}: {} transfers acknowledged in {} ms",
+                book.acknowledged_count() - before,
+                started.elapsed().as_millis()
+            );
+            return;
+        }
+        if started.elapsed() >= PROGRESS_DEADLINE {
+            let failures = book.failures.lock().unwrap().clone();
+            panic!("{what}: the load made no progress for {PROGRESS_DEADLINE:?}; failures: {failures:?}");
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The test.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_under_load_lose_and_double_nothing_when_one_is_killed_and_restarted() {
+    let test_started = Instant::now();
+    let mut cluster = Cluster::start();
+    let leaders = cluster.wait_for_leaders().await;
+    for gateway in 1..=GATEWAYS {
+        cluster.wait_for_gateway(gateway).await;
+    }
+    eprintln!("leaders {leaders:?} (cell -> node); gateways up in {} ms", test_started.elapsed().as_millis());
+
+    // 1. One request of accounts spanning the four cells, then one of
+    // transfers: split, applied, answered in request order.
+    let groups = Arc::new(accounts_by_cell(&cluster.topology));
+    let mut client = cluster.gateway_client(1);
+    let accounts: Vec<Account> = (1..=USERS)
+        .map(|u| Account { id: account_of_user(u), ledger: LEDGER, code: 1, ..Account::default() })
+        .collect();
+    let results = client
+        .create_accounts(proto::CreateAccountsRequest::from_ledger(&accounts))
+        .await
+        .expect("accounts created")
+        .into_inner()
+        .to_ledger()
+        .unwrap();
+    assert_eq!(results, vec![CreateAccountResult::Ok; accounts.len()]);
+    let firsts: Vec<u128> = groups.values().map(|group| group[0]).collect();
+    let seconds: Vec<u128> = groups.values().map(|group| group[1]).collect();
+    let mut batch = Vec::new();
+    for (position, (&debit, &credit)) in firsts.iter().zip(&seconds).enumerate() {
+        batch.push(transfer(u128::from(position as u64) + 1, debit, credit, 10));
+        batch.push(transfer(u128::from(position as u64) + 100, credit, debit, 3));
+    }
+    batch.insert(3, transfer(1, firsts[0], seconds[0], 10)); // the same id again: exists, in its place
+    let results = client
+        .create_transfers(proto::CreateTransfersRequest::from_ledger(&batch))
+        .await
+        .expect("a batch")
+        .into_inner()
+        .to_ledger()
+        .unwrap();
+    let mut expected = vec![CreateTransferResult::Ok; batch.len()];
+    expected[3] = CreateTransferResult::Exists;
+    assert_eq!(results, expected, "results in request order");
+    let mut book = Book::default();
+    for transfer in &batch {
+        book.sent.get_mut().unwrap().insert(transfer.id, *transfer);
+        book.acknowledged.get_mut().unwrap().insert(transfer.id, CreateTransferResult::Ok);
+    }
+    let book = Arc::new(book);
+
+    // 2. The load through both gateways; gateway 1 killed and restarted.
+    let clients: Vec<LedgerClient<Channel>> = (1..=GATEWAYS).map(|g| cluster.gateway_client(g)).collect();
+    let workers: Vec<_> =
+        (0..WORKERS).map(|w| tokio::spawn(load_worker(w, clients.clone(), groups.clone(), book.clone()))).collect();
+    assert_progress(&mut cluster, &book, &workers, Some(0), "warm-up through gateway 1").await;
+    cluster.kill("gateway-1");
+    eprintln!("killed gateway 1");
+    assert_progress(&mut cluster, &book, &workers, Some(1), "gateway 1 down").await;
+    cluster.spawn_gateway(1);
+    cluster.wait_for_gateway(1).await;
+    eprintln!("restarted gateway 1");
+    assert_progress(&mut cluster, &book, &workers, Some(0), "gateway 1 back").await;
+
+    // 3. The leader of cell 1 is killed; the gateways follow the new one.
+    let leaders = cluster.wait_for_leaders().await;
+    let victim = leaders[&cluster.topology.cells[0].id];
+    cluster.kill(&format!("node-{victim}"));
+    eprintln!("killed node {victim}, the leader of cell {}", cluster.topology.cells[0].id);
+    assert_progress(&mut cluster, &book, &workers, None, "a leader down").await;
+    cluster.spawn_node(victim);
+    assert_progress(&mut cluster, &book, &workers, None, "the node back").await;
+
+    // 4. Stop the load, then audit.
+    book.stop.store(true, Ordering::Relaxed);
+    for worker in workers {
+        worker.await.expect("a load worker");
+    }
+    let sent = book.sent.lock().unwrap().clone();
+    let acknowledged = book.acknowledged.lock().unwrap().clone();
+    let unknown = book.unknown.lock().unwrap().clone();
+    let exists = acknowledged.values().filter(|r| **r == CreateTransferResult::Exists).count();
+    println!(
+        "load: {} transfers sent, {} acknowledged ({exists} as exists after a retry), {} unknown; through gateway 1 {}, \
+         gateway 2 {}; batches retried {}; failed calls {:?}",
+        sent.len(),
+        acknowledged.len(),
+        unknown.len(),
+        book.through[0].load(Ordering::Relaxed),
+        book.through[1].load(Ordering::Relaxed),
+        book.batches_retried.load(Ordering::Relaxed),
+        book.failures.lock().unwrap()
+    );
+    assert_eq!(acknowledged.len() + unknown.len(), sent.len(), "every batch ended acknowledged or unknown");
+
+    // Each cell's leader, asked directly for every id: each transfer is in one cell only.
+    let ids: Vec<u128> = sent.keys().copied().collect();
+    let mut found: BTreeMap<u128, Transfer> = BTreeMap::new();
+    let mut holders: BTreeMap<u128, Vec<u64>> = BTreeMap::new();
+    let cells: Vec<u64> = cluster.topology.cells.iter().map(|cell| cell.id).collect();
+    for cell in cells {
+        for transfer in lookup_in_cell(&mut cluster, cell, &ids).await {
+            holders.entry(transfer.id).or_default().push(cell);
+            found.insert(transfer.id, transfer);
+        }
+    }
+    let doubled: Vec<(&u128, &Vec<u64>)> = holders.iter().filter(|(_, cells)| cells.len() > 1).collect();
+    assert!(doubled.is_empty(), "transfers in more than one cell: {doubled:?}");
+    for id in acknowledged.keys() {
+        let stored = found.get(id).unwrap_or_else(|| panic!("acknowledged transfer {id} is missing"));
+        let sent = &sent[id];
+        assert_eq!(
+            (stored.debit_account_id, stored.credit_account_id, stored.amount),
+            (sent.debit_account_id, sent.credit_account_id, sent.amount),
+            "transfer {id}"
+        );
+    }
+    assert!(found.keys().all(|id| sent.contains_key(id)), "a transfer found that was never sent");
+    // The gateway agrees, in request order.
+    let mut gateway = cluster.gateway_client(2);
+    for chunk in ids.chunks(BATCH_EVENTS_MAX) {
+        let through_gateway = gateway
+            .lookup_transfers(proto::LookupTransfersRequest::from_ledger(chunk))
+            .await
+            .expect("a lookup")
+            .into_inner()
+            .to_ledger()
+            .unwrap();
+        let expected: Vec<u128> = chunk.iter().copied().filter(|id| found.contains_key(id)).collect();
+        assert_eq!(through_gateway.iter().map(|t| t.id).collect::<Vec<_>>(), expected);
+    }
+
+    // Balances are the sums of the transfers found: nothing lost, nothing doubled.
+    let mut sums: BTreeMap<u128, (u128, u128)> = BTreeMap::new();
+    for transfer in found.values() {
+        sums.entry(transfer.debit_account_id).or_default().0 += transfer.amount;
+        sums.entry(transfer.credit_account_id).or_default().1 += transfer.amount;
+    }
+    let account_ids: Vec<u128> = (1..=USERS).map(account_of_user).collect();
+    let accounts = gateway
+        .lookup_accounts(proto::LookupAccountsRequest::from_ledger(&account_ids))
+        .await
+        .expect("a lookup")
+        .into_inner()
+        .to_ledger()
+        .unwrap();
+    assert_eq!(accounts.len(), account_ids.len());
+    let (mut debits, mut credits) = (0u128, 0u128);
+    for account in &accounts {
+        let (debited, credited) = sums.get(&account.id).copied().unwrap_or_default();
+        assert_eq!((account.debits_posted, account.credits_posted), (debited, credited), "account {}", account.id);
+        debits += account.debits_posted;
+        credits += account.credits_posted;
+    }
+    assert_eq!(debits, credits, "money is conserved");
+    println!(
+        "audit: {} transfers found, each in one cell; {} accounts, Σ debits = Σ credits = {debits}; the test ran {:.1} s",
+        found.len(),
+        accounts.len(),
+        test_started.elapsed().as_secs_f64()
+    );
+}
+
+/// The transfers of `ids` that cell `cell` holds, from its leader (a call
+/// forwarded for that cell, served by the leader's replica only).
+async fn lookup_in_cell(cluster: &mut Cluster, cell: u64, ids: &[u128]) -> Vec<Transfer> {
+    let started = Instant::now();
+    let mut found = Vec::new();
+    for chunk in ids.chunks(BATCH_EVENTS_MAX) {
+        loop {
+            let leaders = cluster.wait_for_leaders().await;
+            let mut client = grpc(cluster.node_address(leaders[&cell]));
+            let mut request = tonic::Request::new(proto::LookupTransfersRequest::from_ledger(chunk));
+            request.metadata_mut().insert("cellpay-forwarded", format!("cell={cell}").parse().unwrap());
+            match client.lookup_transfers(request).await {
+                Ok(reply) => {
+                    found.extend(reply.into_inner().to_ledger().unwrap());
+                    break;
+                }
+                Err(status) => assert!(started.elapsed() < START_DEADLINE, "cell {cell}: lookups fail: {status}"),
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+    found
+}
