@@ -204,7 +204,7 @@ fn bad_flags_are_refused() {
         ErrorCode::InvalidFlag,
         concat!(
             r#"transfers[0].flags: unknown flag "pendng" (expected one of: linked, pending, post_pending_transfer, "#,
-            "void_pending_transfer, balancing_debit, balancing_credit, closing_debit, closing_credit)",
+            "void_pending_transfer, balancing_debit, balancing_credit, closing_debit, closing_credit, cross_cell_leg)",
         ),
     );
     check(

@@ -174,6 +174,10 @@ result_codes! {
         CrossCellTimedOut = 64 => "cross_cell_timed_out",
         /// The coordinating cell holds its limit of undecided cross-cell transfers.
         CrossCellTransfersMaxReached = 65 => "cross_cell_transfers_max_reached",
+        /// The pending transfer to post or void is a cross-cell transfer's
+        /// leg: only its coordinator's decision resolves it. Checked right
+        /// after `pending_transfer_not_found`.
+        PendingTransferIsCrossCellLeg = 66 => "pending_transfer_is_cross_cell_leg",
     }
 }
 

@@ -599,6 +599,9 @@ impl Ledger {
         let Some(p) = open.or_else(|| self.transfer_get(t.pending_id, history)) else {
             return R::PendingTransferNotFound;
         };
+        if origin == Origin::Client && p.flags.contains(TransferFlags::CROSS_CELL_LEG) {
+            return R::PendingTransferIsCrossCellLeg;
+        }
         if !p.flags.contains(TransferFlags::PENDING) {
             return R::PendingTransferNotPending;
         }
@@ -1112,6 +1115,9 @@ fn validate_transfer(t: &Transfer, origin: Origin) -> Result<(), CreateTransferR
         return Err(R::IdMustNotBeIntMax);
     }
     let client = origin == Origin::Client;
+    if client && flags.contains(TransferFlags::CROSS_CELL_LEG) {
+        return Err(R::ReservedFlag);
+    }
     if client && t.id >= crate::id::TRANSFER_ID_SYSTEM_MIN {
         return Err(R::IdReserved);
     }

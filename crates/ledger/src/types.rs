@@ -98,6 +98,9 @@ flags! {
         CLOSING_DEBIT = 6,
         /// Close the credit account (the transfer must be pending; voiding it reopens).
         CLOSING_CREDIT = 7,
+        /// Set by the system only: a cross-cell transfer's leg in one cell,
+        /// posted or voided by its coordinator's decision, never by a client.
+        CROSS_CELL_LEG = 8,
     }
 }
 

@@ -195,6 +195,9 @@ fn log_time(ledger: &Ledger, timestamp: u64) -> u64 {
 
 /// Why an event cannot take part in a cross-cell transfer (checked before any leg is tried).
 fn refuse_event(event: &Transfer) -> Option<R> {
+    if event.flags.contains(TransferFlags::CROSS_CELL_LEG) || event.flags.has_reserved_bits() {
+        return Some(R::ReservedFlag);
+    }
     if event.id >= TRANSFER_ID_SYSTEM_MIN {
         return Some(R::IdReserved);
     }
@@ -244,7 +247,7 @@ fn legs_for(cell: CellId, events: &[Transfer], cells: &[(CellId, CellId)]) -> Ve
             timeout_s: 0,
             ledger: event.ledger,
             code: event.code,
-            flags: TransferFlags::PENDING | TransferFlags::LINKED,
+            flags: TransferFlags::PENDING | TransferFlags::LINKED | TransferFlags::CROSS_CELL_LEG,
             timestamp: 0,
         };
         legs.push((index, leg));

@@ -151,6 +151,20 @@ async fn a_transfer_between_cells_is_applied_in_both_or_in_neither() {
     assert_eq!(balance(&handle, user(52)).await, (60, 120, 0, 0));
     assert_eq!(balance(&handle, user(2)).await, (0, 90, 0, 0));
 
+    // A leg is the coordinator's to resolve: a client cannot post or void it, nor mark one.
+    let post_leg = Transfer {
+        id: 33,
+        pending_id: 10,
+        flags: TransferFlags::POST_PENDING_TRANSFER,
+        ledger: LEDGER,
+        code: 1,
+        ..Transfer::default()
+    };
+    assert_eq!(transfers(&handle, vec![post_leg]).await, vec![R::PendingTransferIsCrossCellLeg]);
+    let mut marked = transfer(34, 1, 2, 1);
+    marked.flags = TransferFlags::CROSS_CELL_LEG;
+    assert_eq!(transfers(&handle, vec![marked]).await, vec![R::ReservedFlag]);
+
     // Unsupported across cells (for now): pending transfers; reserved ids and accounts.
     let mut pending = transfer(30, 1, 52, 1);
     pending.flags = TransferFlags::PENDING;
