@@ -5,8 +5,8 @@
 //! in request order.
 //!
 //! - [`split`]: the pure part: the home cell of every event, the split of a
-//!   request into parts, the merge of the answers (shared with the
-//!   simulator's model of the gateway).
+//!   request into parts, the merge of the answers (for the simulator's
+//!   model of the gateway to reuse).
 //! - `table`: the routing table, watched on the nodes; refreshed after a
 //!   `misrouted` refusal.
 //! - `cells`: who leads each cell, and one call to a cell, resent through

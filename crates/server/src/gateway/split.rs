@@ -1,5 +1,5 @@
 //! Splitting a client's request by cell, and merging the cells' answers
-//! back: pure functions (no I/O, no clock), shared by the gateway and the
+//! back: pure functions (no I/O, no clock), for the gateway and for the
 //! simulator's model of it.
 //!
 //! **The home cell** of an event is where the gateway sends it:
