@@ -135,11 +135,17 @@ impl Cluster {
         self.spawn(name, &args.map(String::from));
     }
 
+    /// Gateway `gateway` (1-based) on its port; the second prefers the nodes
+    /// of the last region for its routing watch and status reads.
     fn spawn_gateway(&mut self, gateway: usize) {
         let cluster = self.topology_path.display().to_string();
         let listen = self.gateway_addresses[gateway - 1].to_string();
-        let args = ["gateway", "--cluster", &cluster, "--listen", &listen];
-        self.spawn(format!("gateway-{gateway}"), &args.map(String::from));
+        let mut args: Vec<String> = ["gateway", "--cluster", &cluster, "--listen", &listen].map(String::from).to_vec();
+        if gateway == 2 {
+            let region = self.topology.regions.last().expect("regions").name.clone();
+            args.extend(["--region".to_string(), region]);
+        }
+        self.spawn(format!("gateway-{gateway}"), &args);
     }
 
     /// SIGKILL (std's `kill` on Unix), and reap.

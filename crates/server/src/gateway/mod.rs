@@ -823,3 +823,33 @@ impl Backend for GatewayHandle {
         self.core.table.subscribe()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_nodes_of_the_gateways_region_are_asked_first() {
+        let topology = Topology::local(20_000, 4);
+        let all: Vec<NodeId> = topology.nodes().map(|node| node.id).collect();
+        assert_eq!(node_order(&topology, None), all, "without a region: topology order");
+        let region = topology.regions[1].name.clone();
+        let first = topology.region_nodes(&region);
+        let order = node_order(&topology, Some(&region));
+        assert_eq!(order[..first.len()], first[..], "its region's nodes first");
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, all, "every node, once");
+    }
+
+    #[tokio::test]
+    async fn a_gateway_refuses_to_start_in_an_unknown_region_or_with_no_queue() {
+        let topology = Arc::new(Topology::local(20_000, 4));
+        let config = GatewayConfig { region: Some("atlantis".into()), ..GatewayConfig::new(topology.clone()) };
+        assert!(
+            matches!(Gateway::start(config), Err(GatewayStartError::UnknownRegion(region)) if region == "atlantis")
+        );
+        let config = GatewayConfig { queue_parts_max: 0, ..GatewayConfig::new(topology) };
+        assert!(matches!(Gateway::start(config), Err(GatewayStartError::Config(_))));
+    }
+}
