@@ -100,7 +100,8 @@ impl Cells {
             else {
                 continue;
             };
-            if self.topology.node(node).is_none() {
+            // Only the topology's cells and nodes: the map stays bounded.
+            if self.topology.node(node).is_none() || self.topology.cell(cell).is_none() {
                 continue;
             }
             let known = leaders.entry(cell).or_default();
