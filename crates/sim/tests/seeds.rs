@@ -75,10 +75,20 @@ fn a_seed_replays_exactly() {
 /// The first CI seed on which one of the `expected` checkers catches `bug`,
 /// and every checker that failed on it. Earlier seeds may fail by other
 /// checkers first (with the bug on, an acknowledged write lost can also
-/// stall a shard move: `liveness`); they are printed.
+/// stall a shard move: `liveness`), or stop on an assertion of the engine
+/// or of raft-rs (a vote the bug lost can make raft-rs panic); they are
+/// printed.
 fn caught(bug: Bug, expected: &[&str]) -> Option<(u64, Vec<&'static str>)> {
     ci_seeds().find_map(|seed| {
-        let report = run(SimConfig { bugs: vec![bug], ..SimConfig::new(seed, CI_STEPS) });
+        let config = SimConfig { bugs: vec![bug], ..SimConfig::new(seed, CI_STEPS) };
+        let report = match std::panic::catch_unwind(|| run(config)) {
+            Ok(report) => report,
+            Err(panic) => {
+                let message = panic.downcast_ref::<String>().map(String::as_str).unwrap_or("a panic");
+                println!("{bug:?}: seed {seed} stopped on an assertion first: {message}");
+                return None;
+            }
+        };
         let checkers: Vec<&'static str> = report.failures.iter().map(|f| f.checker).collect();
         if checkers.iter().any(|checker| expected.contains(checker)) {
             return Some((seed, checkers));
