@@ -43,7 +43,6 @@ use std::time::{Duration, Instant};
 use cellpay_cluster::routing::{RoutingChange, RoutingTable};
 use cellpay_cluster::topology::{CellId, NodeId, Topology, GLOBAL_CELL};
 use cellpay_cluster::transport::{Deliver, PeerConfig, Transport, TransportConfig};
-use cellpay_ledger::id::shard_of_account;
 use cellpay_ledger::{
     Account, AccountBalance, AccountFilter, CheckpointDelta, CreateAccountResult, CreateTransferResult, FilterError,
     Ledger, LedgerConfig, Transfer, TransferFlags, BATCH_EVENTS_MAX,
@@ -726,15 +725,6 @@ enum Route {
     Split(Vec<(CellId, Request)>),
 }
 
-fn cell_of_account(routing: &RoutingTable, account: u128) -> CellId {
-    // A clearing account is its holder's, whatever its shard.
-    if cellpay_ledger::id::is_clearing_account(account) {
-        return CellId::from(cellpay_ledger::id::clearing_holder(account));
-    }
-    let shard = shard_of_account(account, routing.shards());
-    routing.owner(shard).expect("the shard of an account is below the shard count")
-}
-
 /// The first account `request` names whose shard the cell does not own by
 /// its `state`. (A lookup of transfers names no account: transfer ids are
 /// opaque, any cell may hold one; operator changes name none.) Transfers may
@@ -750,7 +740,7 @@ fn not_owned(state: &CellState, routing: &RoutingTable, cell: CellId, request: &
                 return Some(home);
             }
             transfer_accounts(transfers)
-                .find(|&account| !state.owns_account(account) && cell_of_account(routing, account) == cell)
+                .find(|&account| !state.owns_account(account) && routing.cell_of_account(account) == cell)
         }
         Request::GetAccountTransfers(filter) | Request::GetAccountBalances(filter) => {
             first_foreign(state, std::iter::once(filter.account_id))
@@ -784,7 +774,7 @@ fn cells_across(
         if account == 0 || state.owns_account(account) {
             cell
         } else {
-            cell_of_account(routing, account)
+            routing.cell_of_account(account)
         }
     };
     let cells: Vec<(CellId, CellId)> =
@@ -796,7 +786,7 @@ fn cells_across(
 /// the owner and version by the node's routing table, for the router to
 /// refresh and resend.
 fn misrouted(routing: &RoutingTable, cell: CellId, account: u128) -> NodeError {
-    let owner = cell_of_account(routing, account);
+    let owner = routing.cell_of_account(account);
     NodeError::Misrouted { cell, account, owner, routing_version: routing.version() }
 }
 
@@ -818,7 +808,7 @@ fn route(topology: &Topology, routing: &RoutingTable, request: &Request) -> Resu
     };
     match request {
         Request::CreateAccounts(accounts) => {
-            let mut cells = accounts.iter().enumerate().map(|(index, a)| (index, cell_of_account(routing, a.id)));
+            let mut cells = accounts.iter().enumerate().map(|(index, a)| (index, routing.cell_of_account(a.id)));
             single(&mut cells).map(Route::Cell)
         }
         Request::CreateTransfers(transfers) => {
@@ -830,19 +820,19 @@ fn route(topology: &Topology, routing: &RoutingTable, request: &Request) -> Resu
                 let starts = !chain_open;
                 chain_open = t.flags.contains(TransferFlags::LINKED);
                 let home = [t.debit_account_id, t.credit_account_id].into_iter().find(|&id| id != 0);
-                starts.then(|| home.map(|id| (index, cell_of_account(routing, id)))).flatten()
+                starts.then(|| home.map(|id| (index, routing.cell_of_account(id)))).flatten()
             });
             single(&mut cells).map(Route::Cell)
         }
         Request::GetAccountTransfers(filter) | Request::GetAccountBalances(filter) => {
-            Ok(Route::Cell(cell_of_account(routing, filter.account_id)))
+            Ok(Route::Cell(routing.cell_of_account(filter.account_id)))
         }
         Request::ChangeRouting { .. } => Ok(Route::Cell(GLOBAL_CELL)),
         Request::ShardOwnership { cell, .. } => Ok(Route::Cell(*cell)),
         Request::LookupAccounts(ids) => {
             let mut by_cell: BTreeMap<CellId, Vec<u128>> = BTreeMap::new();
             for &id in ids {
-                by_cell.entry(cell_of_account(routing, id)).or_default().push(id);
+                by_cell.entry(routing.cell_of_account(id)).or_default().push(id);
             }
             if by_cell.len() == 1 {
                 return Ok(Route::Cell(*by_cell.keys().next().expect("one cell")));
