@@ -6,31 +6,16 @@
 //! did; and everything survives a crash (replayed from the log) and a clean
 //! restart (restored from checkpoints, the cross-cell state with them).
 
-use std::sync::Arc;
+mod two_cells;
 
-use cellpay_cluster::topology::{Cell, Topology};
 use cellpay_ledger::id::{account_id, clearing_account_id, resolution_id};
 use cellpay_ledger::{Account, AccountFlags, CreateAccountResult, CreateTransferResult as R, Transfer, TransferFlags};
-use cellpay_server::node::{single_node_topology, Node, NodeConfig, NodeHandle, Reply, Request};
+use cellpay_server::node::{Node, NodeConfig, NodeHandle, Reply, Request};
 
 const LEDGER: u32 = 1;
 
-/// One node; cell 1 owns shards 0–49, cell 2 shards 50–99.
-fn topology() -> Arc<Topology> {
-    let one = single_node_topology();
-    let cell = |id, shards: std::ops::Range<u32>| Cell {
-        id,
-        shards: shards.collect(),
-        voters: vec![1],
-        learners: Vec::new(),
-        leader_preference: Vec::new(),
-    };
-    let cells = vec![cell(1, 0..50), cell(2, 50..100)];
-    Arc::new(Topology::new(one.shards, one.latency, one.regions, cells).unwrap())
-}
-
 fn start(dir: &std::path::Path) -> Node {
-    Node::start(NodeConfig::cluster(dir, topology(), 1)).unwrap()
+    Node::start(NodeConfig::cluster(dir, two_cells::topology(None), 1)).unwrap()
 }
 
 /// User 1 and 2 are in cell 1; users 51 and 52 in cell 2.

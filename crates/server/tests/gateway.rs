@@ -14,20 +14,20 @@
 //! - concurrent clients' small requests are combined into fewer calls to
 //!   each cell, and answered as if sent alone.
 
+mod two_cells;
+
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use cellpay_api::proto::{self, ledger_client::LedgerClient};
 use cellpay_cluster::routing::RoutingChange;
-use cellpay_cluster::topology::{Cell, Topology};
 use cellpay_ledger::id::account_id;
 use cellpay_ledger::{
     Account, AccountFilter, AccountFlags, CreateAccountResult, CreateTransferResult as R, Transfer, TransferFlags,
 };
 use cellpay_server::gateway::metrics::{CallLabels, CellLabels};
 use cellpay_server::gateway::{Gateway, GatewayConfig, GatewayHandle};
-use cellpay_server::node::{single_node_topology, Node, NodeConfig, NodeHandle, Reply, Request};
+use cellpay_server::node::{Node, NodeConfig, NodeHandle, Reply, Request};
 use cellpay_server::{serve, FrontLimits};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -48,7 +48,7 @@ impl Setup {
     async fn start(configure: impl FnOnce(&mut GatewayConfig)) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let node_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let topology = topology(node_listener.local_addr().unwrap());
+        let topology = two_cells::topology(Some(node_listener.local_addr().unwrap()));
         let node = Node::start(NodeConfig::cluster(dir.path(), topology.clone(), 1)).unwrap();
         let mut stops = Vec::new();
         stops.push(serve_in_background(node_listener, node.handle()));
@@ -95,21 +95,6 @@ fn serve_in_background<B: cellpay_server::front::Backend>(listener: TcpListener,
         let _ = stopped.await;
     }));
     stop
-}
-
-/// One node at `address`; cell 1 owns shards 0–49, cell 2 shards 50–99.
-fn topology(address: SocketAddr) -> Arc<Topology> {
-    let mut one = single_node_topology();
-    one.regions[0].datacenters[0].nodes[0].client_address = address;
-    let cell = |id, shards: std::ops::Range<u32>| Cell {
-        id,
-        shards: shards.collect(),
-        voters: vec![1],
-        learners: Vec::new(),
-        leader_preference: Vec::new(),
-    };
-    let cells = vec![cell(1, 0..50), cell(2, 50..100)];
-    Arc::new(Topology::new(one.shards, one.latency, one.regions, cells).unwrap())
 }
 
 /// User `user`'s account `index` (users 0–49 in cell 1, 50–99 in cell 2, by shard).
@@ -165,21 +150,10 @@ async fn balances(client: &mut LedgerClient<Channel>, ids: &[u128]) -> Vec<(u128
     accounts.iter().map(|a| (a.debits_posted, a.credits_posted, a.debits_pending, a.credits_pending)).collect()
 }
 
-/// Waits until cells 1 and 2 hold `expected` accounts, as the node's
-/// status says (it is published every tick).
+/// Waits until cells 1 and 2 hold `expected` accounts, as the node's status says.
 async fn assert_cell_accounts(node: &NodeHandle, expected: (usize, usize), what: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let counts = (node.status().cell(1).unwrap().accounts, node.status().cell(2).unwrap().accounts);
-        if counts == expected {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: cells 1 and 2 hold {counts:?} accounts, not {expected:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    two_cells::assert_accounts(node, 1, expected.0, what).await;
+    two_cells::assert_accounts(node, 2, expected.1, what).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,30 +4,16 @@
 //! nothing changed; and the table and ownership survive restarts, from the
 //! log and from checkpoints.
 
-use std::sync::Arc;
+mod two_cells;
 
 use cellpay_cluster::routing::RoutingChange;
-use cellpay_cluster::topology::{Cell, Topology, GLOBAL_CELL};
+use cellpay_cluster::topology::GLOBAL_CELL;
 use cellpay_ledger::id::account_id;
 use cellpay_ledger::{Account, CreateAccountResult};
-use cellpay_server::node::{single_node_topology, Node, NodeConfig, NodeError, Reply, Request};
-
-/// One node; cell 1 owns shards 0–49, cell 2 shards 50–99.
-fn topology() -> Arc<Topology> {
-    let one = single_node_topology();
-    let cell = |id, shards: std::ops::Range<u32>| Cell {
-        id,
-        shards: shards.collect(),
-        voters: vec![1],
-        learners: Vec::new(),
-        leader_preference: Vec::new(),
-    };
-    let cells = vec![cell(1, 0..50), cell(2, 50..100)];
-    Arc::new(Topology::new(one.shards, one.latency, one.regions, cells).unwrap())
-}
+use cellpay_server::node::{Node, NodeConfig, NodeError, Reply, Request};
 
 fn start(dir: &std::path::Path) -> Node {
-    Node::start(NodeConfig::cluster(dir, topology(), 1)).unwrap()
+    Node::start(NodeConfig::cluster(dir, two_cells::topology(None), 1)).unwrap()
 }
 
 fn account(user: u64) -> Account {
@@ -95,7 +81,7 @@ async fn a_shard_moves_in_three_logged_steps_and_the_table_survives_restarts() {
         handle.submit_cell(1, Request::CreateAccounts(vec![account(200)])).await,
         Err(NodeError::Misrouted { cell: 1, owner: 2, routing_version: 2, .. })
     ));
-    assert_eq!(handle.status().cell(2).unwrap().accounts, 1);
+    two_cells::assert_accounts(&handle, 2, 1, "after the move").await;
     drop(handle);
 
     // A crash: the changes are replayed from the log.
@@ -103,7 +89,7 @@ async fn a_shard_moves_in_three_logged_steps_and_the_table_survives_restarts() {
     let node = start(dir.path());
     assert_eq!(node.handle().status().routing().version(), 2, "the table is replayed from the log");
     assert_eq!(create(&node, 200).await, Ok(Reply::CreateAccounts(vec![CreateAccountResult::Ok])));
-    assert_eq!(node.handle().status().cell(2).unwrap().accounts, 2, "shard 0's accounts are in cell 2");
+    two_cells::assert_accounts(&node.handle(), 2, 2, "shard 0's accounts are in cell 2").await;
     assert!(matches!(
         node.handle().submit_cell(1, Request::CreateAccounts(vec![account(300)])).await,
         Err(NodeError::Misrouted { cell: 1, .. })
@@ -114,6 +100,6 @@ async fn a_shard_moves_in_three_logged_steps_and_the_table_survives_restarts() {
     assert_eq!(node.recovery.records_replayed, 0, "nothing to replay after a clean stop");
     assert_eq!(node.handle().status().routing().version(), 2, "the table is restored from the checkpoint");
     assert_eq!(create(&node, 300).await, Ok(Reply::CreateAccounts(vec![CreateAccountResult::Ok])));
-    assert_eq!(node.handle().status().cell(2).unwrap().accounts, 3);
+    two_cells::assert_accounts(&node.handle(), 2, 3, "after a clean restart").await;
     node.shutdown();
 }
