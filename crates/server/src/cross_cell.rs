@@ -153,6 +153,44 @@ pub enum Item {
     Timeout { op: u128 },
 }
 
+/// A step of the protocol a cell's log applied (see the module's
+/// documentation), reported to the engine's world so that the simulator can
+/// crash a node between any two steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Step {
+    /// Coordinator: the request's own legs are tried and the operation recorded.
+    Tried,
+    /// Participant: its legs are pending.
+    Prepared,
+    /// Participant: it refused its legs.
+    Refused,
+    /// Coordinator: the decision is made and its own legs resolved.
+    Decided,
+    /// Participant: its legs are resolved by the decision.
+    Resolved,
+    /// Participant: a cancel arrived before the try.
+    Tombstoned,
+    /// Coordinator: every participant is done; the operation is forgotten.
+    Forgotten,
+}
+
+impl Step {
+    pub const ALL: [Step; 7] =
+        [Step::Tried, Step::Prepared, Step::Refused, Step::Decided, Step::Resolved, Step::Tombstoned, Step::Forgotten];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Tried => "tried",
+            Step::Prepared => "prepared",
+            Step::Refused => "refused",
+            Step::Decided => "decided",
+            Step::Resolved => "resolved",
+            Step::Tombstoned => "tombstoned",
+            Step::Forgotten => "forgotten",
+        }
+    }
+}
+
 /// What applying cross-cell entries produced, besides the state change.
 #[derive(Debug, Default)]
 pub struct Effects {
@@ -160,6 +198,8 @@ pub struct Effects {
     pub outbox: Vec<(CellId, Item)>,
     /// Operations decided here (coordinator), with one result per event.
     pub decided: Vec<(u128, Vec<R>)>,
+    /// The protocol steps applied, in order.
+    pub steps: Vec<Step>,
 }
 
 /// The result of a client's request applied at its coordinator.
@@ -452,6 +492,7 @@ impl CrossCellState {
         }
         let record = Op { events: events.to_vec(), cells: cells.to_vec(), deadline, participants, decision: None };
         self.ops.insert(op, record);
+        effects.steps.push(Step::Tried);
         if self.bug_confirm_without_try {
             effects.outbox.retain(|(_, item)| !matches!(item, Item::Try { op: tried, .. } if *tried == op));
             self.decide(ledger, history, cell, timestamp, op, Decision::Confirm, effects);
@@ -518,7 +559,13 @@ impl CrossCellState {
             match item {
                 Item::Try { op, deadline, events, cells } => {
                     let tried = Tried { op: *op, deadline: *deadline, events, cells };
+                    let prepared_before = self.parts.contains_key(&(from, *op));
                     if let Some(answer) = self.participant_try(ledger, history, owns, cell, timestamp, from, &tried) {
+                        match answer {
+                            Item::Prepared { .. } if !prepared_before => effects.steps.push(Step::Prepared),
+                            Item::Refused { .. } => effects.steps.push(Step::Refused),
+                            _ => {}
+                        }
                         effects.outbox.push((from, answer));
                     }
                 }
@@ -530,6 +577,7 @@ impl CrossCellState {
                             let decision =
                                 if confirm { Decision::Confirm } else { Decision::Cancel { event: 0, code: R::Ok } };
                             resolve(ledger, history, timestamp, &legs, decision);
+                            effects.steps.push(Step::Resolved);
                         }
                         Some(tombstone) => {
                             self.parts.insert(key, tombstone);
@@ -537,6 +585,7 @@ impl CrossCellState {
                         None if !confirm && timestamp <= deadline && self.parts.len() < PARTS_MAX => {
                             self.parts.insert(key, PartRecord { part: Part::Tombstone, deadline });
                             self.tombstones.insert((deadline, from, op));
+                            effects.steps.push(Step::Tombstoned);
                         }
                         // A repeated decision, or a cancel whose try can no longer be accepted.
                         None => {}
@@ -572,6 +621,7 @@ impl CrossCellState {
                     }
                     if record.participants.values().all(|&status| status == PartStatus::Done) {
                         self.ops.remove(&op);
+                        effects.steps.push(Step::Forgotten);
                     }
                 }
                 &Item::Ask { op } => {
@@ -670,6 +720,7 @@ impl CrossCellState {
         record.decision = Some(decision);
         let legs: Vec<u128> = legs_for(cell, &record.events, &record.cells).iter().map(|(_, leg)| leg.id).collect();
         resolve(ledger, history, timestamp, &legs, decision);
+        effects.steps.push(Step::Decided);
         effects.decided.push((op, decision_results(record.events.len(), decision)));
         let confirm = decision == Decision::Confirm;
         for &participant in record.participants.keys() {

@@ -2180,11 +2180,15 @@ impl Engine {
         let cells: Vec<CellId> = self.replicas.keys().copied().collect();
         for cell in cells {
             let replica = self.replicas.get_mut(&cell).expect("hosted");
-            if replica.cross_effects.outbox.is_empty() {
+            let steps = std::mem::take(&mut replica.cross_effects.steps);
+            let outbox = std::mem::take(&mut replica.cross_effects.outbox);
+            if replica.raw.raft.state != StateRole::Leader {
                 continue;
             }
-            let outbox = std::mem::take(&mut replica.cross_effects.outbox);
-            if replica.raw.raft.state == StateRole::Leader {
+            for step in steps {
+                self.world.cross_cell_step(cell, step);
+            }
+            if !outbox.is_empty() {
                 self.cross_send(cell, outbox);
             }
         }

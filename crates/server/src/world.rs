@@ -10,9 +10,10 @@
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use cellpay_cluster::topology::NodeId;
+use cellpay_cluster::topology::{CellId, NodeId};
 use cellpay_cluster::transport::Transport;
 
+use crate::cross_cell::Step;
 use crate::node::PeerStatus;
 
 /// A fault point in the engine (BUGGIFY): the simulator's world says when
@@ -68,6 +69,11 @@ pub trait World: Send {
     fn bug(&self, _bug: Bug) -> bool {
         false
     }
+    /// This node's replica of `cell`, as its leader, applied protocol step
+    /// `step` of a cross-cell transfer; the round's messages are not sent
+    /// yet. The simulator may crash the node here (after the round), so
+    /// that a crash falls between any two steps of the protocol.
+    fn cross_cell_step(&self, _cell: CellId, _step: Step) {}
     /// An election timeout in ticks, drawn from `ticks`; `None` leaves the
     /// draw to Raft (which uses the thread's random generator, so a
     /// simulation draws its own from its seed).
