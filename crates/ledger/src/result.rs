@@ -163,8 +163,9 @@ result_codes! {
         /// system moves. Checked right after the account ids' own checks.
         AccountReserved = 61 => "account_reserved",
         /// A transfer between cells (or a linked chain touching several
-        /// cells) may not be pending, post or void a pending transfer, or be
-        /// balancing or closing. Checked before the transfer is tried.
+        /// cells) may not be balancing or closing, nor post or void a pending
+        /// transfer; a pending one must debit the account of the chain's
+        /// first debit account's cell. Checked before the transfer is tried.
         CrossCellFlagsUnsupported = 62 => "cross_cell_flags_unsupported",
         /// A cell the transfer involves does not own the account (a stale
         /// routing table): nothing was applied; retry with a new id.
@@ -172,11 +173,14 @@ result_codes! {
         /// A cell the transfer involves did not answer in time: the transfer
         /// was cancelled (nothing applied); retry with a new id.
         CrossCellTimedOut = 64 => "cross_cell_timed_out",
-        /// The coordinating cell holds its limit of undecided cross-cell transfers.
+        /// The coordinating cell holds its limit of undecided cross-cell
+        /// transfers, or of open cross-cell pending transfers.
         CrossCellTransfersMaxReached = 65 => "cross_cell_transfers_max_reached",
         /// The pending transfer to post or void is a cross-cell transfer's
-        /// leg: only its coordinator's decision resolves it. Checked right
-        /// after `pending_transfer_not_found`.
+        /// leg: only its coordinator's decision resolves it (a client's own
+        /// cross-cell pending transfer is posted or voided under its id, in
+        /// its debit account's cell, once created). Checked right after
+        /// `pending_transfer_not_found`.
         PendingTransferIsCrossCellLeg = 66 => "pending_transfer_is_cross_cell_leg",
     }
 }

@@ -100,10 +100,29 @@ struct Prefetched {
 
 /// Who a transfer comes from: a client, or the system (cross-cell legs and
 /// their resolutions, which may use system ids and clearing accounts).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Origin {
+#[derive(Clone, Copy)]
+enum Origin<'a> {
     Client,
+    /// A client, who may also post or void the cross-cell legs for which
+    /// the function is true (the coordinator's legs of a client's pending
+    /// transfer, once its cross-cell operation is confirmed).
+    Holder(&'a dyn Fn(u128) -> bool),
     System,
+}
+
+impl Origin<'_> {
+    fn is_client(self) -> bool {
+        !matches!(self, Origin::System)
+    }
+
+    /// Whether this origin may post or void leg `id`.
+    fn may_resolve_leg(self, id: u128) -> bool {
+        match self {
+            Origin::Client => false,
+            Origin::Holder(held) => held(id),
+            Origin::System => true,
+        }
+    }
 }
 
 /// One step to undo, recorded while a linked chain is open.
@@ -361,6 +380,30 @@ impl Ledger {
         self.create_transfers_as(timestamp, events, history, Origin::System)
     }
 
+    /// As [`Ledger::create_transfers`], except that the client may also post
+    /// or void the cross-cell legs `held` names (see [`Origin::Holder`]).
+    pub fn create_transfers_holding(
+        &mut self,
+        timestamp: u64,
+        events: &[Transfer],
+        history: &impl History,
+        held: &dyn Fn(u128) -> bool,
+    ) -> Vec<CreateTransferResult> {
+        self.create_transfers_as(timestamp, events, history, Origin::Holder(held))
+    }
+
+    /// Expires pending transfer `id` now if it is open (a cross-cell leg
+    /// whose coordinator decided so), and returns its status.
+    pub fn expire_pending(&mut self, timestamp: u64, id: u128, history: &impl History) -> Option<PendingStatus> {
+        assert!(!self.chain_open, "a pending transfer is expired outside linked chains");
+        if let Some(p) = self.pending_open.get(&id).copied() {
+            let base = self.batch_timestamp(timestamp);
+            self.expire_open(&p, base);
+            self.timestamp_advance(base, 1);
+        }
+        self.pending_status_get(id, history)
+    }
+
     /// Creates (once) the clearing account `id` (see
     /// [`crate::id::clearing_account_id`]) in `ledger`.
     pub fn clearing_account(&mut self, timestamp: u64, ledger: u32, id: u128) {
@@ -599,8 +642,14 @@ impl Ledger {
         let Some(p) = open.or_else(|| self.transfer_get(t.pending_id, history)) else {
             return R::PendingTransferNotFound;
         };
-        if origin == Origin::Client && p.flags.contains(TransferFlags::CROSS_CELL_LEG) {
-            return R::PendingTransferIsCrossCellLeg;
+        // A leg is the system's to resolve, but for a client's own pending
+        // transfer (a held leg, `Origin::Holder`); once the client resolved
+        // it (no system resolution exists), a client learns how, as for any.
+        if p.flags.contains(TransferFlags::CROSS_CELL_LEG) && !origin.may_resolve_leg(p.id) {
+            let by_client = open.is_none() && self.transfer_get(crate::id::resolution_id(p.id), history).is_none();
+            if !by_client {
+                return R::PendingTransferIsCrossCellLeg;
+            }
         }
         if !p.flags.contains(TransferFlags::PENDING) {
             return R::PendingTransferNotPending;
@@ -643,7 +692,7 @@ impl Ledger {
         let cr_slot = self.accounts.slot(&p.credit_account_id).expect("pending credit account exists");
         let mut dr = *self.accounts.at(dr_slot);
         let mut cr = *self.accounts.at(cr_slot);
-        let closed_matters = origin == Origin::Client;
+        let closed_matters = origin.is_client();
         if closed_matters && dr.flags.contains(AccountFlags::CLOSED) && !p.flags.contains(TransferFlags::CLOSING_DEBIT)
         {
             return R::DebitAccountAlreadyClosed;
@@ -701,27 +750,31 @@ impl Ledger {
                 break;
             }
             let p = self.pending_open[&id];
-            let dr_slot = self.accounts.slot(&p.debit_account_id).expect("pending debit account exists");
-            let cr_slot = self.accounts.slot(&p.credit_account_id).expect("pending credit account exists");
-            let mut dr = *self.accounts.at(dr_slot);
-            let mut cr = *self.accounts.at(cr_slot);
-            assert!(dr.debits_pending >= p.amount && cr.credits_pending >= p.amount);
-            dr.debits_pending -= p.amount;
-            cr.credits_pending -= p.amount;
-            if p.flags.contains(TransferFlags::CLOSING_DEBIT) {
-                dr.flags.remove(AccountFlags::CLOSED);
-            }
-            if p.flags.contains(TransferFlags::CLOSING_CREDIT) {
-                cr.flags.remove(AccountFlags::CLOSED);
-            }
-            self.pending_open_resolve(&p, PendingStatus::Expired);
-            let timestamp = base + expired;
-            self.account_update(dr_slot, dr, timestamp);
-            self.account_update(cr_slot, cr, timestamp);
-            self.assert_conserved(dr.ledger);
+            self.expire_open(&p, base + expired);
             expired += 1;
         }
         expired
+    }
+
+    /// Expires open pending transfer `p` at `timestamp`.
+    fn expire_open(&mut self, p: &Transfer, timestamp: u64) {
+        let dr_slot = self.accounts.slot(&p.debit_account_id).expect("pending debit account exists");
+        let cr_slot = self.accounts.slot(&p.credit_account_id).expect("pending credit account exists");
+        let mut dr = *self.accounts.at(dr_slot);
+        let mut cr = *self.accounts.at(cr_slot);
+        assert!(dr.debits_pending >= p.amount && cr.credits_pending >= p.amount);
+        dr.debits_pending -= p.amount;
+        cr.credits_pending -= p.amount;
+        if p.flags.contains(TransferFlags::CLOSING_DEBIT) {
+            dr.flags.remove(AccountFlags::CLOSED);
+        }
+        if p.flags.contains(TransferFlags::CLOSING_CREDIT) {
+            cr.flags.remove(AccountFlags::CLOSED);
+        }
+        self.pending_open_resolve(p, PendingStatus::Expired);
+        self.account_update(dr_slot, dr, timestamp);
+        self.account_update(cr_slot, cr, timestamp);
+        self.assert_conserved(dr.ledger);
     }
 
     // ----------------------------------------------------------------------------------------
@@ -1114,7 +1167,7 @@ fn validate_transfer(t: &Transfer, origin: Origin) -> Result<(), CreateTransferR
     if t.id == u128::MAX {
         return Err(R::IdMustNotBeIntMax);
     }
-    let client = origin == Origin::Client;
+    let client = origin.is_client();
     if client && flags.contains(TransferFlags::CROSS_CELL_LEG) {
         return Err(R::ReservedFlag);
     }

@@ -442,3 +442,40 @@ fn restore_from_checkpoint_gives_the_same_state() {
     assert_eq!(restored.state_hash(), w.ledger.state_hash());
     assert_eq!(restored.expiry_next(), w.ledger.expiry_next());
 }
+
+#[test]
+fn a_held_cross_cell_leg_is_the_clients_to_post_and_expires_on_demand() {
+    let mut w = World::new();
+    w.accounts(&[NONE, NONE, NONE]);
+    let leg = |id: u128| {
+        let flags = TransferFlags::PENDING | TransferFlags::CROSS_CELL_LEG;
+        Transfer { timeout_s: 60, ..with_flags(transfer(id, 1, 2, 10), flags) }
+    };
+    w.clock_ns += SECOND_NS;
+    let results = w.ledger.create_legs(w.clock_ns, &[leg(10), leg(11), leg(12)], &w.history);
+    assert_eq!(results, vec![R::Ok; 3]);
+    // A client may not resolve a leg, unless it is held (its own pending transfer).
+    let post = |id, pending_id| resolve(id, pending_id, 0, TransferFlags::POST_PENDING_TRANSFER);
+    assert_eq!(w.transfers(&[post(20, 10)]), vec![R::PendingTransferIsCrossCellLeg]);
+    w.clock_ns += SECOND_NS;
+    let held = |id: u128| id == 10;
+    let results = w.ledger.create_transfers_holding(w.clock_ns, &[post(20, 10), post(21, 11)], &w.history, &held);
+    assert_eq!(results, vec![R::Ok, R::PendingTransferIsCrossCellLeg]);
+    assert_eq!(w.balance(1), (20, 10, 0, 0));
+    // Once the client resolved it, a client learns how, as for any pending transfer.
+    assert_eq!(w.transfers(&[post(22, 10)]), vec![R::PendingTransferAlreadyPosted]);
+    // A system resolution keeps a leg the system's.
+    w.clock_ns += SECOND_NS;
+    let void = resolve(cellpay_ledger::id::resolution_id(11), 11, 0, TransferFlags::VOID_PENDING_TRANSFER);
+    assert_eq!(w.ledger.create_legs(w.clock_ns, &[void], &w.history), vec![R::Ok]);
+    assert_eq!(w.transfers(&[post(23, 11)]), vec![R::PendingTransferIsCrossCellLeg]);
+    // Expired on demand (its coordinator's decision), before its timeout; again, it stays expired.
+    w.clock_ns += SECOND_NS;
+    assert_eq!(w.ledger.expire_pending(w.clock_ns, 12, &w.history), Some(PendingStatus::Expired));
+    assert_eq!(w.ledger.expire_pending(w.clock_ns, 12, &w.history), Some(PendingStatus::Expired));
+    assert_eq!(w.balance(1), (0, 10, 0, 0));
+    w.ledger.audit().unwrap();
+    w.advance_s(120);
+    assert_eq!(w.transfers(&[transfer(30, 1, 2, 1)]), vec![R::Ok], "nothing left to expire");
+    assert_eq!(w.balance(1), (0, 11, 0, 0));
+}

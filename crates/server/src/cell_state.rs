@@ -20,7 +20,7 @@
 //!
 //! ```text
 //! offset  size  field
-//!      0     4  magic b"cpCN"
+//!      0     4  magic b"cpCO"
 //!      4     4  length B of the log base record
 //!      8     B  the log base record (raft_log's encoding)
 //!    8+B     4  shards S
@@ -30,8 +30,10 @@
 //!      …     …  the routing table (its own checksummed encoding)
 //! ```
 //!
-//! Magic b"cpCM" is the same without the cross-cell state (stores written
-//! before cross-cell transfers: none in flight). Stores written before cell
+//! Magic b"cpCN" is the same with the cross-cell state written before
+//! cross-cell pending transfers (no held legs, holds or releases), and
+//! b"cpCM" without the cross-cell state (stores written before cross-cell
+//! transfers: none in flight). Stores written before cell
 //! states hold the bare log base record; they decode with no cell state (the
 //! topology's then applies).
 
@@ -43,9 +45,19 @@ use cellpay_ledger::Ledger;
 use crate::cross_cell::CrossCellState;
 use crate::raft_log::{self, LogBase, LogRecord};
 
-const MAGIC: [u8; 4] = *b"cpCN";
+const MAGIC: [u8; 4] = *b"cpCO";
+/// The format before cross-cell pending transfers.
+const MAGIC_CROSS_WITHOUT_HOLDS: [u8; 4] = *b"cpCN";
 /// The format before cross-cell transfers.
 const MAGIC_OWNERSHIP_ONLY: [u8; 4] = *b"cpCM";
+
+/// Which of the formats above a state is in.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Format {
+    OwnershipOnly,
+    CrossWithoutHolds,
+    Current,
+}
 
 /// A cell's replicated state besides its ledger.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -151,12 +163,16 @@ impl CellState {
         }
     }
 
-    fn decode(bytes: &[u8], with_cross: bool) -> Option<CellState> {
+    fn decode(bytes: &[u8], format: Format) -> Option<CellState> {
         let shards = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
         let bits = bytes.get(4..4 + shards.div_ceil(8))?;
         let owned = (0..shards).map(|shard| bits[shard / 8] & (1 << (shard % 8)) != 0).collect();
         let rest = &bytes[4 + bits.len()..];
-        let (cross, rest) = if with_cross { CrossCellState::decode(rest)? } else { (CrossCellState::default(), rest) };
+        let (cross, rest) = match format {
+            Format::OwnershipOnly => (CrossCellState::default(), rest),
+            Format::CrossWithoutHolds => CrossCellState::decode(rest, false)?,
+            Format::Current => CrossCellState::decode(rest, true)?,
+        };
         let routing = match rest.split_first()? {
             (0, []) => None,
             (1, table) => Some(RoutingTable::decode(table).ok()?),
@@ -188,14 +204,15 @@ pub fn decode_consensus(bytes: &[u8]) -> Option<(LogBase, Option<CellState>)> {
         LogRecord::Base { base, .. } => Some(base),
         _ => None,
     };
-    let with_cross = match bytes.get(..4) {
-        Some(magic) if magic == MAGIC => true,
-        Some(magic) if magic == MAGIC_OWNERSHIP_ONLY => false,
+    let format = match bytes.get(..4) {
+        Some(magic) if magic == MAGIC => Format::Current,
+        Some(magic) if magic == MAGIC_CROSS_WITHOUT_HOLDS => Format::CrossWithoutHolds,
+        Some(magic) if magic == MAGIC_OWNERSHIP_ONLY => Format::OwnershipOnly,
         _ => return Some((base(bytes)?, None)),
     };
     let length = u32::from_le_bytes(bytes.get(4..8)?.try_into().ok()?) as usize;
     let record = bytes.get(8..8usize.checked_add(length)?)?;
-    let state = CellState::decode(&bytes[8 + length..], with_cross)?;
+    let state = CellState::decode(&bytes[8 + length..], format)?;
     Some((base(record)?, Some(state)))
 }
 

@@ -36,6 +36,14 @@
 //! transfer, and a retry of the client's request is answered from them
 //! (`exists`, or the original refusal).
 //!
+//! A client's **pending transfer** across cells is an operation whose
+//! confirm leaves its legs pending: the coordinator (its debit account's
+//! cell) **holds** it. The client's post or void applies to the held leg
+//! there, decided by the coordinator alone (the other leg can always
+//! follow), and is **released** to the participant (`Release`, the same
+//! post or void under the same id), as is an expiry of the coordinator's
+//! leg, which alone carries the timeout.
+//!
 //! **Every message is idempotent and may be lost, repeated or reordered.**
 //! Leaders resend from the replicated state (`resend`): tries and decisions
 //! until answered, and a prepared participant asks its coordinator (`Ask`).
@@ -52,8 +60,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use cellpay_cluster::topology::CellId;
-use cellpay_ledger::id::{clearing_account_id, is_clearing_account, resolution_id, TRANSFER_ID_SYSTEM_MIN};
-use cellpay_ledger::{CreateTransferResult as R, History, Ledger, Transfer, TransferFlags, RECORD_SIZE};
+use cellpay_ledger::id::{
+    clearing_account_id, clearing_holder, clearing_peer as clearing_peer_cell, is_clearing_account, resolution_id,
+    TRANSFER_ID_SYSTEM_MIN,
+};
+use cellpay_ledger::{CreateTransferResult as R, History, Ledger, PendingStatus, Transfer, TransferFlags, RECORD_SIZE};
 
 /// How long (by the coordinator's log time) a cross-cell transfer may wait
 /// for its participants before it is cancelled, and how long after it a
@@ -72,6 +83,9 @@ pub const INBOX_ITEMS_MAX: usize = 16_384;
 pub const OPS_MAX: usize = 65_536;
 /// Prepared operations and tombstones a cell holds as a participant.
 pub const PARTS_MAX: usize = 262_144;
+/// Open cross-cell pending transfers a cell coordinates (beyond it, new ones
+/// are refused `cross_cell_transfers_max_reached`).
+pub const HOLDS_MAX: usize = 262_144;
 
 /// What a participant has answered, as the coordinator's log records it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,8 +123,10 @@ pub struct Op {
 /// What a participant holds for an operation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Part {
-    /// Its legs are pending, waiting for the decision.
-    Prepared { legs: Vec<u128> },
+    /// Its legs are pending, waiting for the decision; `held` are the legs
+    /// of client pending transfers, which a confirm leaves pending (their
+    /// coordinator releases them later).
+    Prepared { legs: Vec<u128>, held: Vec<u128> },
     /// Cancelled before its try arrived: a late try is refused.
     Tombstone,
 }
@@ -119,6 +135,30 @@ enum Part {
 struct PartRecord {
     part: Part,
     deadline: u64,
+}
+
+/// A client's cross-cell pending transfer, confirmed and still open, as its
+/// coordinator (the debit account's cell, which holds the leg the client
+/// posts or voids) keeps it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Hold {
+    /// The credit account's cell, if not this one.
+    peer: Option<CellId>,
+    /// The client's credit account (the leg here credits a clearing account).
+    credit_account: u128,
+    /// When the pending transfer expires (log time), 0 for never.
+    expires_at: u64,
+}
+
+/// What a coordinator tells a participant about a held leg: posted or voided
+/// by `transfer`, or expired; kept until the participant answers `Released`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Release {
+    peer: CellId,
+    expire: bool,
+    transfer: Transfer,
+    /// Log time of the release (resends wait a little after it).
+    at: u64,
 }
 
 /// A cell's cross-cell state: what it coordinates and what it has prepared.
@@ -132,6 +172,12 @@ pub struct CrossCellState {
     parts: BTreeMap<(CellId, u128), PartRecord>,
     /// Tombstones by deadline, for dropping them once no try can be accepted.
     tombstones: BTreeSet<(u64, CellId, u128)>,
+    /// Open cross-cell pending transfers this cell coordinates, by id.
+    holds: BTreeMap<u128, Hold>,
+    /// (expires at, id) of the holds that expire.
+    hold_expiries: BTreeSet<(u64, u128)>,
+    /// Held legs released here and not yet released by the participant, by pending id.
+    releases: BTreeMap<u128, Release>,
 }
 
 /// A message between cells (and, `Timeout`, from a cell's leader to its own log).
@@ -151,6 +197,11 @@ pub enum Item {
     Ask { op: u128 },
     /// A coordinator's leader to its own log: the deadline passed.
     Timeout { op: u128 },
+    /// Coordinator → participant: the client posted or voided (`transfer`)
+    /// pending transfer `leg`, or it expired: do the same to your leg.
+    Release { leg: u128, expire: bool, transfer: Transfer },
+    /// Participant → coordinator: the release of `leg` is applied.
+    Released { leg: u128 },
 }
 
 /// A step of the protocol a cell's log applied (see the module's
@@ -172,11 +223,24 @@ pub enum Step {
     Tombstoned,
     /// Coordinator: every participant is done; the operation is forgotten.
     Forgotten,
+    /// Coordinator: a held pending transfer was posted, voided or expired here; its release is recorded.
+    Released,
+    /// Participant: it applied a release to its held leg.
+    ReleaseApplied,
 }
 
 impl Step {
-    pub const ALL: [Step; 7] =
-        [Step::Tried, Step::Prepared, Step::Refused, Step::Decided, Step::Resolved, Step::Tombstoned, Step::Forgotten];
+    pub const ALL: [Step; 9] = [
+        Step::Tried,
+        Step::Prepared,
+        Step::Refused,
+        Step::Decided,
+        Step::Resolved,
+        Step::Tombstoned,
+        Step::Forgotten,
+        Step::Released,
+        Step::ReleaseApplied,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -187,8 +251,30 @@ impl Step {
             Step::Resolved => "resolved",
             Step::Tombstoned => "tombstoned",
             Step::Forgotten => "forgotten",
+            Step::Released => "released",
+            Step::ReleaseApplied => "release-applied",
         }
     }
+}
+
+/// The sizes of a cell's cross-cell state (see `CrossCellState::counts`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub operations: usize,
+    pub parts: usize,
+    pub holds: usize,
+    pub releases: usize,
+}
+
+/// What a leader does with a cross-cell message (`CrossCellState::triage`).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Triage {
+    /// Log it: applying it changes the state.
+    Log,
+    /// Answer it from the applied state, without logging it.
+    Answer(Item),
+    /// Drop it: it changes nothing and needs no answer.
+    Drop,
 }
 
 /// What applying cross-cell entries produced, besides the state change.
@@ -224,6 +310,25 @@ pub fn decision_results(events: usize, decision: Decision) -> Vec<R> {
     }
 }
 
+/// One transfer from the two found under one id in two cells (the legs of a
+/// cross-cell transfer, or the post or void of a cross-cell pending
+/// transfer in each cell): as the client sent it. The home leg (the one
+/// debiting the client's account, in its coordinator: it carries the
+/// timeout) with the client's credit account from the other leg, where the
+/// home leg credits a clearing account.
+pub fn merge_legs(kept: &Transfer, other: &Transfer) -> Transfer {
+    let (home, other) = if is_clearing_account(kept.debit_account_id) && !is_clearing_account(other.debit_account_id) {
+        (other, kept)
+    } else {
+        (kept, other)
+    };
+    let mut merged = *home;
+    if is_clearing_account(home.credit_account_id) && !is_clearing_account(other.credit_account_id) {
+        merged.credit_account_id = other.credit_account_id;
+    }
+    merged
+}
+
 /// The cell's log time for deadlines: an entry's timestamp is its leader's
 /// clock, which a new leader's may be behind; the ledger's last timestamp
 /// only goes forward. Deadlines and tombstones need time that never goes
@@ -245,7 +350,6 @@ fn refuse_event(event: &Transfer) -> Option<R> {
         return Some(R::AccountReserved);
     }
     let unsupported = [
-        TransferFlags::PENDING,
         TransferFlags::POST_PENDING_TRANSFER,
         TransferFlags::VOID_PENDING_TRANSFER,
         TransferFlags::BALANCING_DEBIT,
@@ -265,7 +369,12 @@ fn refuse_event(event: &Transfer) -> Option<R> {
 
 /// `cell`'s legs of an operation, each with the index of its event: pending
 /// transfers under the events' ids, linked so that they apply all or nothing.
+///
+/// The leg of a client's pending transfer in its coordinator carries the
+/// transfer's timeout (that cell expires it and releases the other leg);
+/// every other leg has none.
 fn legs_for(cell: CellId, events: &[Transfer], cells: &[(CellId, CellId)]) -> Vec<(usize, Transfer)> {
+    let coordinator = cells.first().map(|&(debit, _)| debit);
     let mut legs: Vec<(usize, Transfer)> = Vec::new();
     for (index, (event, &(debit_cell, credit_cell))) in events.iter().zip(cells).enumerate() {
         let clearing = |peer: CellId| clearing_account_id(event.ledger, cell_u16(cell), cell_u16(peer));
@@ -284,7 +393,7 @@ fn legs_for(cell: CellId, events: &[Transfer], cells: &[(CellId, CellId)]) -> Ve
             user_data_128: event.user_data_128,
             user_data_64: event.user_data_64,
             user_data_32: event.user_data_32,
-            timeout_s: 0,
+            timeout_s: if held(event) && coordinator == Some(cell) { event.timeout_s } else { 0 },
             ledger: event.ledger,
             code: event.code,
             flags: TransferFlags::PENDING | TransferFlags::LINKED | TransferFlags::CROSS_CELL_LEG,
@@ -296,6 +405,54 @@ fn legs_for(cell: CellId, events: &[Transfer], cells: &[(CellId, CellId)]) -> Ve
         last.flags.remove(TransferFlags::LINKED);
     }
     legs
+}
+
+/// Whether a confirm leaves `event`'s legs pending: a client's pending transfer.
+fn held(event: &Transfer) -> bool {
+    event.flags.contains(TransferFlags::PENDING)
+}
+
+/// Whether `event` posts or voids a pending transfer.
+fn resolves_pending(event: &Transfer) -> bool {
+    event.flags.contains(TransferFlags::POST_PENDING_TRANSFER)
+        || event.flags.contains(TransferFlags::VOID_PENDING_TRANSFER)
+}
+
+/// A participant applies its coordinator's release of held leg `leg`: the
+/// same post or void (under the client's transfer id), or the expiry. It
+/// must apply: the coordinator decided it. A repeated release finds it done.
+fn apply_release(
+    ledger: &mut Ledger,
+    history: &impl History,
+    timestamp: u64,
+    leg: u128,
+    expire: bool,
+    transfer: &Transfer,
+) {
+    if expire {
+        let status = ledger.expire_pending(timestamp, leg, history);
+        assert_eq!(status, Some(PendingStatus::Expired), "the expiry of held cross-cell leg {leg} did not apply");
+    } else {
+        let result = ledger.create_legs(timestamp, std::slice::from_ref(transfer), history)[0];
+        assert!(
+            matches!(result, R::Ok | R::Exists),
+            "the release of held cross-cell leg {leg} by transfer {} was refused: {result}",
+            transfer.id
+        );
+    }
+}
+
+/// The peer cell of `account` if it is `cell`'s clearing account for it.
+fn clearing_peer(account: u128, cell: CellId) -> Option<CellId> {
+    if !is_clearing_account(account) || u64::from(clearing_holder(account)) != cell {
+        return None;
+    }
+    Some(CellId::from(clearing_peer_cell(account)))
+}
+
+/// Whether a transfer that resolved a pending transfer posted it.
+fn resolves_pending_post(transfer: &Transfer) -> bool {
+    transfer.flags.contains(TransferFlags::POST_PENDING_TRANSFER)
 }
 
 fn cell_u16(cell: CellId) -> u16 {
@@ -343,8 +500,11 @@ fn resolve(ledger: &mut Ledger, history: &impl History, timestamp: u64, legs: &[
         .collect();
     let results = ledger.create_legs(timestamp, &resolutions, history);
     for (leg, result) in legs.iter().zip(&results) {
+        // A held leg (a client's pending transfer) may have expired here
+        // while its operation waited for the decision: a cancel finds it so.
+        let expired = *result == R::PendingTransferExpired && decision != Decision::Confirm;
         assert!(
-            matches!(result, R::Ok | R::Exists),
+            matches!(result, R::Ok | R::Exists) || expired,
             "the resolution of cross-cell leg {leg} ({decision:?}) was refused: {result}"
         );
     }
@@ -353,6 +513,16 @@ fn resolve(ledger: &mut Ledger, history: &impl History, timestamp: u64, legs: &[
 impl CrossCellState {
     pub fn ops(&self) -> &BTreeMap<u128, Op> {
         &self.ops
+    }
+
+    /// The sizes of the state's parts (for metrics; each O(1)).
+    pub fn counts(&self) -> Counts {
+        Counts {
+            operations: self.ops.len(),
+            parts: self.parts.len(),
+            holds: self.holds.len(),
+            releases: self.releases.len(),
+        }
     }
 
     /// Operations this cell has prepared as a participant and not yet resolved.
@@ -382,6 +552,22 @@ impl CrossCellState {
         assert_eq!(events.len(), cells.len());
         let timestamp = log_time(ledger, timestamp);
         let mut coordinated = Coordinated { results: Vec::with_capacity(events.len()), waiting: Vec::new() };
+        // A post or void of a cross-cell pending transfer applies here alone
+        // (its other leg follows the release), whichever accounts it names.
+        let mut adjusted: Option<Vec<Transfer>> = None;
+        let mut local = Vec::with_capacity(events.len());
+        for (index, (event, &(debit, credit))) in events.iter().zip(cells).enumerate() {
+            let leg_credit = if (debit, credit) == (cell, cell) || !resolves_pending(event) {
+                None
+            } else {
+                self.leg_credit(ledger, history, cell, event, credit)
+            };
+            if let Some(credit_account_id) = leg_credit {
+                adjusted.get_or_insert_with(|| events.to_vec())[index].credit_account_id = credit_account_id;
+            }
+            local.push((debit, credit) == (cell, cell) || leg_credit.is_some());
+        }
+        let events = adjusted.as_deref().unwrap_or(events);
         let mut start = 0;
         while start < events.len() {
             // A segment: one event, or a linked chain (to its first unlinked event, or the end).
@@ -390,21 +576,20 @@ impl CrossCellState {
                 end += 1;
             }
             let end = end + 1;
-            let local = cells[start..end].iter().all(|&(debit, credit)| debit == cell && credit == cell);
             // Consecutive local segments go to the ledger together.
             let mut local_end = end;
-            if local {
+            if local[start..end].iter().all(|&here| here) {
                 while local_end < events.len() {
                     let mut next = local_end;
                     while next + 1 < events.len() && events[next].flags.contains(TransferFlags::LINKED) {
                         next += 1;
                     }
-                    if !cells[local_end..=next].iter().all(|&(debit, credit)| debit == cell && credit == cell) {
+                    if !local[local_end..=next].iter().all(|&here| here) {
                         break;
                     }
                     local_end = next + 1;
                 }
-                let results = ledger.create_transfers(timestamp, &events[start..local_end], history);
+                let results = self.create_local(ledger, history, timestamp, &events[start..local_end], effects);
                 coordinated.results.extend(results);
                 start = local_end;
                 continue;
@@ -428,6 +613,116 @@ impl CrossCellState {
             start = end;
         }
         coordinated
+    }
+
+    /// Whether `event` posts or voids a cross-cell pending transfer this cell holds.
+    fn holds_leg(&self, event: &Transfer) -> bool {
+        resolves_pending(event) && self.holds.contains_key(&event.pending_id)
+    }
+
+    /// Whether any of `events` posts or voids a held pending transfer (see
+    /// `create_transfers`; the node asks before applying a cell-local request).
+    pub fn holds_any(&self, events: &[Transfer]) -> bool {
+        !self.holds.is_empty() && events.iter().any(|event| self.holds_leg(event))
+    }
+
+    /// If `event` posts or voids a cross-cell pending transfer whose leg is
+    /// here (its debit account's cell), the credit account to check the leg
+    /// against: the leg's is the clearing account, where the client names
+    /// its account in the other cell (`credit_cell`). For a transfer still
+    /// held, that must be its credit account (else the ledger refuses the
+    /// difference); once released, this cell no longer knows it, and any
+    /// account of that cell is taken (a retry answers `exists`).
+    fn leg_credit(
+        &self,
+        ledger: &Ledger,
+        history: &impl History,
+        cell: CellId,
+        event: &Transfer,
+        credit_cell: CellId,
+    ) -> Option<u128> {
+        if let Some(hold) = self.holds.get(&event.pending_id) {
+            return Some(if event.credit_account_id == hold.credit_account { 0 } else { event.credit_account_id });
+        }
+        let leg = ledger.transfer(event.pending_id, history)?;
+        let peer = clearing_peer(leg.credit_account_id, cell)?;
+        let here = leg.flags.contains(TransferFlags::CROSS_CELL_LEG);
+        here.then_some(if credit_cell == peer { 0 } else { event.credit_account_id })
+    }
+
+    /// Applies cell-local events. A post or void of a held pending transfer
+    /// applies to its leg here, and is released to the other cell.
+    fn create_local(
+        &mut self,
+        ledger: &mut Ledger,
+        history: &impl History,
+        timestamp: u64,
+        events: &[Transfer],
+        effects: &mut Effects,
+    ) -> Vec<R> {
+        if !self.holds_any(events) {
+            return ledger.create_transfers(timestamp, events, history);
+        }
+        let holds = &self.holds;
+        let results = ledger.create_transfers_holding(timestamp, events, history, &|id| holds.contains_key(&id));
+        for (event, result) in events.iter().zip(&results) {
+            if *result != R::Ok || !resolves_pending(event) {
+                continue;
+            }
+            let Some(hold) = self.holds.remove(&event.pending_id) else { continue };
+            self.hold_expiries.remove(&(hold.expires_at, event.pending_id));
+            effects.steps.push(Step::Released);
+            if let Some(peer) = hold.peer {
+                let applied = ledger.transfer(event.id, history).expect("a transfer just created is found");
+                let mut flags = TransferFlags::default();
+                flags.insert(if resolves_pending_post(&applied) {
+                    TransferFlags::POST_PENDING_TRANSFER
+                } else {
+                    TransferFlags::VOID_PENDING_TRANSFER
+                });
+                let transfer = Transfer {
+                    id: applied.id,
+                    pending_id: event.pending_id,
+                    amount: applied.amount,
+                    user_data_128: applied.user_data_128,
+                    user_data_64: applied.user_data_64,
+                    user_data_32: applied.user_data_32,
+                    ledger: applied.ledger,
+                    code: applied.code,
+                    flags,
+                    ..Transfer::default()
+                };
+                self.release(peer, event.pending_id, false, transfer, timestamp, effects);
+            }
+        }
+        results
+    }
+
+    /// Records and sends the release of held leg `leg` to `peer`.
+    fn release(&mut self, peer: CellId, leg: u128, expire: bool, transfer: Transfer, at: u64, effects: &mut Effects) {
+        self.releases.insert(leg, Release { peer, expire, transfer, at });
+        effects.outbox.push((peer, Item::Release { leg, expire, transfer }));
+    }
+
+    /// Expires the held pending transfers due by log time `timestamp` and
+    /// releases their other legs. The ledger may have expired the leg here
+    /// already (it carries the timeout); if not, it is expired now. Called
+    /// after every entry that can advance the ledger's time.
+    pub fn expire_due(&mut self, ledger: &mut Ledger, history: &impl History, timestamp: u64, effects: &mut Effects) {
+        let timestamp = log_time(ledger, timestamp);
+        while let Some(&(expires_at, leg)) = self.hold_expiries.first() {
+            if expires_at > timestamp {
+                break;
+            }
+            self.hold_expiries.pop_first();
+            let hold = self.holds.remove(&leg).expect("an expiring hold is held");
+            let status = ledger.expire_pending(timestamp, leg, history);
+            assert_eq!(status, Some(PendingStatus::Expired), "held cross-cell pending transfer {leg} did not expire");
+            effects.steps.push(Step::Released);
+            if let Some(peer) = hold.peer {
+                self.release(peer, leg, true, Transfer::default(), timestamp, effects);
+            }
+        }
     }
 
     /// Starts one cross-cell operation here; `None` if it waits for its
@@ -455,13 +750,21 @@ impl CrossCellState {
         if cells[0].0 != cell {
             return refused(0, R::CrossCellMisrouted);
         }
+        // A client's pending transfer is held by the coordinator, where its
+        // post or void is routed (its debit account's cell): it must be that cell's.
+        if let Some(index) = events.iter().zip(cells).position(|(event, &(debit, _))| held(event) && debit != cell) {
+            return refused(index, R::CrossCellFlagsUnsupported);
+        }
         let op = events[0].id;
         if let Some(open) = self.ops.get(&op) {
             if open.events == events && open.decision.is_none() {
                 return None;
             }
-            if let Some(decision) = open.decision.filter(|_| open.events == events) {
-                return Some(decision_results(events.len(), decision));
+            // A retry of an operation decided but not forgotten yet answers as after it is.
+            match open.decision.filter(|_| open.events == events) {
+                Some(Decision::Confirm) => return Some(vec![R::Exists; events.len()]),
+                Some(cancel) => return Some(decision_results(events.len(), cancel)),
+                None => {}
             }
             let (index, code) = differs(&open.events, events);
             return refused(index, code);
@@ -470,7 +773,7 @@ impl CrossCellState {
         if let Some(existing) = ledger.transfer(op, history) {
             return Some(self.retried(ledger, history, events, &legs, &existing));
         }
-        if self.ops.len() >= OPS_MAX {
+        if self.ops.len() >= OPS_MAX || (events.iter().any(held) && self.holds.len() >= HOLDS_MAX) {
             return refused(0, R::CrossCellTransfersMaxReached);
         }
         ensure_clearing_accounts(ledger, timestamp, &legs);
@@ -528,6 +831,8 @@ impl CrossCellState {
                 let event = u32::try_from(resolution.user_data_64).unwrap_or(0);
                 decision_results(events.len(), Decision::Cancel { event, code })
             }
+            // A client's pending transfer, confirmed: its legs stay for the client to post or void.
+            None if held(&events[0]) => vec![R::Exists; events.len()],
             None => panic!("cross-cell leg {} is open but its operation is not recorded", existing.id),
         }
     }
@@ -572,10 +877,16 @@ impl CrossCellState {
                 &Item::Decide { op, confirm, deadline } => {
                     let key = (from, op);
                     match self.parts.remove(&key) {
-                        Some(PartRecord { part: Part::Prepared { legs }, .. }) => {
+                        Some(PartRecord { part: Part::Prepared { legs, held }, .. }) => {
                             // The failing event and code are the coordinator's to record.
                             let decision =
                                 if confirm { Decision::Confirm } else { Decision::Cancel { event: 0, code: R::Ok } };
+                            // A confirm leaves held legs pending, for their coordinator to release.
+                            let legs: Vec<u128> = if confirm {
+                                legs.into_iter().filter(|leg| !held.contains(leg)).collect()
+                            } else {
+                                legs
+                            };
                             resolve(ledger, history, timestamp, &legs, decision);
                             effects.steps.push(Step::Resolved);
                         }
@@ -636,6 +947,16 @@ impl CrossCellState {
                         self.decide(ledger, history, cell, timestamp, op, cancel, effects);
                     }
                 }
+                &Item::Release { leg, expire, transfer } => {
+                    apply_release(ledger, history, timestamp, leg, expire, &transfer);
+                    effects.steps.push(Step::ReleaseApplied);
+                    effects.outbox.push((from, Item::Released { leg }));
+                }
+                &Item::Released { leg } => {
+                    if self.releases.get(&leg).is_some_and(|release| release.peer == from) {
+                        self.releases.remove(&leg);
+                    }
+                }
             }
         }
     }
@@ -691,9 +1012,11 @@ impl CrossCellState {
         let results = ledger.create_legs(timestamp, &transfers, history);
         match refusal(&legs, &results) {
             None => {
-                let legs = transfers.iter().map(|leg| leg.id).collect();
-                self.parts
-                    .insert((coordinator, op), PartRecord { part: Part::Prepared { legs }, deadline: tried.deadline });
+                let ids = legs.iter().map(|(_, leg)| leg.id).collect();
+                let held =
+                    legs.iter().filter(|&&(index, _)| held(&tried.events[index])).map(|(_, leg)| leg.id).collect();
+                let part = Part::Prepared { legs: ids, held };
+                self.parts.insert((coordinator, op), PartRecord { part, deadline: tried.deadline });
                 Some(Item::Prepared { op })
             }
             // A try repeated after its decision was applied here: the coordinator needs no answer.
@@ -718,11 +1041,31 @@ impl CrossCellState {
         let record = self.ops.get_mut(&op).expect("decided operations are recorded");
         assert!(record.decision.is_none(), "cross-cell operation {op} decided twice");
         record.decision = Some(decision);
-        let legs: Vec<u128> = legs_for(cell, &record.events, &record.cells).iter().map(|(_, leg)| leg.id).collect();
+        let mine = legs_for(cell, &record.events, &record.cells);
+        let confirm = decision == Decision::Confirm;
+        // A confirm leaves the legs of client pending transfers pending: held here until posted, voided or expired.
+        let legs: Vec<u128> =
+            mine.iter().filter(|(index, _)| !confirm || !held(&record.events[*index])).map(|(_, leg)| leg.id).collect();
         resolve(ledger, history, timestamp, &legs, decision);
+        if confirm {
+            for (index, leg) in mine.iter().filter(|(index, _)| held(&record.events[*index])) {
+                let (debit, credit) = record.cells[*index];
+                debug_assert_eq!(debit, cell);
+                let expires_at = ledger.transfer(leg.id, history).and_then(|leg| leg.expires_at()).unwrap_or(0);
+                let event = &record.events[*index];
+                let hold = Hold {
+                    peer: (credit != cell).then_some(credit),
+                    credit_account: event.credit_account_id,
+                    expires_at,
+                };
+                self.holds.insert(leg.id, hold);
+                if expires_at != 0 {
+                    self.hold_expiries.insert((expires_at, leg.id));
+                }
+            }
+        }
         effects.steps.push(Step::Decided);
         effects.decided.push((op, decision_results(record.events.len(), decision)));
-        let confirm = decision == Decision::Confirm;
         for &participant in record.participants.keys() {
             effects.outbox.push((participant, Item::Decide { op, confirm, deadline: record.deadline }));
         }
@@ -736,30 +1079,34 @@ impl CrossCellState {
     }
 
     /// Whether a leader must log `item` from `from`, or can answer (or drop)
-    /// it from the state it has applied: `Err(answer)` when it need not.
-    pub fn triage(&self, from: CellId, item: &Item) -> Result<(), Option<Item>> {
+    /// it from the state it has applied.
+    pub fn triage(&self, from: CellId, item: &Item) -> Triage {
         match item {
             Item::Try { op, .. } => match self.parts.get(&(from, *op)) {
-                Some(PartRecord { part: Part::Prepared { .. }, .. }) => Err(Some(Item::Prepared { op: *op })),
-                Some(PartRecord { part: Part::Tombstone, .. }) => Err(None),
-                None => Ok(()),
+                Some(PartRecord { part: Part::Prepared { .. }, .. }) => Triage::Answer(Item::Prepared { op: *op }),
+                Some(PartRecord { part: Part::Tombstone, .. }) => Triage::Drop,
+                None => Triage::Log,
             },
             // Logged even when nothing is prepared: a new leader may not have
             // applied the try yet, which its log orders before the decision.
             &Item::Decide { op, .. } => match self.parts.get(&(from, op)) {
-                Some(PartRecord { part: Part::Tombstone, .. }) => Err(Some(Item::Done { op })),
-                _ => Ok(()),
+                Some(PartRecord { part: Part::Tombstone, .. }) => Triage::Answer(Item::Done { op }),
+                _ => Triage::Log,
             },
             &Item::Prepared { op } | &Item::Refused { op, .. } => match self.ops.get(&op) {
-                Some(record) if record.decision.is_none() => Ok(()),
-                _ => Err(None),
+                Some(record) if record.decision.is_none() => Triage::Log,
+                _ => Triage::Drop,
             },
             &Item::Done { op } => match self.ops.get(&op) {
-                Some(record) if record.decision.is_some() => Ok(()),
-                _ => Err(None),
+                Some(record) if record.decision.is_some() => Triage::Log,
+                _ => Triage::Drop,
             },
-            &Item::Ask { op } => Err(self.answer_ask(op)),
-            Item::Timeout { .. } => Ok(()),
+            &Item::Ask { op } => self.answer_ask(op).map_or(Triage::Drop, Triage::Answer),
+            Item::Timeout { .. } | Item::Release { .. } => Triage::Log,
+            &Item::Released { leg } => match self.releases.get(&leg) {
+                Some(release) if release.peer == from => Triage::Log,
+                _ => Triage::Drop,
+            },
         }
     }
 
@@ -806,6 +1153,11 @@ impl CrossCellState {
                 items.push((coordinator, Item::Ask { op }));
             }
         }
+        for (&leg, release) in &self.releases {
+            if now >= release.at.saturating_add(settle_ns) {
+                items.push((release.peer, Item::Release { leg, expire: release.expire, transfer: release.transfer }));
+            }
+        }
         items
     }
 
@@ -841,19 +1193,40 @@ impl CrossCellState {
             put_u64(out, record.deadline);
             match &record.part {
                 Part::Tombstone => out.push(0),
-                Part::Prepared { legs } => {
+                Part::Prepared { legs, held } => {
                     out.push(1);
-                    put_u32(out, legs.len() as u32);
-                    for &leg in legs {
-                        put_u128(out, leg);
+                    for ids in [legs, held] {
+                        put_u32(out, ids.len() as u32);
+                        for &id in ids {
+                            put_u128(out, id);
+                        }
                     }
                 }
             }
         }
+        put_u32(out, self.holds.len() as u32);
+        for (&leg, hold) in &self.holds {
+            put_u128(out, leg);
+            put_u64(out, hold.peer.unwrap_or(0));
+            put_u128(out, hold.credit_account);
+            put_u64(out, hold.expires_at);
+        }
+        put_u32(out, self.releases.len() as u32);
+        let mut bytes = [0u8; RECORD_SIZE];
+        for (&leg, release) in &self.releases {
+            put_u128(out, leg);
+            put_u64(out, release.peer);
+            out.push(u8::from(release.expire));
+            release.transfer.encode(&mut bytes);
+            out.extend_from_slice(&bytes);
+            put_u64(out, release.at);
+        }
     }
 
-    /// Decodes what `encode_into` wrote, returning the state and the bytes after it.
-    pub fn decode(bytes: &[u8]) -> Option<(CrossCellState, &[u8])> {
+    /// Decodes what `encode_into` wrote, returning the state and the bytes
+    /// after it; `with_holds: false` reads the format before cross-cell
+    /// pending transfers (no held legs, holds or releases).
+    pub fn decode(bytes: &[u8], with_holds: bool) -> Option<(CrossCellState, &[u8])> {
         let mut reader = Reader { bytes };
         let mut state = CrossCellState::default();
         for _ in 0..reader.u32()? {
@@ -892,13 +1265,32 @@ impl CrossCellState {
                     Part::Tombstone
                 }
                 1 => {
-                    let count = reader.u32()? as usize;
-                    let legs = (0..count).map(|_| reader.u128()).collect::<Option<Vec<_>>>()?;
-                    Part::Prepared { legs }
+                    let legs = reader.ids()?;
+                    let held = if with_holds { reader.ids()? } else { Vec::new() };
+                    Part::Prepared { legs, held }
                 }
                 _ => return None,
             };
             state.parts.insert((coordinator, op), PartRecord { part, deadline });
+        }
+        if !with_holds {
+            return Some((state, reader.bytes));
+        }
+        for _ in 0..reader.u32()? {
+            let leg = reader.u128()?;
+            let peer = Some(reader.u64()?).filter(|&peer| peer != 0);
+            let hold = Hold { peer, credit_account: reader.u128()?, expires_at: reader.u64()? };
+            if hold.expires_at != 0 {
+                state.hold_expiries.insert((hold.expires_at, leg));
+            }
+            state.holds.insert(leg, hold);
+        }
+        for _ in 0..reader.u32()? {
+            let leg = reader.u128()?;
+            let peer = reader.u64()?;
+            let expire = reader.u8()? != 0;
+            let transfer = Transfer::decode(reader.take(RECORD_SIZE)?.try_into().ok()?);
+            state.releases.insert(leg, Release { peer, expire, transfer, at: reader.u64()? });
         }
         Some((state, reader.bytes))
     }
@@ -966,6 +1358,18 @@ pub fn encode_items(out: &mut Vec<u8>, items: &[Item]) {
                 out.push(7);
                 put_u128(out, op);
             }
+            &Item::Release { leg, expire, transfer } => {
+                out.push(8);
+                put_u128(out, leg);
+                out.push(u8::from(expire));
+                let mut bytes = [0u8; RECORD_SIZE];
+                transfer.encode(&mut bytes);
+                out.extend_from_slice(&bytes);
+            }
+            &Item::Released { leg } => {
+                out.push(9);
+                put_u128(out, leg);
+            }
         }
     }
 }
@@ -974,6 +1378,7 @@ pub fn encode_items(out: &mut Vec<u8>, items: &[Item]) {
 pub fn item_bytes(item: &Item) -> usize {
     match item {
         Item::Try { events, .. } => 1 + 16 + 8 + 4 + events.len() * (RECORD_SIZE + 16),
+        Item::Release { .. } => 1 + 16 + 1 + RECORD_SIZE,
         _ => 1 + 16 + 9 + 8,
     }
 }
@@ -1005,6 +1410,16 @@ pub fn decode_items(bytes: &[u8]) -> Option<Vec<Item>> {
             5 => Item::Done { op },
             6 => Item::Ask { op },
             7 => Item::Timeout { op },
+            8 => {
+                let expire = match reader.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return None,
+                };
+                let transfer = Transfer::decode(reader.take(RECORD_SIZE)?.try_into().ok()?);
+                Item::Release { leg: op, expire, transfer }
+            }
+            9 => Item::Released { leg: op },
             _ => return None,
         });
     }
@@ -1065,6 +1480,15 @@ impl<'a> Reader<'a> {
 
     fn u128(&mut self) -> Option<u128> {
         Some(u128::from_le_bytes(self.take(16)?.try_into().ok()?))
+    }
+
+    /// A count and that many ids.
+    fn ids(&mut self) -> Option<Vec<u128>> {
+        let count = self.u32()? as usize;
+        if count > self.bytes.len() / 16 {
+            return None;
+        }
+        (0..count).map(|_| self.u128()).collect()
     }
 
     fn events(&mut self) -> Option<OpEvents> {

@@ -53,6 +53,14 @@ pub struct CellMetrics {
     pub accounts: Family<CellLabels, Gauge>,
     pub pending_open: Family<CellLabels, Gauge>,
     pub transfers_uncheckpointed: Family<CellLabels, Gauge>,
+    /// Cross-cell operations this cell coordinates, not yet decided or acknowledged.
+    pub cross_operations: Family<CellLabels, Gauge>,
+    /// Prepared operations and tombstones this cell holds as a participant.
+    pub cross_parts: Family<CellLabels, Gauge>,
+    /// Open cross-cell pending transfers this cell holds (coordinates).
+    pub cross_holds: Family<CellLabels, Gauge>,
+    /// Releases of held transfers not yet applied by the other cell.
+    pub cross_releases: Family<CellLabels, Gauge>,
 }
 
 pub struct Metrics {
@@ -109,7 +117,7 @@ impl Metrics {
         let checkpoint_seconds = Histogram::new(seconds_buckets());
         registry.register("checkpoint_seconds", "Checkpoint write latency", checkpoint_seconds.clone());
         let cells = CellMetrics::default();
-        let cell_gauges: [(&str, &str, &Family<CellLabels, Gauge>); 13] = [
+        let cell_gauges: [(&str, &str, &Family<CellLabels, Gauge>); 17] = [
             ("cell_is_leader", "1 if this node's replica leads the cell", &cells.is_leader),
             ("cell_leader", "The cell's leader node as this replica knows it (0: none)", &cells.leader),
             ("cell_term", "The cell's Raft term", &cells.term),
@@ -126,6 +134,14 @@ impl Metrics {
                 "cell_transfers_uncheckpointed",
                 "Transfers applied since the cell's last checkpoint (held in memory)",
                 &cells.transfers_uncheckpointed,
+            ),
+            ("cell_cross_operations", "Cross-cell operations coordinated, in flight", &cells.cross_operations),
+            ("cell_cross_parts", "Cross-cell operations prepared (or tombstoned) as a participant", &cells.cross_parts),
+            ("cell_cross_holds", "Open cross-cell pending transfers held as coordinator", &cells.cross_holds),
+            (
+                "cell_cross_releases",
+                "Releases of held transfers not yet applied by the other cell",
+                &cells.cross_releases,
             ),
         ];
         for (name, help, family) in cell_gauges {
@@ -166,7 +182,13 @@ impl Metrics {
     }
 
     /// Publishes a cell's gauges.
-    pub fn cell(&self, status: &crate::node::CellStatus, pending_open: usize, transfers_uncheckpointed: usize) {
+    pub fn cell(
+        &self,
+        status: &crate::node::CellStatus,
+        pending_open: usize,
+        transfers_uncheckpointed: usize,
+        cross: crate::cross_cell::Counts,
+    ) {
         let labels = CellLabels { cell: status.cell };
         let set = |family: &Family<CellLabels, Gauge>, value: u64| {
             family.get_or_create(&labels).set(i64::try_from(value).unwrap_or(i64::MAX));
@@ -185,6 +207,10 @@ impl Metrics {
         set(&cells.accounts, status.accounts as u64);
         set(&cells.pending_open, pending_open as u64);
         set(&cells.transfers_uncheckpointed, transfers_uncheckpointed as u64);
+        set(&cells.cross_operations, cross.operations as u64);
+        set(&cells.cross_parts, cross.parts as u64);
+        set(&cells.cross_holds, cross.holds as u64);
+        set(&cells.cross_releases, cross.releases as u64);
     }
 
     /// The text exposition format.

@@ -58,7 +58,7 @@ use raft::{RawNode, StateRole};
 use tokio::sync::oneshot;
 
 use crate::cell_state::{self, CellState};
-use crate::cross_cell::{self, Effects, Item};
+use crate::cross_cell::{self, Effects, Item, Triage};
 use crate::metrics::Metrics;
 use crate::raft_log::{CellLog, LogBase, NodeLog, NodeLogError};
 use crate::record::{self, Record, RecordError};
@@ -547,7 +547,13 @@ impl NodeHandle {
                 }
                 Ok(match request {
                     Request::LookupAccounts(_) => Reply::Accounts(in_request_order(&ids, accounts, |a| a.id)),
-                    _ => Reply::Transfers(in_request_order(&ids, transfers, |t| t.id)),
+                    // The two legs of a cross-cell transfer, as the client sent it.
+                    _ => Reply::Transfers(crate::gateway::split::merge_found_with(
+                        &ids,
+                        transfers,
+                        |t| t.id,
+                        cross_cell::merge_legs,
+                    )),
                 })
             }
         }
@@ -2111,12 +2117,11 @@ impl Engine {
         let mut answers = Vec::new();
         for item in items {
             match replica.state.cross.triage(from, &item) {
-                Ok(()) if replica.cross_inbox.len() < cross_cell::INBOX_ITEMS_MAX => {
+                Triage::Log if replica.cross_inbox.len() < cross_cell::INBOX_ITEMS_MAX => {
                     replica.cross_inbox.push((from, item))
                 }
-                Ok(()) => {}
-                Err(Some(answer)) => answers.push((from, answer)),
-                Err(None) => {}
+                Triage::Log | Triage::Drop => {}
+                Triage::Answer(answer) => answers.push((from, answer)),
             }
         }
         self.cross_send(cell, answers);
@@ -2302,7 +2307,8 @@ impl Engine {
             accounts: replica.ledger.accounts_count(),
         };
         let ledger = &replica.ledger;
-        self.metrics.cell(&status, ledger.pending_open_count(), ledger.transfers_new_count());
+        let cross = replica.state.cross.counts();
+        self.metrics.cell(&status, ledger.pending_open_count(), ledger.transfers_new_count(), cross);
         self.metrics.wal_op_last.set(self.log.last_op() as i64);
         self.status.publish(status);
     }
@@ -2633,7 +2639,20 @@ fn apply_record(replica: &mut Replica, record: &Record, applying: &Applying) -> 
                 return Some(Err(misrouted(&applying.status.routing(), cell, account)));
             }
             let timestamp = clock.unwrap_or(*timestamp);
-            let results = replica.ledger.create_transfers(timestamp, transfers, replica.store.as_ref());
+            let history = replica.store.as_ref();
+            let results = if replica.state.cross.holds_any(transfers) {
+                // A post or void of a cross-cell pending transfer held here: released to its other cell too.
+                let cells = vec![(cell, cell); transfers.len()];
+                let cross = &mut replica.state.cross;
+                let effects = &mut replica.cross_effects;
+                let coordinated =
+                    cross.create_transfers(&mut replica.ledger, history, cell, timestamp, transfers, &cells, effects);
+                debug_assert!(coordinated.waiting.is_empty(), "cell-local events wait for no decision");
+                coordinated.results
+            } else {
+                replica.ledger.create_transfers(timestamp, transfers, history)
+            };
+            replica.state.cross.expire_due(&mut replica.ledger, history, timestamp, &mut replica.cross_effects);
             metrics.results("create_transfers", &results, CreateTransferResult::as_str);
             Some(Ok(Reply::CreateTransfers(results)))
         }
@@ -2660,6 +2679,7 @@ fn apply_record(replica: &mut Replica, record: &Record, applying: &Applying) -> 
                 cells,
                 &mut replica.cross_effects,
             );
+            replica.state.cross.expire_due(&mut replica.ledger, history, timestamp, &mut replica.cross_effects);
             metrics.results("create_transfers", &coordinated.results, CreateTransferResult::as_str);
             replica.cross_waiting = coordinated.waiting;
             Some(Ok(Reply::CreateTransfers(coordinated.results)))
@@ -2680,12 +2700,16 @@ fn apply_record(replica: &mut Replica, record: &Record, applying: &Applying) -> 
                 items,
                 &mut replica.cross_effects,
             );
+            cross.expire_due(&mut replica.ledger, history, timestamp, &mut replica.cross_effects);
             replica.state.cross = cross;
             // A decision changes what a snapshot must hold: the cell state.
             None
         }
         Record::Pulse { timestamp } => {
-            replica.ledger.pulse(clock.unwrap_or(*timestamp));
+            let timestamp = clock.unwrap_or(*timestamp);
+            replica.ledger.pulse(timestamp);
+            let history = replica.store.as_ref();
+            replica.state.cross.expire_due(&mut replica.ledger, history, timestamp, &mut replica.cross_effects);
             None
         }
         &Record::ChangeRouting { expected_version, change, .. } => {

@@ -150,10 +150,10 @@ async fn a_transfer_between_cells_is_applied_in_both_or_in_neither() {
     marked.flags = TransferFlags::CROSS_CELL_LEG;
     assert_eq!(transfers(&handle, vec![marked]).await, vec![R::ReservedFlag]);
 
-    // Unsupported across cells (for now): pending transfers; reserved ids and accounts.
-    let mut pending = transfer(30, 1, 52, 1);
-    pending.flags = TransferFlags::PENDING;
-    assert_eq!(transfers(&handle, vec![pending]).await, vec![R::CrossCellFlagsUnsupported]);
+    // Unsupported across cells (for now): balancing and closing transfers; reserved ids and accounts.
+    let mut balancing = transfer(30, 1, 52, 1);
+    balancing.flags = TransferFlags::BALANCING_DEBIT;
+    assert_eq!(transfers(&handle, vec![balancing]).await, vec![R::CrossCellFlagsUnsupported]);
     assert_eq!(transfers(&handle, vec![transfer(resolution_id(31), 1, 2, 1)]).await, vec![R::IdReserved]);
     let mut clearing = transfer(32, 1, 2, 1);
     clearing.credit_account_id = to_cell_2;
@@ -181,6 +181,134 @@ async fn a_transfer_between_cells_is_applied_in_both_or_in_neither() {
     let handle = node.handle();
     assert_eq!(balance(&handle, user(52)).await, (60, 121, 0, 0));
     assert_eq!(transfers(&handle, vec![transfer(11, 1, 77, 5)]).await, vec![R::CreditAccountNotFound]);
+    drop(handle);
+    node.shutdown();
+}
+
+fn pending(id: u128, debit: u64, credit: u64, amount: u128, timeout_s: u32) -> Transfer {
+    Transfer { flags: TransferFlags::PENDING, timeout_s, ..transfer(id, debit, credit, amount) }
+}
+
+/// A post (or void) of pending transfer `pending_id`, naming its debit
+/// account (so that the node routes it to that account's cell, which holds it).
+fn resolve(id: u128, pending_id: u128, debit: u64, amount: u128, flags: TransferFlags) -> Transfer {
+    Transfer {
+        id,
+        pending_id,
+        debit_account_id: user(debit),
+        amount,
+        flags,
+        ledger: LEDGER,
+        code: 1,
+        ..Transfer::default()
+    }
+}
+
+async fn lookup(handle: &NodeHandle, id: u128) -> Transfer {
+    match handle.submit(Request::LookupTransfers(vec![id])).await {
+        Ok(Reply::Transfers(found)) if found.len() == 1 => found[0],
+        other => panic!("transfer {id} was not found once: {other:?}"),
+    }
+}
+
+/// Waits (up to 10 s) until `id`'s balance is `expected`: the other cell's
+/// leg is released after the client's answer.
+async fn await_balance(handle: &NodeHandle, id: u128, expected: (u128, u128, u128, u128), what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let found = balance(handle, id).await;
+        if found == expected {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: balance {found:?}, expected {expected:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_transfer_between_cells_is_posted_voided_or_expired_in_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(dir.path());
+    let handle = node.handle();
+    setup(&handle).await;
+    let to_cell_2 = clearing_account_id(LEDGER, 1, 2);
+    let from_cell_1 = clearing_account_id(LEDGER, 2, 1);
+
+    // Pending from cell 1 to cell 2: reserved in both once confirmed.
+    assert_eq!(transfers(&handle, vec![pending(50, 1, 52, 100, 0)]).await, vec![R::Ok]);
+    assert_eq!(balance(&handle, user(1)).await, (0, 1_000, 100, 0));
+    await_balance(&handle, user(52), (0, 0, 0, 100), "the credit leg stays pending").await;
+    assert_eq!(transfers(&handle, vec![pending(50, 1, 52, 100, 0)]).await, vec![R::Exists]);
+    // A lookup shows it as the client sent it: both legs merged.
+    let found = lookup(&handle, 50).await;
+    assert_eq!((found.debit_account_id, found.credit_account_id, found.amount), (user(1), user(52), 100));
+    assert!(found.flags.contains(TransferFlags::PENDING) && found.flags.contains(TransferFlags::CROSS_CELL_LEG));
+
+    // A partial post, naming both of the client's accounts: posted here, released there.
+    let mut post = resolve(51, 50, 1, 60, TransferFlags::POST_PENDING_TRANSFER);
+    post.credit_account_id = user(52);
+    assert_eq!(transfers(&handle, vec![post]).await, vec![R::Ok]);
+    assert_eq!(balance(&handle, user(1)).await, (60, 1_000, 0, 0));
+    await_balance(&handle, user(52), (0, 60, 0, 0), "the release posts the credit leg").await;
+    await_balance(&handle, from_cell_1, (60, 0, 0, 0), "cell 2's clearing account").await;
+    assert_eq!(balance(&handle, to_cell_2).await, (0, 60, 0, 0));
+    assert_eq!(transfers(&handle, vec![post]).await, vec![R::Exists]);
+    let found = lookup(&handle, 51).await;
+    assert_eq!((found.debit_account_id, found.credit_account_id, found.amount), (user(1), user(52), 60));
+    let again = resolve(52, 50, 1, 0, TransferFlags::POST_PENDING_TRANSFER);
+    assert_eq!(transfers(&handle, vec![again]).await, vec![R::PendingTransferAlreadyPosted]);
+    // Naming another credit account is refused, as for any pending transfer.
+    assert_eq!(transfers(&handle, vec![pending(53, 1, 52, 10, 0)]).await, vec![R::Ok]);
+    let mut wrong = resolve(54, 53, 1, 0, TransferFlags::POST_PENDING_TRANSFER);
+    wrong.credit_account_id = user(51);
+    assert_eq!(transfers(&handle, vec![wrong]).await, vec![R::PendingTransferHasDifferentCreditAccountId]);
+
+    // A void releases both reservations.
+    let void = resolve(55, 53, 1, 0, TransferFlags::VOID_PENDING_TRANSFER);
+    assert_eq!(transfers(&handle, vec![void]).await, vec![R::Ok]);
+    assert_eq!(balance(&handle, user(1)).await, (60, 1_000, 0, 0));
+    await_balance(&handle, user(52), (0, 60, 0, 0), "the release voids the credit leg").await;
+
+    // A timeout expires both: the coordinator expires its leg and releases the other.
+    assert_eq!(transfers(&handle, vec![pending(56, 1, 52, 7, 1)]).await, vec![R::Ok]);
+    await_balance(&handle, user(52), (0, 60, 0, 7), "the credit leg of the expiring transfer").await;
+    await_balance(&handle, user(1), (60, 1_000, 0, 0), "the debit leg expires").await;
+    await_balance(&handle, user(52), (0, 60, 0, 0), "the credit leg expires with it").await;
+    let late = resolve(57, 56, 1, 0, TransferFlags::POST_PENDING_TRANSFER);
+    assert_eq!(transfers(&handle, vec![late]).await, vec![R::PendingTransferExpired]);
+
+    // Refused by the participant: nothing reserved anywhere.
+    assert_eq!(transfers(&handle, vec![pending(58, 1, 77, 5, 0)]).await, vec![R::CreditAccountNotFound]);
+    assert_eq!(balance(&handle, user(1)).await, (60, 1_000, 0, 0));
+    // A pending transfer is held by its debit account's cell, which must coordinate it.
+    let mut head = transfer(59, 1, 2, 1);
+    head.flags = TransferFlags::LINKED;
+    let chain = vec![head, pending(60, 51, 2, 1, 0)];
+    assert_eq!(transfers(&handle, chain).await, vec![R::LinkedEventFailed, R::CrossCellFlagsUnsupported]);
+
+    // Held transfers survive a crash (the log) and a clean restart (the checkpoints).
+    assert_eq!(transfers(&handle, vec![pending(61, 1, 52, 5, 0), pending(62, 1, 52, 6, 0)]).await, vec![R::Ok; 2]);
+    await_balance(&handle, user(52), (0, 60, 0, 11), "two credit legs pending").await;
+    drop(handle);
+    node.halt();
+    let node = start(dir.path());
+    let handle = node.handle();
+    let post = resolve(63, 61, 1, 0, TransferFlags::POST_PENDING_TRANSFER);
+    assert_eq!(transfers(&handle, vec![post]).await, vec![R::Ok]);
+    await_balance(&handle, user(52), (0, 65, 0, 6), "posted after the crash").await;
+    drop(handle);
+    node.shutdown();
+    let node = start(dir.path());
+    assert_eq!(node.recovery.records_replayed, 0);
+    let handle = node.handle();
+    let void = resolve(64, 62, 1, 0, TransferFlags::VOID_PENDING_TRANSFER);
+    assert_eq!(transfers(&handle, vec![void]).await, vec![R::Ok]);
+    await_balance(&handle, user(52), (0, 65, 0, 0), "voided after the restart").await;
+    assert_eq!(balance(&handle, user(1)).await, (65, 1_000, 0, 0));
+    // Each cell conserves money; the pair's clearing accounts net to zero.
+    let (x, y) = (balance(&handle, to_cell_2).await, balance(&handle, from_cell_1).await);
+    assert_eq!((x.1, x.3), (65, 0));
+    assert_eq!((y.0, y.2), (65, 0));
     drop(handle);
     node.shutdown();
 }

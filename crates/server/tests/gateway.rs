@@ -242,10 +242,9 @@ async fn a_batch_spanning_cells_is_split_applied_and_answered_in_request_order()
     // Lookups: request order, what is not found left out, an id asked twice answered twice.
     let found = lookup_transfers(&mut client, &[7, 1000, 2, 1, 7]).await;
     assert_eq!(found.iter().map(|t| t.id).collect::<Vec<_>>(), vec![7, 2, 1, 7]);
-    // The transfer between the cells is answered by its home cell's leg:
-    // the client's debit account, and that cell's clearing account for the other.
-    let clearing = cellpay_ledger::id::clearing_account_id(LEDGER, 1, 2);
-    assert_eq!((found[0].debit_account_id, found[0].credit_account_id, found[0].amount), (a1, clearing, 100));
+    // The transfer between the cells is answered as the client sent it: its
+    // two legs merged (the home cell's, naming the credit account of the other's).
+    assert_eq!((found[0].debit_account_id, found[0].credit_account_id, found[0].amount), (a1, b1, 100));
     let found = lookup_accounts(&mut client, &[b2, user(77, 1), a1, b1]).await;
     assert_eq!(found.iter().map(|a| a.id).collect::<Vec<_>>(), vec![b2, a1, b1]);
     let filter = AccountFilter { account_id: b2, limit: 10, debits: true, credits: true, ..AccountFilter::default() };

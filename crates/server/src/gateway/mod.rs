@@ -54,6 +54,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
 
+use crate::cross_cell;
 use crate::forward::{refusal_metadata, NOTHING_APPLIED_KEY};
 use crate::front::{node_error_code, Backend, Caller, FrontError};
 use crate::node::{NodeError, Reply, Request};
@@ -416,7 +417,7 @@ impl GatewayHandle {
             }
             Request::LookupTransfers(ids) => {
                 let found = self.lookup_transfers(&ids, deadline).await?;
-                let merged = split::merge_found(&ids, found, |transfer| transfer.id, split::prefer_home_leg);
+                let merged = split::merge_found_with(&ids, found, |transfer| transfer.id, cross_cell::merge_legs);
                 Ok(Reply::Transfers(merged))
             }
             Request::GetAccountTransfers(filter) => {

@@ -357,6 +357,17 @@ pub fn merge_found<T: Clone>(
     id_of: impl Fn(&T) -> u128,
     prefer: impl Fn(&T, &T) -> bool,
 ) -> Vec<T> {
+    let combine = |kept: &T, other: &T| if prefer(kept, other) { other.clone() } else { kept.clone() };
+    merge_found_with(ids, found, id_of, combine)
+}
+
+/// As [`merge_found`], the items found under one id combined into one by `combine(kept, other)`.
+pub fn merge_found_with<T: Clone>(
+    ids: &[u128],
+    found: impl IntoIterator<Item = T>,
+    id_of: impl Fn(&T) -> u128,
+    combine: impl Fn(&T, &T) -> T,
+) -> Vec<T> {
     let mut by_id: BTreeMap<u128, T> = BTreeMap::new();
     for item in found {
         match by_id.entry(id_of(&item)) {
@@ -364,9 +375,8 @@ pub fn merge_found<T: Clone>(
                 entry.insert(item);
             }
             std::collections::btree_map::Entry::Occupied(mut entry) => {
-                if prefer(entry.get(), &item) {
-                    entry.insert(item);
-                }
+                let combined = combine(entry.get(), &item);
+                entry.insert(combined);
             }
         }
     }
