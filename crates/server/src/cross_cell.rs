@@ -329,6 +329,31 @@ pub fn merge_legs(kept: &Transfer, other: &Transfer) -> Transfer {
     merged
 }
 
+/// Applying one log entry: the cell's ledger and its history, the cell,
+/// the entry's log time, and what applying it produces besides the state.
+pub struct Apply<'a, H: History> {
+    ledger: &'a mut Ledger,
+    history: &'a H,
+    cell: CellId,
+    /// The entry's log time (see `log_time`), fixed when the entry begins.
+    timestamp: u64,
+    effects: &'a mut Effects,
+}
+
+impl<'a, H: History> Apply<'a, H> {
+    /// An entry of `cell`'s log with timestamp `timestamp` (its leader's clock).
+    pub fn new(
+        ledger: &'a mut Ledger,
+        history: &'a H,
+        cell: CellId,
+        timestamp: u64,
+        effects: &'a mut Effects,
+    ) -> Apply<'a, H> {
+        let timestamp = log_time(ledger, timestamp);
+        Apply { ledger, history, cell, timestamp, effects }
+    }
+}
+
 /// The cell's log time for deadlines: an entry's timestamp is its leader's
 /// clock, which a new leader's may be behind; the ledger's last timestamp
 /// only goes forward. Deadlines and tombstones need time that never goes
@@ -421,22 +446,15 @@ fn resolves_pending(event: &Transfer) -> bool {
 /// A participant applies its coordinator's release of held leg `leg`: the
 /// same post or void (under the client's transfer id), or the expiry. It
 /// must apply: the coordinator decided it. A repeated release finds it done.
-fn apply_release(
-    ledger: &mut Ledger,
-    history: &impl History,
-    timestamp: u64,
-    leg: u128,
-    expire: bool,
-    transfer: &Transfer,
-) {
+fn apply_release(entry: &mut Apply<'_, impl History>, leg: u128, expire: bool, transfer: &Transfer) {
     if expire {
-        let status = ledger.expire_pending(timestamp, leg, history);
-        assert_eq!(status, Some(PendingStatus::Expired), "the expiry of held cross-cell leg {leg} did not apply");
+        let status = entry.ledger.expire_pending(entry.timestamp, leg, entry.history);
+        assert_eq!(status, Some(PendingStatus::Expired), "the expiry of held cross-entry.cell leg {leg} did not apply");
     } else {
-        let result = ledger.create_legs(timestamp, std::slice::from_ref(transfer), history)[0];
+        let result = entry.ledger.create_legs(entry.timestamp, std::slice::from_ref(transfer), entry.history)[0];
         assert!(
             matches!(result, R::Ok | R::Exists),
-            "the release of held cross-cell leg {leg} by transfer {} was refused: {result}",
+            "the release of held cross-entry.cell leg {leg} by transfer {} was refused: {result}",
             transfer.id
         );
     }
@@ -460,11 +478,11 @@ fn cell_u16(cell: CellId) -> u16 {
 }
 
 /// Creates the clearing accounts `legs` name, before the legs (outside their chain).
-fn ensure_clearing_accounts(ledger: &mut Ledger, timestamp: u64, legs: &[(usize, Transfer)]) {
+fn ensure_clearing_accounts(entry: &mut Apply<'_, impl History>, legs: &[(usize, Transfer)]) {
     for (_, leg) in legs {
         for account in [leg.debit_account_id, leg.credit_account_id] {
             if is_clearing_account(account) {
-                ledger.clearing_account(timestamp, leg.ledger, account);
+                entry.ledger.clearing_account(entry.timestamp, leg.ledger, account);
             }
         }
     }
@@ -479,7 +497,7 @@ fn refusal(legs: &[(usize, Transfer)], results: &[R]) -> Option<(usize, R)> {
 
 /// Posts (confirm) or voids (cancel) legs with their resolution transfers.
 /// They must apply: a leg's resolution is a decision already made.
-fn resolve(ledger: &mut Ledger, history: &impl History, timestamp: u64, legs: &[u128], decision: Decision) {
+fn resolve(entry: &mut Apply<'_, impl History>, legs: &[u128], decision: Decision) {
     if legs.is_empty() {
         return;
     }
@@ -498,14 +516,14 @@ fn resolve(ledger: &mut Ledger, history: &impl History, timestamp: u64, legs: &[
             ..Transfer::default()
         })
         .collect();
-    let results = ledger.create_legs(timestamp, &resolutions, history);
+    let results = entry.ledger.create_legs(entry.timestamp, &resolutions, entry.history);
     for (leg, result) in legs.iter().zip(&results) {
         // A held leg (a client's pending transfer) may have expired here
         // while its operation waited for the decision: a cancel finds it so.
         let expired = *result == R::PendingTransferExpired && decision != Decision::Confirm;
         assert!(
             matches!(result, R::Ok | R::Exists) || expired,
-            "the resolution of cross-cell leg {leg} ({decision:?}) was refused: {result}"
+            "the resolution of cross-entry.cell leg {leg} ({decision:?}) was refused: {result}"
         );
     }
 }
@@ -538,34 +556,28 @@ impl CrossCellState {
     /// whose accounts are all here go to the ledger as usual; each cross-cell
     /// operation (a transfer, or a linked chain, touching another cell) tries
     /// this cell's legs and is recorded for the decision.
-    #[allow(clippy::too_many_arguments)]
     pub fn create_transfers(
         &mut self,
-        ledger: &mut Ledger,
-        history: &impl History,
-        cell: CellId,
-        timestamp: u64,
+        entry: &mut Apply<'_, impl History>,
         events: &[Transfer],
         cells: &[(CellId, CellId)],
-        effects: &mut Effects,
     ) -> Coordinated {
         assert_eq!(events.len(), cells.len());
-        let timestamp = log_time(ledger, timestamp);
         let mut coordinated = Coordinated { results: Vec::with_capacity(events.len()), waiting: Vec::new() };
-        // A post or void of a cross-cell pending transfer applies here alone
+        // A post or void of a cross-entry.cell pending transfer applies here alone
         // (its other leg follows the release), whichever accounts it names.
         let mut adjusted: Option<Vec<Transfer>> = None;
         let mut local = Vec::with_capacity(events.len());
         for (index, (event, &(debit, credit))) in events.iter().zip(cells).enumerate() {
-            let leg_credit = if (debit, credit) == (cell, cell) || !resolves_pending(event) {
+            let leg_credit = if (debit, credit) == (entry.cell, entry.cell) || !resolves_pending(event) {
                 None
             } else {
-                self.leg_credit(ledger, history, cell, event, credit)
+                self.leg_credit(entry, event, credit)
             };
             if let Some(credit_account_id) = leg_credit {
                 adjusted.get_or_insert_with(|| events.to_vec())[index].credit_account_id = credit_account_id;
             }
-            local.push((debit, credit) == (cell, cell) || leg_credit.is_some());
+            local.push((debit, credit) == (entry.cell, entry.cell) || leg_credit.is_some());
         }
         let events = adjusted.as_deref().unwrap_or(events);
         let mut start = 0;
@@ -576,7 +588,7 @@ impl CrossCellState {
                 end += 1;
             }
             let end = end + 1;
-            // Consecutive local segments go to the ledger together.
+            // Consecutive local segments go to the entry.ledger together.
             let mut local_end = end;
             if local[start..end].iter().all(|&here| here) {
                 while local_end < events.len() {
@@ -589,7 +601,7 @@ impl CrossCellState {
                     }
                     local_end = next + 1;
                 }
-                let results = self.create_local(ledger, history, timestamp, &events[start..local_end], effects);
+                let results = self.create_local(entry, &events[start..local_end]);
                 coordinated.results.extend(results);
                 start = local_end;
                 continue;
@@ -601,7 +613,7 @@ impl CrossCellState {
                 *results.last_mut().expect("a segment is not empty") = R::LinkedEventChainOpen;
                 Some(results)
             } else {
-                self.coordinate(ledger, history, cell, timestamp, segment, &cells[start..end], effects)
+                self.coordinate(entry, segment, &cells[start..end])
             };
             match results {
                 Some(results) => coordinated.results.extend(results),
@@ -633,47 +645,35 @@ impl CrossCellState {
     /// held, that must be its credit account (else the ledger refuses the
     /// difference); once released, this cell no longer knows it, and any
     /// account of that cell is taken (a retry answers `exists`).
-    fn leg_credit(
-        &self,
-        ledger: &Ledger,
-        history: &impl History,
-        cell: CellId,
-        event: &Transfer,
-        credit_cell: CellId,
-    ) -> Option<u128> {
+    fn leg_credit(&self, entry: &Apply<'_, impl History>, event: &Transfer, credit_cell: CellId) -> Option<u128> {
         if let Some(hold) = self.holds.get(&event.pending_id) {
             return Some(if event.credit_account_id == hold.credit_account { 0 } else { event.credit_account_id });
         }
-        let leg = ledger.transfer(event.pending_id, history)?;
-        let peer = clearing_peer(leg.credit_account_id, cell)?;
+        let leg = entry.ledger.transfer(event.pending_id, entry.history)?;
+        let peer = clearing_peer(leg.credit_account_id, entry.cell)?;
         let here = leg.flags.contains(TransferFlags::CROSS_CELL_LEG);
         here.then_some(if credit_cell == peer { 0 } else { event.credit_account_id })
     }
 
     /// Applies cell-local events. A post or void of a held pending transfer
     /// applies to its leg here, and is released to the other cell.
-    fn create_local(
-        &mut self,
-        ledger: &mut Ledger,
-        history: &impl History,
-        timestamp: u64,
-        events: &[Transfer],
-        effects: &mut Effects,
-    ) -> Vec<R> {
+    fn create_local(&mut self, entry: &mut Apply<'_, impl History>, events: &[Transfer]) -> Vec<R> {
         if !self.holds_any(events) {
-            return ledger.create_transfers(timestamp, events, history);
+            return entry.ledger.create_transfers(entry.timestamp, events, entry.history);
         }
         let holds = &self.holds;
-        let results = ledger.create_transfers_holding(timestamp, events, history, &|id| holds.contains_key(&id));
+        let results = entry
+            .ledger
+            .create_transfers_holding(entry.timestamp, events, entry.history, &|id| holds.contains_key(&id));
         for (event, result) in events.iter().zip(&results) {
             if *result != R::Ok || !resolves_pending(event) {
                 continue;
             }
             let Some(hold) = self.holds.remove(&event.pending_id) else { continue };
             self.hold_expiries.remove(&(hold.expires_at, event.pending_id));
-            effects.steps.push(Step::Released);
+            entry.effects.steps.push(Step::Released);
             if let Some(peer) = hold.peer {
-                let applied = ledger.transfer(event.id, history).expect("a transfer just created is found");
+                let applied = entry.ledger.transfer(event.id, entry.history).expect("a transfer just created is found");
                 let mut flags = TransferFlags::default();
                 flags.insert(if resolves_pending_post(&applied) {
                     TransferFlags::POST_PENDING_TRANSFER
@@ -692,7 +692,7 @@ impl CrossCellState {
                     flags,
                     ..Transfer::default()
                 };
-                self.release(peer, event.pending_id, false, transfer, timestamp, effects);
+                self.release(peer, event.pending_id, false, transfer, entry.timestamp, entry.effects);
             }
         }
         results
@@ -708,35 +708,33 @@ impl CrossCellState {
     /// releases their other legs. The ledger may have expired the leg here
     /// already (it carries the timeout); if not, it is expired now. Called
     /// after every entry that can advance the ledger's time.
-    pub fn expire_due(&mut self, ledger: &mut Ledger, history: &impl History, timestamp: u64, effects: &mut Effects) {
-        let timestamp = log_time(ledger, timestamp);
+    pub fn expire_due(&mut self, entry: &mut Apply<'_, impl History>) {
         while let Some(&(expires_at, leg)) = self.hold_expiries.first() {
-            if expires_at > timestamp {
+            if expires_at > entry.timestamp {
                 break;
             }
             self.hold_expiries.pop_first();
             let hold = self.holds.remove(&leg).expect("an expiring hold is held");
-            let status = ledger.expire_pending(timestamp, leg, history);
-            assert_eq!(status, Some(PendingStatus::Expired), "held cross-cell pending transfer {leg} did not expire");
-            effects.steps.push(Step::Released);
+            let status = entry.ledger.expire_pending(entry.timestamp, leg, entry.history);
+            assert_eq!(
+                status,
+                Some(PendingStatus::Expired),
+                "held cross-entry.cell pending transfer {leg} did not expire"
+            );
+            entry.effects.steps.push(Step::Released);
             if let Some(peer) = hold.peer {
-                self.release(peer, leg, true, Transfer::default(), timestamp, effects);
+                self.release(peer, leg, true, Transfer::default(), entry.timestamp, entry.effects);
             }
         }
     }
 
     /// Starts one cross-cell operation here; `None` if it waits for its
     /// decision (new, or a retry of one in flight), else its results.
-    #[allow(clippy::too_many_arguments)]
     fn coordinate(
         &mut self,
-        ledger: &mut Ledger,
-        history: &impl History,
-        cell: CellId,
-        timestamp: u64,
+        entry: &mut Apply<'_, impl History>,
         events: &[Transfer],
         cells: &[(CellId, CellId)],
-        effects: &mut Effects,
     ) -> Option<Vec<R>> {
         let refused = |event: usize, code: R| {
             Some(decision_results(events.len(), Decision::Cancel { event: event as u32, code }))
@@ -746,13 +744,15 @@ impl CrossCellState {
                 return refused(index, code);
             }
         }
-        // The coordinator is the cell of the first event's debit account: it holds that leg.
-        if cells[0].0 != cell {
+        // The coordinator is the entry.cell of the first event's debit account: it holds that leg.
+        if cells[0].0 != entry.cell {
             return refused(0, R::CrossCellMisrouted);
         }
         // A client's pending transfer is held by the coordinator, where its
-        // post or void is routed (its debit account's cell): it must be that cell's.
-        if let Some(index) = events.iter().zip(cells).position(|(event, &(debit, _))| held(event) && debit != cell) {
+        // post or void is routed (its debit account's entry.cell): it must be that entry.cell's.
+        if let Some(index) =
+            events.iter().zip(cells).position(|(event, &(debit, _))| held(event) && debit != entry.cell)
+        {
             return refused(index, R::CrossCellFlagsUnsupported);
         }
         let op = events[0].id;
@@ -769,36 +769,36 @@ impl CrossCellState {
             let (index, code) = differs(&open.events, events);
             return refused(index, code);
         }
-        let legs = legs_for(cell, events, cells);
-        if let Some(existing) = ledger.transfer(op, history) {
-            return Some(self.retried(ledger, history, events, &legs, &existing));
+        let legs = legs_for(entry.cell, events, cells);
+        if let Some(existing) = entry.ledger.transfer(op, entry.history) {
+            return Some(self.retried(entry, events, &legs, &existing));
         }
         if self.ops.len() >= OPS_MAX || (events.iter().any(held) && self.holds.len() >= HOLDS_MAX) {
             return refused(0, R::CrossCellTransfersMaxReached);
         }
-        ensure_clearing_accounts(ledger, timestamp, &legs);
+        ensure_clearing_accounts(entry, &legs);
         let transfers: Vec<Transfer> = legs.iter().map(|(_, leg)| *leg).collect();
-        let results = ledger.create_legs(timestamp, &transfers, history);
+        let results = entry.ledger.create_legs(entry.timestamp, &transfers, entry.history);
         if let Some((index, code)) = refusal(&legs, &results) {
             return refused(index, code);
         }
         let participants: BTreeMap<CellId, PartStatus> = cells
             .iter()
             .flat_map(|&(debit, credit)| [debit, credit])
-            .filter(|&other| other != cell)
+            .filter(|&other| other != entry.cell)
             .map(|other| (other, PartStatus::Trying))
             .collect();
-        let deadline = timestamp.saturating_add(TRY_WINDOW_NS);
+        let deadline = entry.timestamp.saturating_add(TRY_WINDOW_NS);
         for &participant in participants.keys() {
             let item = Item::Try { op, deadline, events: events.to_vec(), cells: cells.to_vec() };
-            effects.outbox.push((participant, item));
+            entry.effects.outbox.push((participant, item));
         }
         let record = Op { events: events.to_vec(), cells: cells.to_vec(), deadline, participants, decision: None };
         self.ops.insert(op, record);
-        effects.steps.push(Step::Tried);
+        entry.effects.steps.push(Step::Tried);
         if self.bug_confirm_without_try {
-            effects.outbox.retain(|(_, item)| !matches!(item, Item::Try { op: tried, .. } if *tried == op));
-            self.decide(ledger, history, cell, timestamp, op, Decision::Confirm, effects);
+            entry.effects.outbox.retain(|(_, item)| !matches!(item, Item::Try { op: tried, .. } if *tried == op));
+            self.decide(entry, op, Decision::Confirm);
             return Some(vec![R::Ok; events.len()]);
         }
         None
@@ -808,8 +808,7 @@ impl CrossCellState {
     /// its first leg and that leg's resolution.
     fn retried(
         &self,
-        ledger: &Ledger,
-        history: &impl History,
+        entry: &Apply<'_, impl History>,
         events: &[Transfer],
         legs: &[(usize, Transfer)],
         existing: &Transfer,
@@ -821,7 +820,7 @@ impl CrossCellState {
         if compared != R::Exists {
             return refused(0, compared);
         }
-        match ledger.transfer(resolution_id(existing.id), history) {
+        match entry.ledger.transfer(resolution_id(existing.id), entry.history) {
             Some(resolution) if resolution.flags.contains(TransferFlags::POST_PENDING_TRANSFER) => {
                 vec![R::Exists; events.len()]
             }
@@ -840,21 +839,15 @@ impl CrossCellState {
     /// Applies a batch of cross-cell items `from` another cell (or, for
     /// `Timeout`, from this cell's leader), at log time `timestamp`.
     /// `owns` says whether this cell owns an account's shard.
-    #[allow(clippy::too_many_arguments)]
     pub fn apply_items(
         &mut self,
-        ledger: &mut Ledger,
-        history: &impl History,
+        entry: &mut Apply<'_, impl History>,
         owns: &dyn Fn(u128) -> bool,
-        cell: CellId,
-        timestamp: u64,
         from: CellId,
         items: &[Item],
-        effects: &mut Effects,
     ) {
-        let timestamp = log_time(ledger, timestamp);
         while let Some(&(deadline, coordinator, op)) = self.tombstones.first() {
-            if deadline >= timestamp {
+            if deadline >= entry.timestamp {
                 break;
             }
             self.tombstones.pop_first();
@@ -865,13 +858,13 @@ impl CrossCellState {
                 Item::Try { op, deadline, events, cells } => {
                     let tried = Tried { op: *op, deadline: *deadline, events, cells };
                     let prepared_before = self.parts.contains_key(&(from, *op));
-                    if let Some(answer) = self.participant_try(ledger, history, owns, cell, timestamp, from, &tried) {
+                    if let Some(answer) = self.participant_try(entry, owns, from, &tried) {
                         match answer {
-                            Item::Prepared { .. } if !prepared_before => effects.steps.push(Step::Prepared),
-                            Item::Refused { .. } => effects.steps.push(Step::Refused),
+                            Item::Prepared { .. } if !prepared_before => entry.effects.steps.push(Step::Prepared),
+                            Item::Refused { .. } => entry.effects.steps.push(Step::Refused),
                             _ => {}
                         }
-                        effects.outbox.push((from, answer));
+                        entry.effects.outbox.push((from, answer));
                     }
                 }
                 &Item::Decide { op, confirm, deadline } => {
@@ -887,21 +880,21 @@ impl CrossCellState {
                             } else {
                                 legs
                             };
-                            resolve(ledger, history, timestamp, &legs, decision);
-                            effects.steps.push(Step::Resolved);
+                            resolve(entry, &legs, decision);
+                            entry.effects.steps.push(Step::Resolved);
                         }
                         Some(tombstone) => {
                             self.parts.insert(key, tombstone);
                         }
-                        None if !confirm && timestamp <= deadline && self.parts.len() < PARTS_MAX => {
+                        None if !confirm && entry.timestamp <= deadline && self.parts.len() < PARTS_MAX => {
                             self.parts.insert(key, PartRecord { part: Part::Tombstone, deadline });
                             self.tombstones.insert((deadline, from, op));
-                            effects.steps.push(Step::Tombstoned);
+                            entry.effects.steps.push(Step::Tombstoned);
                         }
                         // A repeated decision, or a cancel whose try can no longer be accepted.
                         None => {}
                     }
-                    effects.outbox.push((from, Item::Done { op }));
+                    entry.effects.outbox.push((from, Item::Done { op }));
                 }
                 &Item::Prepared { op } => {
                     let Some(record) = self.ops.get_mut(&op) else { continue };
@@ -912,14 +905,14 @@ impl CrossCellState {
                         *status = PartStatus::Prepared;
                     }
                     if record.participants.values().all(|&status| status == PartStatus::Prepared) {
-                        self.decide(ledger, history, cell, timestamp, op, Decision::Confirm, effects);
+                        self.decide(entry, op, Decision::Confirm);
                     }
                 }
                 &Item::Refused { op, event, code } => {
                     let undecided = self.ops.get(&op).is_some_and(|record| record.decision.is_none());
                     if undecided {
                         let code = R::from_u32(code).unwrap_or(R::CrossCellMisrouted);
-                        self.decide(ledger, history, cell, timestamp, op, Decision::Cancel { event, code }, effects);
+                        self.decide(entry, op, Decision::Cancel { event, code });
                     }
                 }
                 &Item::Done { op } => {
@@ -932,25 +925,25 @@ impl CrossCellState {
                     }
                     if record.participants.values().all(|&status| status == PartStatus::Done) {
                         self.ops.remove(&op);
-                        effects.steps.push(Step::Forgotten);
+                        entry.effects.steps.push(Step::Forgotten);
                     }
                 }
                 &Item::Ask { op } => {
                     if let Some(answer) = self.answer_ask(op) {
-                        effects.outbox.push((from, answer));
+                        entry.effects.outbox.push((from, answer));
                     }
                 }
                 &Item::Timeout { op } => {
-                    let due = self.ops.get(&op).is_some_and(|r| r.decision.is_none() && timestamp > r.deadline);
+                    let due = self.ops.get(&op).is_some_and(|r| r.decision.is_none() && entry.timestamp > r.deadline);
                     if due {
                         let cancel = Decision::Cancel { event: 0, code: R::CrossCellTimedOut };
-                        self.decide(ledger, history, cell, timestamp, op, cancel, effects);
+                        self.decide(entry, op, cancel);
                     }
                 }
                 &Item::Release { leg, expire, transfer } => {
-                    apply_release(ledger, history, timestamp, leg, expire, &transfer);
-                    effects.steps.push(Step::ReleaseApplied);
-                    effects.outbox.push((from, Item::Released { leg }));
+                    apply_release(entry, leg, expire, &transfer);
+                    entry.effects.steps.push(Step::ReleaseApplied);
+                    entry.effects.outbox.push((from, Item::Released { leg }));
                 }
                 &Item::Released { leg } => {
                     if self.releases.get(&leg).is_some_and(|release| release.peer == from) {
@@ -963,14 +956,10 @@ impl CrossCellState {
 
     /// A participant applies its legs of an operation (or finds it tried
     /// already, or refuses it); returns the answer for the coordinator.
-    #[allow(clippy::too_many_arguments)]
     fn participant_try(
         &mut self,
-        ledger: &mut Ledger,
-        history: &impl History,
+        entry: &mut Apply<'_, impl History>,
         owns: &dyn Fn(u128) -> bool,
-        cell: CellId,
-        timestamp: u64,
         coordinator: CellId,
         tried: &Tried,
     ) -> Option<Item> {
@@ -981,7 +970,7 @@ impl CrossCellState {
             Some(PartRecord { part: Part::Tombstone, .. }) => return None,
             None => {}
         }
-        if timestamp > tried.deadline {
+        if entry.timestamp > tried.deadline {
             return refused(0, R::CrossCellTimedOut);
         }
         if tried.events.is_empty() || tried.events.len() != tried.cells.len() {
@@ -992,7 +981,7 @@ impl CrossCellState {
                 return refused(index, code);
             }
         }
-        let legs = legs_for(cell, tried.events, tried.cells);
+        let legs = legs_for(entry.cell, tried.events, tried.cells);
         for (index, leg) in &legs {
             let foreign = [leg.debit_account_id, leg.credit_account_id]
                 .into_iter()
@@ -1007,9 +996,9 @@ impl CrossCellState {
         if self.parts.len() >= PARTS_MAX {
             return refused(legs[0].0, R::CrossCellTransfersMaxReached);
         }
-        ensure_clearing_accounts(ledger, timestamp, &legs);
+        ensure_clearing_accounts(entry, &legs);
         let transfers: Vec<Transfer> = legs.iter().map(|(_, leg)| *leg).collect();
-        let results = ledger.create_legs(timestamp, &transfers, history);
+        let results = entry.ledger.create_legs(entry.timestamp, &transfers, entry.history);
         match refusal(&legs, &results) {
             None => {
                 let ids = legs.iter().map(|(_, leg)| leg.id).collect();
@@ -1027,34 +1016,25 @@ impl CrossCellState {
 
     /// Decides an operation: its own legs are posted or voided now, the
     /// participants are told, the waiting client answered.
-    #[allow(clippy::too_many_arguments)]
-    fn decide(
-        &mut self,
-        ledger: &mut Ledger,
-        history: &impl History,
-        cell: CellId,
-        timestamp: u64,
-        op: u128,
-        decision: Decision,
-        effects: &mut Effects,
-    ) {
+    fn decide(&mut self, entry: &mut Apply<'_, impl History>, op: u128, decision: Decision) {
         let record = self.ops.get_mut(&op).expect("decided operations are recorded");
-        assert!(record.decision.is_none(), "cross-cell operation {op} decided twice");
+        assert!(record.decision.is_none(), "cross-entry.cell operation {op} decided twice");
         record.decision = Some(decision);
-        let mine = legs_for(cell, &record.events, &record.cells);
+        let mine = legs_for(entry.cell, &record.events, &record.cells);
         let confirm = decision == Decision::Confirm;
         // A confirm leaves the legs of client pending transfers pending: held here until posted, voided or expired.
         let legs: Vec<u128> =
             mine.iter().filter(|(index, _)| !confirm || !held(&record.events[*index])).map(|(_, leg)| leg.id).collect();
-        resolve(ledger, history, timestamp, &legs, decision);
+        resolve(entry, &legs, decision);
         if confirm {
             for (index, leg) in mine.iter().filter(|(index, _)| held(&record.events[*index])) {
                 let (debit, credit) = record.cells[*index];
-                debug_assert_eq!(debit, cell);
-                let expires_at = ledger.transfer(leg.id, history).and_then(|leg| leg.expires_at()).unwrap_or(0);
+                debug_assert_eq!(debit, entry.cell);
+                let expires_at =
+                    entry.ledger.transfer(leg.id, entry.history).and_then(|leg| leg.expires_at()).unwrap_or(0);
                 let event = &record.events[*index];
                 let hold = Hold {
-                    peer: (credit != cell).then_some(credit),
+                    peer: (credit != entry.cell).then_some(credit),
                     credit_account: event.credit_account_id,
                     expires_at,
                 };
@@ -1064,10 +1044,10 @@ impl CrossCellState {
                 }
             }
         }
-        effects.steps.push(Step::Decided);
-        effects.decided.push((op, decision_results(record.events.len(), decision)));
+        entry.effects.steps.push(Step::Decided);
+        entry.effects.decided.push((op, decision_results(record.events.len(), decision)));
         for &participant in record.participants.keys() {
-            effects.outbox.push((participant, Item::Decide { op, confirm, deadline: record.deadline }));
+            entry.effects.outbox.push((participant, Item::Decide { op, confirm, deadline: record.deadline }));
         }
     }
 

@@ -58,7 +58,7 @@ use raft::{RawNode, StateRole};
 use tokio::sync::oneshot;
 
 use crate::cell_state::{self, CellState};
-use crate::cross_cell::{self, Effects, Item, Triage};
+use crate::cross_cell::{self, Apply, Effects, Item, Triage};
 use crate::metrics::Metrics;
 use crate::raft_log::{CellLog, LogBase, NodeLog, NodeLogError};
 use crate::record::{self, Record, RecordError};
@@ -2640,19 +2640,26 @@ fn apply_record(replica: &mut Replica, record: &Record, applying: &Applying) -> 
             }
             let timestamp = clock.unwrap_or(*timestamp);
             let history = replica.store.as_ref();
-            let results = if replica.state.cross.holds_any(transfers) {
+            let cross = &mut replica.state.cross;
+            let results = if cross.holds_any(transfers) {
                 // A post or void of a cross-cell pending transfer held here: released to its other cell too.
                 let cells = vec![(cell, cell); transfers.len()];
-                let cross = &mut replica.state.cross;
-                let effects = &mut replica.cross_effects;
-                let coordinated =
-                    cross.create_transfers(&mut replica.ledger, history, cell, timestamp, transfers, &cells, effects);
+                let mut entry = Apply::new(&mut replica.ledger, history, cell, timestamp, &mut replica.cross_effects);
+                let coordinated = cross.create_transfers(&mut entry, transfers, &cells);
                 debug_assert!(coordinated.waiting.is_empty(), "cell-local events wait for no decision");
+                cross.expire_due(&mut entry);
                 coordinated.results
             } else {
-                replica.ledger.create_transfers(timestamp, transfers, history)
+                let results = replica.ledger.create_transfers(timestamp, transfers, history);
+                cross.expire_due(&mut Apply::new(
+                    &mut replica.ledger,
+                    history,
+                    cell,
+                    timestamp,
+                    &mut replica.cross_effects,
+                ));
+                results
             };
-            replica.state.cross.expire_due(&mut replica.ledger, history, timestamp, &mut replica.cross_effects);
             metrics.results("create_transfers", &results, CreateTransferResult::as_str);
             Some(Ok(Reply::CreateTransfers(results)))
         }
@@ -2670,16 +2677,9 @@ fn apply_record(replica: &mut Replica, record: &Record, applying: &Applying) -> 
             let timestamp = clock.unwrap_or(*timestamp);
             let history = replica.store.as_ref();
             replica.state.cross.bug_confirm_without_try = applying.confirm_without_try;
-            let coordinated = replica.state.cross.create_transfers(
-                &mut replica.ledger,
-                history,
-                cell,
-                timestamp,
-                transfers,
-                cells,
-                &mut replica.cross_effects,
-            );
-            replica.state.cross.expire_due(&mut replica.ledger, history, timestamp, &mut replica.cross_effects);
+            let mut entry = Apply::new(&mut replica.ledger, history, cell, timestamp, &mut replica.cross_effects);
+            let coordinated = replica.state.cross.create_transfers(&mut entry, transfers, cells);
+            replica.state.cross.expire_due(&mut entry);
             metrics.results("create_transfers", &coordinated.results, CreateTransferResult::as_str);
             replica.cross_waiting = coordinated.waiting;
             Some(Ok(Reply::CreateTransfers(coordinated.results)))
@@ -2690,17 +2690,9 @@ fn apply_record(replica: &mut Replica, record: &Record, applying: &Applying) -> 
             let state = &replica.state;
             let owns = |account: u128| state.owns_account(account);
             let history = replica.store.as_ref();
-            cross.apply_items(
-                &mut replica.ledger,
-                history,
-                &owns,
-                cell,
-                timestamp,
-                *from,
-                items,
-                &mut replica.cross_effects,
-            );
-            cross.expire_due(&mut replica.ledger, history, timestamp, &mut replica.cross_effects);
+            let mut entry = Apply::new(&mut replica.ledger, history, cell, timestamp, &mut replica.cross_effects);
+            cross.apply_items(&mut entry, &owns, *from, items);
+            cross.expire_due(&mut entry);
             replica.state.cross = cross;
             // A decision changes what a snapshot must hold: the cell state.
             None
@@ -2709,7 +2701,8 @@ fn apply_record(replica: &mut Replica, record: &Record, applying: &Applying) -> 
             let timestamp = clock.unwrap_or(*timestamp);
             replica.ledger.pulse(timestamp);
             let history = replica.store.as_ref();
-            replica.state.cross.expire_due(&mut replica.ledger, history, timestamp, &mut replica.cross_effects);
+            let mut entry = Apply::new(&mut replica.ledger, history, cell, timestamp, &mut replica.cross_effects);
+            replica.state.cross.expire_due(&mut entry);
             None
         }
         &Record::ChangeRouting { expected_version, change, .. } => {
