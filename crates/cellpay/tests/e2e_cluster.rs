@@ -39,7 +39,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use cellpay_api::proto;
 use cellpay_api::proto::ledger_client::LedgerClient;
 use cellpay_cluster::topology::{Topology, GLOBAL_CELL};
-use cellpay_ledger::{id, Account, CreateAccountResult, CreateTransferResult, Transfer, BATCH_EVENTS_MAX};
+use cellpay_ledger::{
+    id, Account, CreateAccountResult, CreateTransferResult, Transfer, TransferFlags, BATCH_EVENTS_MAX,
+};
 use serde::Deserialize;
 use tonic::transport::Channel;
 
@@ -1117,6 +1119,48 @@ async fn a_write_through_one_node_is_read_through_any_other() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+
+    // A pending transfer between cells, posted in part through another node:
+    // reserved in both cells, then the coordinator's post is released to the other.
+    let (from, to) = (cells[0], cells[1]);
+    let (debit, credit) = (groups[&from][1], groups[&to][1]);
+    let pending_id = 9u128 << 64;
+    let pending = Transfer { flags: TransferFlags::PENDING, ..transfer(pending_id, debit, credit, 500) };
+    let mut client = clients[&1].clone();
+    let request = proto::CreateTransfersRequest::from_ledger(&[pending]);
+    let results = client.create_transfers(request).await.expect("a write").into_inner().to_ledger().unwrap();
+    assert_eq!(results, [CreateTransferResult::Ok], "a pending transfer from cell {from} to cell {to}");
+    let post = Transfer {
+        id: pending_id + 1,
+        pending_id,
+        debit_account_id: debit,
+        amount: 200,
+        flags: TransferFlags::POST_PENDING_TRANSFER,
+        ..Transfer::default()
+    };
+    let mut client = clients[&2].clone();
+    let request = proto::CreateTransfersRequest::from_ledger(&[post]);
+    let results = client.create_transfers(request).await.expect("a write").into_inner().to_ledger().unwrap();
+    assert_eq!(results, [CreateTransferResult::Ok], "the post of the cross-cell pending transfer");
+    balances.entry(debit).or_default().0 += 200;
+    balances.entry(credit).or_default().1 += 200;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let request = proto::LookupAccountsRequest::from_ledger(&[debit, credit]);
+        let read = client.lookup_accounts(request).await.expect("a read").into_inner().to_ledger().unwrap();
+        let released = read.iter().all(|account| {
+            let expected = balances[&account.id];
+            account.debits_pending == 0
+                && account.credits_pending == 0
+                && (account.debits_posted, account.credits_posted) == expected
+        });
+        if released {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the post was not released to cell {to} in 5 s: {read:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!("cross-cell pending transfer cell {from} -> cell {to}: reserved in both, posted in part, released");
     cluster.assert_replicas_identical().await;
 
     // Every node routes by the topology's table, version 1: `ctl routing show` says so.

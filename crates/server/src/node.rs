@@ -2129,7 +2129,7 @@ impl Engine {
 
     /// Sends cross-cell messages from `cell` to the leaders of their cells,
     /// one message per destination cell (local leaders directly). A message
-    /// for a cell with no known leader is not sent: it is resent later.
+    /// for a cell with no known leader goes to every node of its replicas.
     fn cross_send(&mut self, cell: CellId, items: Vec<(CellId, Item)>) {
         let mut by_cell: BTreeMap<CellId, Vec<Item>> = BTreeMap::new();
         for (to, item) in items {
@@ -2140,13 +2140,25 @@ impl Engine {
                 Some(replica) => Some(replica.raw.raft.leader_id).filter(|&id| id != raft::INVALID_ID),
                 None => self.status.cell(to).and_then(|status| status.leader),
             };
-            let Some(leader) = leader else { continue };
-            if leader == self.config.node {
-                self.cross_received(to, cell, items);
-                continue;
-            }
+            // No leader known (just started, or an election): to every node
+            // of the topology's replicas of the cell (followers drop it;
+            // the leader takes it), rather than wait for the next resend.
+            let nodes: Vec<NodeId> = match leader {
+                Some(leader) if leader == self.config.node => {
+                    self.cross_received(to, cell, items);
+                    continue;
+                }
+                Some(leader) => vec![leader],
+                None => match self.config.topology.cell(to) {
+                    Some(replicas) => replicas.replicas().filter(|&node| node != self.config.node).collect(),
+                    None => continue,
+                },
+            };
             for chunk in item_chunks(items) {
-                let _ = self.world.send(leader, snapshot::encode_cross_cell(to, cell, &chunk));
+                let message = snapshot::encode_cross_cell(to, cell, &chunk);
+                for &node in &nodes {
+                    let _ = self.world.send(node, message.clone());
+                }
             }
         }
     }
