@@ -2,6 +2,7 @@
 //! one seed, or a range of seeds, and prints what each run did and found.
 
 use anyhow::Result;
+use cellpay_server::cross_cell::Step;
 use cellpay_sim::{bug_from_name, run, SimConfig};
 
 #[derive(clap::Args)]
@@ -58,6 +59,14 @@ pub fn main(args: SimArgs) -> Result<bool> {
             report.snapshots_installed,
             report.shards_moved,
         );
+        let steps: Vec<String> = Step::ALL
+            .iter()
+            .enumerate()
+            .map(|(index, step)| {
+                format!("{} {} ({} crashed)", report.cross_cell_steps[index], step.name(), report.step_crashes[index])
+            })
+            .collect();
+        println!("  cross-cell steps applied by leaders: {}", steps.join(", "));
         if !report.passed() {
             all_passed = false;
             for failure in &report.failures {

@@ -13,7 +13,10 @@
 //!    restarts them, cuts links one way or both ways, isolates nodes and
 //!    cuts whole regions; the engines' fault points (slow fsyncs, late
 //!    ticks, leader step-downs, dropped connections) fire as the seed
-//!    chooses; checkpoints and snapshots run as in production;
+//!    chooses, and so do crash points right after a cell's leader applies
+//!    a step of the cross-cell protocol (the node is crashed after the
+//!    event it is handling, before what it sent in that round leaves);
+//!    checkpoints and snapshots run as in production;
 //! 2. **heal**: faults stop, every node restarts, every link heals; every
 //!    client's request in doubt must resolve and every cell must commit
 //!    within [`LIVENESS_BOUND_NS`];
@@ -44,7 +47,7 @@ use crate::checkers::Failure;
 use crate::replace::Phase;
 use crate::rng::Rng;
 use crate::workload::{Action, Book, Client};
-use crate::world::{FaultRates, Shared, SimWorld};
+use crate::world::{step_index, FaultRates, Shared, SimWorld, STEPS};
 
 pub const NODES: u64 = 5;
 pub const CELLS: u32 = 4;
@@ -53,6 +56,17 @@ const TICK_NS: u64 = 100_000_000;
 /// After the faults stop, every request in doubt resolves and every cell
 /// commits within this (virtual) time.
 pub const LIVENESS_BOUND_NS: u64 = 30_000_000_000;
+/// The crash points right after each cross-cell protocol step (indexed like
+/// `cross_cell::Step::ALL`), per million steps a leader applies, in the runs
+/// that take them (each step's point is on in half the runs). A run's
+/// leaders apply a few hundred of each step every cross-cell transfer takes
+/// (tried, prepared, decided, resolved, forgotten) and a few tens of the
+/// others (refused, tombstoned: mostly payments to accounts nobody opened;
+/// released, release-applied: pending transfers across cells posted, voided
+/// or expired), so each point crashes a node in about one run of three that
+/// take it: a crash costs a restart and a catch-up, the bulk of the
+/// simulator's time.
+const STEP_CRASH_PER_MILLION: [u64; STEPS] = [1_000, 1_000, 10_000, 1_000, 1_000, 15_000, 1_000, 5_000, 5_000];
 /// How long the replicas get to converge once the clients stop.
 const QUIESCE_BOUND_NS: u64 = 30_000_000_000;
 
@@ -127,6 +141,12 @@ pub struct SimReport {
     pub shards_moved: u64,
     /// Fault points taken: slow fsyncs, late ticks, leader step-downs, dropped connections.
     pub fault_points: [u64; 4],
+    /// Cross-cell protocol steps the cells' leaders applied, indexed like
+    /// `cross_cell::Step::ALL`.
+    pub cross_cell_steps: [u64; STEPS],
+    /// Crashes taken right after a leader applied a protocol step, before
+    /// the round's messages left (counted in `crashes` too), by step.
+    pub step_crashes: [u64; STEPS],
     pub failures: Vec<Failure>,
 }
 
@@ -228,6 +248,7 @@ impl Sim {
             delayed_tick: rate(50_000),
             leader_step_down: rate(2_000),
             dropped_connection: rate(200),
+            step_crash: STEP_CRASH_PER_MILLION.map(&mut rate),
         };
         let nodes: Vec<NodeId> = topology.nodes().map(|n| n.id).collect();
         let shared = Arc::new(Mutex::new(Shared {
@@ -240,6 +261,8 @@ impl Sim {
             faults_taken: [0; 4],
             dropped: Vec::new(),
             peers: nodes.clone(),
+            steps_applied: [0; STEPS],
+            crash_requests: Vec::new(),
         }));
         let net_rng = rng.fork();
         let loss_per_million = [0, 1_000, 10_000, 50_000][rng.below(4) as usize];
@@ -400,8 +423,36 @@ impl Sim {
         self.cuts.values().any(|links| links.contains(&(from, to)))
     }
 
-    /// Puts what the engines sent on the simulated network.
+    /// A crash of the fault schedule: `node` goes down (unless two nodes
+    /// are down already) and restarts later. Whether it went down.
+    fn crash_for_a_while(&mut self, node: NodeId) -> bool {
+        let down = self.nodes.values().filter(|stepped| stepped.is_none()).count();
+        if down >= 2 || self.nodes.get(&node).is_none_or(Option::is_none) {
+            return false;
+        }
+        self.crash(node);
+        let restart = self.now() + self.rng.between(500_000_000, 8_000_000_000);
+        self.schedule(restart, Event::Restart { node });
+        true
+    }
+
+    /// Crashes the nodes whose leader took a crash point after a
+    /// cross-cell protocol step, before what they sent leaves.
+    fn take_step_crashes(&mut self) {
+        let requests = std::mem::take(&mut self.shared.lock().expect("sim lock").crash_requests);
+        for (node, step) in requests {
+            if self.crash_for_a_while(node) {
+                let index = step_index(step);
+                self.report.step_crashes[index] += 1;
+                self.record(&[0xC5, node, index as u64]);
+            }
+        }
+    }
+
+    /// Puts what the engines sent on the simulated network (after crashing
+    /// the nodes that asked to: what they sent this round is lost).
     fn flush_outbox(&mut self) {
+        self.take_step_crashes();
         let (sent, stalls, dropped) = {
             let mut shared = self.shared.lock().expect("sim lock");
             let shared = &mut *shared;
@@ -526,16 +577,12 @@ impl Sim {
     }
 
     fn chaos_event(&mut self) {
-        let now = self.now();
-        let down: Vec<NodeId> = self.nodes.iter().filter(|(_, n)| n.is_none()).map(|(&id, _)| id).collect();
         let nodes: Vec<NodeId> = self.nodes.keys().copied().collect();
         let node = nodes[self.rng.below(nodes.len() as u64) as usize];
         match self.rng.below(7) {
             // Crash a node (at most two down at once), restart it later.
-            0 | 1 if down.len() < 2 && !down.contains(&node) => {
-                self.crash(node);
-                let restart = now + self.rng.between(500_000_000, 8_000_000_000);
-                self.schedule(restart, Event::Restart { node });
+            0 | 1 => {
+                self.crash_for_a_while(node);
             }
             // Cut one link one way.
             2 => {
@@ -665,6 +712,7 @@ pub fn run(config: SimConfig) -> SimReport {
     checkers::run_all(&mut sim);
     let shared = sim.shared.lock().expect("sim lock");
     sim.report.fault_points = shared.faults_taken;
+    sim.report.cross_cell_steps = shared.steps_applied;
     drop(shared);
     sim.report.virtual_seconds = sim.now() as f64 / 1e9;
     sim.report.batches_acknowledged = sim.book.batches_acknowledged;

@@ -1,8 +1,11 @@
 //! The clients: each works in one cell's accounts, sends batches to its cell
 //! (transfers, two-phase transfers with post, void and timeouts, linked
-//! chains, and about a third of the events cross-cell: transfers and linked
-//! chains paying users of other cells) and lookups, and retries a batch with
-//! the same ids after a timeout, a crash or a refusal until it is answered.
+//! chains, and about a third of the events cross-cell: transfers, pending
+//! transfers and linked chains paying users of other cells, a chain
+//! sometimes two users of two other cells, and one payment across cells in
+//! twenty an account nobody opened, which its cell refuses so that the
+//! whole operation is cancelled) and lookups, and retries a batch with the
+//! same ids after a timeout, a crash or a refusal until it is answered.
 
 use std::collections::BTreeMap;
 
@@ -20,6 +23,8 @@ pub const USERS_PER_CELL: usize = 6;
 pub const CLIENT_TIMEOUT_NS: u64 = 3_000_000_000;
 /// How long a client waits before retrying a refused request.
 pub const RETRY_BACKOFF_NS: u64 = 50_000_000;
+/// One payment across cells in this many goes to an account nobody opened.
+pub const UNKNOWN_PAYEE_IN: u64 = 20;
 /// Events in a client's batch, at most.
 pub const BATCH_EVENTS_MAX: u64 = 8;
 
@@ -179,12 +184,21 @@ impl Client {
             };
             if roll < 55 {
                 if across {
-                    credit = self.foreign[self.rng.below(self.foreign.len() as u64) as usize];
+                    credit = self.payee();
                 }
                 transfers.push(Transfer { credit_account_id: credit, ..base });
             } else if roll < 70 {
+                // Across cells too: held by this cell, posted, voided or expired here, released to the other.
                 let timeout_s = if self.rng.chance(500_000) { 0 } else { self.rng.between(1, 4) as u32 };
-                transfers.push(Transfer { flags: TransferFlags::PENDING, timeout_s, ..base });
+                if across {
+                    credit = self.payee();
+                }
+                transfers.push(Transfer {
+                    flags: TransferFlags::PENDING,
+                    timeout_s,
+                    credit_account_id: credit,
+                    ..base
+                });
             } else if roll < 85 && !self.pending.is_empty() {
                 let index = self.rng.below(self.pending.len() as u64) as usize;
                 let pending_id = self.pending.swap_remove(index);
@@ -195,11 +209,16 @@ impl Client {
                 };
                 transfers.push(Transfer { id, pending_id, flags, ledger: LEDGER, code: 1, ..Transfer::default() });
             } else {
-                // A linked chain of two: both or neither (across cells too).
-                let (debit2, credit2) = self.pair();
+                // A linked chain of two: both or neither (across cells too;
+                // half of those pay a second user of another cell, so the
+                // chain may touch three cells).
+                let (debit2, mut credit2) = self.pair();
                 let second_id = self.transfer_id();
                 if across {
-                    credit = self.foreign[self.rng.below(self.foreign.len() as u64) as usize];
+                    credit = self.payee();
+                    if self.rng.chance(500_000) {
+                        credit2 = self.payee();
+                    }
                 }
                 transfers.push(Transfer { flags: TransferFlags::LINKED, credit_account_id: credit, ..base });
                 transfers.push(Transfer {
@@ -214,6 +233,18 @@ impl Client {
             book.sent.insert(transfer.id, (self.cell, *transfer));
         }
         Request::CreateTransfers(transfers)
+    }
+
+    /// A user of another cell to pay; one time in [`UNKNOWN_PAYEE_IN`], an
+    /// account nobody opened (that user's second account), which its cell
+    /// refuses, so the transfer or chain is cancelled in every cell.
+    fn payee(&mut self) -> u128 {
+        let user = self.foreign[self.rng.below(self.foreign.len() as u64) as usize];
+        if self.rng.below(UNKNOWN_PAYEE_IN) == 0 {
+            let user_id = cellpay_ledger::id::user_of_account(user);
+            return cellpay_ledger::id::account_id(user_id, 2).expect("a valid id");
+        }
+        user
     }
 
     fn pair(&mut self) -> (u128, u128) {

@@ -4,7 +4,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cellpay_cluster::topology::NodeId;
+use cellpay_cluster::topology::{CellId, NodeId};
+use cellpay_server::cross_cell::Step;
 use cellpay_server::node::PeerStatus;
 use cellpay_server::world::{Bug, Fault, World};
 
@@ -20,6 +21,18 @@ pub struct FaultRates {
     pub delayed_tick: u64,
     pub leader_step_down: u64,
     pub dropped_connection: u64,
+    /// A crash right after a leader applied a cross-cell protocol step,
+    /// before that round's messages leave: one rate per step, indexed like
+    /// [`Step::ALL`].
+    pub step_crash: [u64; STEPS],
+}
+
+/// The cross-cell protocol's steps (see [`Step::ALL`]).
+pub const STEPS: usize = Step::ALL.len();
+
+/// The index of `step` in [`Step::ALL`].
+pub fn step_index(step: Step) -> usize {
+    Step::ALL.iter().position(|&s| s == step).expect("every step is in Step::ALL")
 }
 
 /// What the simulator shares with every node's world.
@@ -38,6 +51,12 @@ pub struct Shared {
     /// Connections the engines dropped (fault point), in order: `(from, to)`.
     pub dropped: Vec<(NodeId, NodeId)>,
     pub peers: Vec<NodeId>,
+    /// Cross-cell protocol steps the nodes' leaders applied, by step.
+    pub steps_applied: [u64; STEPS],
+    /// Nodes that took a crash point after a protocol step, in order (at
+    /// most once each until the simulator takes them): crashed after the
+    /// event being handled, before their messages are flushed.
+    pub crash_requests: Vec<(NodeId, Step)>,
 }
 
 pub struct SimWorld {
@@ -103,5 +122,16 @@ impl World for SimWorld {
 
     fn bug(&self, bug: Bug) -> bool {
         self.shared.lock().expect("sim lock").bugs.contains(&bug)
+    }
+
+    fn cross_cell_step(&self, _cell: CellId, step: Step) {
+        let mut shared = self.shared.lock().expect("sim lock");
+        let index = step_index(step);
+        shared.steps_applied[index] += 1;
+        let rate = shared.rates.step_crash[index];
+        let asked = shared.crash_requests.iter().any(|&(node, _)| node == self.node);
+        if rate > 0 && !asked && shared.rng.chance(rate) {
+            shared.crash_requests.push((self.node, step));
+        }
     }
 }

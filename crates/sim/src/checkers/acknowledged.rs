@@ -1,7 +1,8 @@
 //! Acknowledged transfers are durable: every transfer a client was told was
 //! applied (`ok`, or `exists` on a retry) is in every replica of its cell,
-//! as sent (a cross-cell transfer: as its leg there, posted); and no
-//! linearizable lookup missed one.
+//! as sent (a cross-cell transfer: as its leg there, posted; a cross-cell
+//! pending transfer: as its leg there, held for the client, not cancelled);
+//! and no linearizable lookup missed one.
 
 use cellpay_ledger::id::{is_clearing_account, resolution_id};
 use cellpay_ledger::{History, Ledger, Transfer, TransferFlags};
@@ -20,20 +21,29 @@ fn same(sent: &Transfer, stored: &Transfer) -> bool {
     accounts && amount && sent.pending_id == stored.pending_id && sent.flags == stored.flags
 }
 
-/// Whether `stored` is the coordinator's leg of the cross-cell transfer
-/// `sent` (an event of a cross-cell operation: a pending transfer under its
-/// id, with a clearing account for the side in another cell), posted.
-fn posted_leg(sent: &Transfer, stored: &Transfer, ledger: &Ledger, store: &impl History) -> bool {
+/// Whether `stored` is a leg of the cross-cell transfer `sent`: a pending
+/// transfer under its id, flagged `cross_cell_leg`, with a clearing account
+/// for the side in another cell.
+fn leg(sent: &Transfer, stored: &Transfer) -> bool {
     let side = |sent: u128, stored: u128| sent == stored || is_clearing_account(stored);
-    let leg = !sent.flags.contains(TransferFlags::PENDING)
-        && stored.flags.contains(TransferFlags::PENDING)
+    stored.flags.contains(TransferFlags::PENDING)
+        && stored.flags.contains(TransferFlags::CROSS_CELL_LEG)
         && side(sent.debit_account_id, stored.debit_account_id)
         && side(sent.credit_account_id, stored.credit_account_id)
-        && sent.amount == stored.amount;
-    let posted = ledger
-        .transfer(resolution_id(sent.id), store)
-        .is_some_and(|resolution| resolution.flags.contains(TransferFlags::POST_PENDING_TRANSFER));
-    leg && posted
+        && sent.amount == stored.amount
+}
+
+/// Whether `stored` is the leg of a cross-cell transfer `sent` as it must
+/// be once acknowledged: posted by the system's resolution; or, for a
+/// client's pending transfer, held with the client's timeout (the
+/// coordinator's leg carries it), never voided by a cancel.
+fn acknowledged_leg(sent: &Transfer, stored: &Transfer, ledger: &Ledger, store: &impl History) -> bool {
+    let resolution = ledger.transfer(resolution_id(sent.id), store);
+    if sent.flags.contains(TransferFlags::PENDING) {
+        return leg(sent, stored) && sent.timeout_s == stored.timeout_s && resolution.is_none();
+    }
+    let posted = resolution.is_some_and(|resolution| resolution.flags.contains(TransferFlags::POST_PENDING_TRANSFER));
+    leg(sent, stored) && posted
 }
 
 pub(crate) fn check(sim: &Sim) -> Vec<Failure> {
@@ -58,7 +68,7 @@ pub(crate) fn check(sim: &Sim) -> Vec<Failure> {
             for id in &ids {
                 let (_, sent) = &sim.book.sent[id];
                 match found.iter().find(|t| t.id == *id) {
-                    Some(stored) if same(sent, stored) || posted_leg(sent, stored, ledger, store) => {}
+                    Some(stored) if same(sent, stored) || acknowledged_leg(sent, stored, ledger, store) => {}
                     Some(stored) => failures.push(Failure::new(
                         "acknowledged",
                         format!("node {node} cell {cell}: transfer {id:#x} differs from what was acknowledged: sent {sent:?}, stored {stored:?}"),
