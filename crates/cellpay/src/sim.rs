@@ -67,6 +67,20 @@ pub fn main(args: SimArgs) -> Result<bool> {
             })
             .collect();
         println!("  cross-cell steps applied by leaders: {}", steps.join(", "));
+        let g = &report.gateways;
+        println!(
+            "  gateways: {} requests in {} parts ({} calls, {} redirects), {} parts misrouted, {} rerouted ({} after a pause), {} requests corrected, {} table updates, {} restarts",
+            g.requests,
+            g.parts,
+            g.calls,
+            g.redirects,
+            g.parts_misrouted,
+            g.parts_rerouted,
+            g.misroute_pauses,
+            g.misroutes_corrected,
+            g.table_updates,
+            g.restarts,
+        );
         if !report.passed() {
             all_passed = false;
             for failure in &report.failures {

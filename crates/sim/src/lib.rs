@@ -4,16 +4,17 @@
 //! time, a simulated network and a crashing disk, all driven by one seed.
 //!
 //! A run:
-//! 1. **chaos** for `steps` events: clients send batches and lookups; the
-//!    network delays (per region pair, with jitter; each link in order),
-//!    loses and duplicates messages and drops connections; the fault
-//!    schedule crashes nodes (the write-ahead log loses what was not
-//!    fsynced, sometimes leaving a torn write, sometimes with a flipped bit
-//!    in what was fsynced: the disk is then replaced, see `replace.rs`),
-//!    restarts them, cuts links one way or both ways, isolates nodes and
-//!    cuts whole regions; the engines' fault points (slow fsyncs, late
-//!    ticks, leader step-downs, dropped connections) fire as the seed
-//!    chooses, and so do crash points right after a cell's leader applies
+//! 1. **chaos** for `steps` events: clients send batches and lookups, half
+//!    of them through two gateways (`gateway.rs`) whose routing tables lag
+//!    while the mover (`mover.rs`) moves shards; the network delays (per
+//!    region pair, with jitter; each link in order), loses and duplicates
+//!    messages and drops connections; the fault schedule crashes nodes (the
+//!    write-ahead log loses what was not fsynced, sometimes leaving a torn
+//!    write, sometimes with a flipped bit in what was fsynced: the disk is
+//!    then replaced, see `replace.rs`), restarts them, cuts links one way or
+//!    both ways, isolates nodes, cuts whole regions and restarts gateways;
+//!    the engines' fault points (slow fsyncs, late ticks, leader
+//!    step-downs, dropped connections) fire as the seed chooses, and so do crash points right after a cell's leader applies
 //!    a step of the cross-cell protocol (the node is crashed after the
 //!    event it is handling, before what it sent in that round leaves);
 //!    checkpoints and snapshots run as in production;
@@ -28,6 +29,7 @@
 //! contents are deterministic (what was written), its timing is not used.
 
 pub mod checkers;
+pub mod gateway;
 mod mover;
 mod replace;
 pub mod rng;
@@ -39,14 +41,15 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use cellpay_cluster::topology::{NodeId, Topology};
+use cellpay_cluster::topology::{CellId, NodeId, Topology};
 use cellpay_server::node::{NodeConfig, SteppedNode};
 use cellpay_server::world::Bug;
 
 use crate::checkers::Failure;
+use crate::gateway::{Gateway, GatewayCounts, GATEWAYS};
 use crate::replace::Phase;
 use crate::rng::Rng;
-use crate::workload::{Action, Book, Client};
+use crate::workload::{Action, Book, Client, Target};
 use crate::world::{step_index, FaultRates, Shared, SimWorld, STEPS};
 
 pub const NODES: u64 = 5;
@@ -147,6 +150,8 @@ pub struct SimReport {
     /// Crashes taken right after a leader applied a protocol step, before
     /// the round's messages left (counted in `crashes` too), by step.
     pub step_crashes: [u64; STEPS],
+    /// What the gateways did, all together (misroutes among it).
+    pub gateways: GatewayCounts,
     pub failures: Vec<Failure>,
 }
 
@@ -223,7 +228,10 @@ struct Sim {
     /// Nodes whose disk is being replaced.
     replacing: BTreeMap<NodeId, Phase>,
     clients: Vec<Client>,
+    gateways: Vec<Gateway>,
     mover: mover::Mover,
+    /// The mover's moves whose shard the gateway clients have taken users in.
+    moves_adopted: usize,
     book: Book,
     chaos: bool,
     trace: u64,
@@ -285,6 +293,10 @@ impl Sim {
             })
             .collect();
         let mut clients: Vec<Client> = clients;
+        // The second client of each cell sends through the gateways.
+        for client in clients.iter_mut().skip(CELLS as usize) {
+            client.via_gateway = true;
+        }
         // Each client also pays the users of the clients of other cells (cross-cell transfers).
         for index in 0..clients.len() {
             let cell = clients[index].cell;
@@ -298,6 +310,12 @@ impl Sim {
             .map(|account| cellpay_ledger::id::shard_of_account(account, topology.shards))
             .collect();
         let mover = mover::Mover::new(&topology, &used, rng.fork());
+        // How often the gateways read the routing table (besides after a misroute): rarely, so
+        // that they are often stale while shards move.
+        let refresh_interval_ns = [1_000_000_000, 5_000_000_000, 20_000_000_000][rng.below(3) as usize];
+        let gateways = (0..GATEWAYS as u64)
+            .map(|id| Gateway::new(id, topology.clone(), refresh_interval_ns, rng.fork()))
+            .collect();
         let report = SimReport { seed: config.seed, ..SimReport::default() };
         let mut sim = Sim {
             config,
@@ -323,7 +341,9 @@ impl Sim {
             damaged: BTreeSet::new(),
             replacing: BTreeMap::new(),
             clients,
+            gateways,
             mover,
+            moves_adopted: 0,
             book: Book::default(),
             chaos: true,
             trace: 0xcbf2_9ce4_8422_2325,
@@ -544,10 +564,40 @@ impl Sim {
         }
         self.flush_outbox();
         self.clients_step();
+        self.gateways_step();
         let now = self.now();
         self.mover.poll(now, &self.topology, &mut self.nodes);
         self.flush_outbox();
+        self.adopt_moved_shards();
         true
+    }
+
+    /// The gateways move their requests on.
+    fn gateways_step(&mut self) {
+        let now = self.now();
+        for index in 0..self.gateways.len() {
+            self.gateways[index].poll(now, &mut self.nodes);
+            for record in self.gateways[index].take_trace() {
+                self.record(&record);
+            }
+            self.flush_outbox();
+        }
+    }
+
+    /// Every shard the mover has released (its old owner can no longer
+    /// take an account of it, and an account there no longer blocks the
+    /// move) gets a user of every gateway client, in the cell taking it.
+    fn adopt_moved_shards(&mut self) {
+        let moves = self.mover.moves.get(self.moves_adopted..).unwrap_or_default();
+        let released: Vec<(u32, CellId)> =
+            moves.iter().take_while(|m| m.step != mover::Step::Release).map(|m| (m.shard, m.to)).collect();
+        for (shard, cell) in released {
+            self.moves_adopted += 1;
+            self.record(&[0xAD, u64::from(shard), cell]);
+            for client in self.clients.iter_mut().filter(|client| client.via_gateway) {
+                client.adopt(shard, self.topology.shards, cell);
+            }
+        }
     }
 
     fn clients_step(&mut self) {
@@ -555,21 +605,30 @@ impl Sim {
         let all: Vec<NodeId> = self.nodes.keys().copied().collect();
         for index in 0..self.clients.len() {
             let client = &mut self.clients[index];
-            let Action::Send { node, request } = client.poll(now, &all, &mut self.book) else { continue };
+            let Action::Send { to, request } = client.poll(now, &all, &mut self.book) else { continue };
             let cell = client.cell;
+            let node = match to {
+                Target::Node(node) => node,
+                Target::Gateway(gateway) => {
+                    self.trace = fold(self.trace, &[5, index as u8, 0x80 | gateway as u8]);
+                    let answer = self.gateways[gateway].submit(now, request.clone());
+                    self.clients[index].sent(now, to, request, answer);
+                    continue;
+                }
+            };
             self.trace = fold(self.trace, &[5, index as u8, node as u8]);
             match self.nodes.get_mut(&node) {
                 Some(Some(stepped)) => {
                     let answer = stepped.submit(cell, request.clone());
                     stepped.round();
-                    self.clients[index].sent(now, node, request, answer);
+                    self.clients[index].sent(now, to, request, answer);
                 }
                 // The node is down: the call fails at once (connection refused), nothing applied.
                 _ => {
                     let (reply, answer) = tokio::sync::oneshot::channel();
                     let reason = "connection refused".to_string();
                     let _ = reply.send(Err(cellpay_server::node::NodeError::Unavailable { cell, reason }));
-                    self.clients[index].sent(now, node, request, answer);
+                    self.clients[index].sent(now, to, request, answer);
                 }
             }
             self.flush_outbox();
@@ -616,7 +675,13 @@ impl Sim {
                     self.drop_connection(node, other);
                 }
             }
-            _ => {}
+            // Restart a gateway: it routes by the topology's table until it reads a newer one.
+            _ => {
+                let gateway = self.rng.below(GATEWAYS as u64);
+                self.record(&[8, gateway]);
+                let now = self.now();
+                self.gateways[gateway as usize].restart(now);
+            }
         }
     }
 
@@ -714,11 +779,17 @@ pub fn run(config: SimConfig) -> SimReport {
     sim.report.fault_points = shared.faults_taken;
     sim.report.cross_cell_steps = shared.steps_applied;
     drop(shared);
+    for gateway in &sim.gateways {
+        sim.report.gateways.add(gateway.counts());
+    }
     sim.report.virtual_seconds = sim.now() as f64 / 1e9;
     sim.report.batches_acknowledged = sim.book.batches_acknowledged;
     sim.report.transfers_acknowledged = sim.book.sent.keys().filter(|id| sim.book.acknowledged(**id)).count() as u64;
-    let cell_of =
-        |account: u128| sim.topology.cell_of_shard(cellpay_ledger::id::shard_of_account(account, sim.topology.shards));
+    // An account nobody opened (an unknown payee): its shard's cell by the topology.
+    let cell_of = |account: u128| {
+        let shard = cellpay_ledger::id::shard_of_account(account, sim.topology.shards);
+        sim.book.accounts.get(&account).copied().or_else(|| sim.topology.cell_of_shard(shard))
+    };
     sim.report.transfers_acknowledged_cross_cell = sim
         .book
         .sent

@@ -6,10 +6,20 @@
 //! twenty an account nobody opened, which its cell refuses so that the
 //! whole operation is cancelled) and lookups, and retries a batch with the
 //! same ids after a timeout, a crash or a refusal until it is answered.
+//!
+//! A client sends either straight to a node for its cell (to the leader it
+//! learned, else any node) or, a gateway client, through one of the
+//! simulated gateways (`gateway.rs`), chosen per request. Gateway clients
+//! also open a user in every shard the mover releases (in the cell the shard
+//! moves to), once the old owner has released it (an account there before
+//! would block the move), and use it like their other users: their batches
+//! span cells, and a gateway whose table predates the move sends its events
+//! to the old owner, which refuses them.
 
 use std::collections::BTreeMap;
 
 use cellpay_cluster::topology::{CellId, NodeId, Topology};
+use cellpay_ledger::id::{account_id, user_of_account};
 use cellpay_ledger::{Account, AccountFlags, CreateAccountResult, CreateTransferResult, Transfer, TransferFlags};
 use cellpay_server::node::{NodeError, Reply, Request};
 use tokio::sync::oneshot;
@@ -37,8 +47,8 @@ pub struct Book {
     pub results: BTreeMap<u128, Vec<CreateTransferResult>>,
     /// The cell of every account.
     pub accounts: BTreeMap<u128, CellId>,
-    /// Lookups of acknowledged transfers that did not find them.
-    pub lookups_missing: Vec<(u128, NodeId)>,
+    /// Lookups of acknowledged transfers that did not find them, and where they were sent.
+    pub lookups_missing: Vec<(u128, Target)>,
     pub batches_acknowledged: u64,
     pub retries: u64,
 }
@@ -59,7 +69,7 @@ enum Phase {
     Waiting {
         request: Request,
         answer: oneshot::Receiver<Result<Reply, NodeError>>,
-        node: NodeId,
+        to: Target,
         deadline: u64,
     },
     /// A request to send again at `at`.
@@ -72,16 +82,23 @@ enum Phase {
 pub struct Client {
     pub id: u64,
     pub cell: CellId,
+    /// Sends through the gateways rather than to nodes.
+    pub via_gateway: bool,
     bank: u128,
     users: Vec<u128>,
+    /// The users of other cells' shards among `users`, and their cells.
+    away: BTreeMap<u128, CellId>,
+    /// Users of moved shards to open (account, cell), before they are used.
+    unopened: Vec<(u128, CellId)>,
     /// Users of other cells' clients: the credit side of cross-cell transfers.
     foreign: Vec<u128>,
     rng: Rng,
     phase: Phase,
     leader_hint: Option<NodeId>,
     sequence: u64,
-    /// Pending transfers acknowledged and not yet resolved by this client.
-    pending: Vec<u128>,
+    /// Pending transfers acknowledged and not yet resolved by this client,
+    /// with their debit account's cell (where they are held).
+    pending: Vec<(u128, CellId)>,
     /// Virtual time this client's current request was first sent.
     pub waiting_since: Option<u64>,
     /// Requests answered (applied or found), all kinds.
@@ -89,10 +106,27 @@ pub struct Client {
     pub stopped: bool,
 }
 
+/// Where a client sends a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    Node(NodeId),
+    /// A gateway, by index.
+    Gateway(usize),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Node(node) => write!(f, "node {node}"),
+            Target::Gateway(gateway) => write!(f, "gateway {gateway}"),
+        }
+    }
+}
+
 /// What a client wants the simulator to do.
 pub enum Action {
     Nothing,
-    Send { node: NodeId, request: Request },
+    Send { to: Target, request: Request },
 }
 
 impl Client {
@@ -103,12 +137,15 @@ impl Client {
             .filter(|&user| topology.cell_of_shard((user % u64::from(topology.shards)) as u32) == Some(cell))
             .take(USERS_PER_CELL + 1)
             .collect();
-        let account = |user: u64| cellpay_ledger::id::account_id(user, 1).expect("a valid id");
+        let account = |user: u64| account_id(user, 1).expect("a valid id");
         Client {
             id,
             cell,
+            via_gateway: false,
             bank: account(users[0]),
             users: users[1..].iter().map(|&u| account(u)).collect(),
+            away: BTreeMap::new(),
+            unopened: Vec::new(),
             foreign: Vec::new(),
             rng,
             phase: Phase::Setup,
@@ -138,11 +175,32 @@ impl Client {
         matches!(self.phase, Phase::Waiting { .. } | Phase::Retry { .. })
     }
 
-    fn node(&mut self, nodes: &[NodeId]) -> NodeId {
-        match self.leader_hint {
-            Some(node) => node,
-            None => nodes[self.rng.below(nodes.len() as u64) as usize],
+    /// Where the next request goes: one of the gateways, or the node the
+    /// client believes leads its cell (any node if it knows none).
+    fn target(&mut self, nodes: &[NodeId]) -> Target {
+        if self.via_gateway {
+            return Target::Gateway(self.rng.below(crate::gateway::GATEWAYS as u64) as usize);
         }
+        match self.leader_hint {
+            Some(node) => Target::Node(node),
+            None => Target::Node(nodes[self.rng.below(nodes.len() as u64) as usize]),
+        }
+    }
+
+    /// Opens a user in `shard`, which cell `cell` is taking over (after its
+    /// old owner released it), unless the client has stopped.
+    pub fn adopt(&mut self, shard: u32, shards: u32, cell: CellId) {
+        if self.stopped {
+            return;
+        }
+        // Users the mover's accounts (1_000_000 + n shards up) never take.
+        let user = u64::from(shard) + u64::from(shards) * (2_000_000 + self.id);
+        self.unopened.push((account_id(user, 1).expect("a valid id"), cell));
+    }
+
+    /// The cell of one of this client's accounts.
+    fn cell_of(&self, account: u128) -> CellId {
+        self.away.get(&account).copied().unwrap_or(self.cell)
     }
 
     fn transfer_id(&mut self) -> u128 {
@@ -150,15 +208,20 @@ impl Client {
         (u128::from(self.id) << 64) | u128::from(self.sequence)
     }
 
-    fn accounts_request(&self) -> Request {
+    /// The accounts of `bank` (no limit) and of `users` (debits must not exceed credits).
+    fn accounts_request(bank: Option<u128>, users: &[u128]) -> Request {
         let account =
             |id: u128, flags: AccountFlags| Account { id, ledger: LEDGER, code: 1, flags, ..Account::default() };
-        let mut accounts = vec![account(self.bank, AccountFlags::default())];
-        accounts.extend(self.users.iter().map(|&id| account(id, AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS)));
-        Request::CreateAccounts(accounts)
+        let bank = bank.map(|id| account(id, AccountFlags::default()));
+        let users = users.iter().map(|&id| account(id, AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS));
+        Request::CreateAccounts(bank.into_iter().chain(users).collect())
     }
 
     fn next_request(&mut self, book: &mut Book) -> Request {
+        if !self.unopened.is_empty() {
+            let users: Vec<u128> = self.unopened.iter().map(|&(id, _)| id).collect();
+            return Client::accounts_request(None, &users);
+        }
         // A tenth of the requests look up some of this client's transfers.
         if self.sequence > 0 && self.rng.chance(100_000) {
             let ids = (0..4).map(|_| (u128::from(self.id) << 64) | u128::from(self.rng.between(1, self.sequence)));
@@ -166,6 +229,8 @@ impl Client {
         }
         let count = self.rng.between(1, BATCH_EVENTS_MAX);
         let mut transfers = Vec::new();
+        // The cell of the pending transfer each post or void resolves.
+        let mut posts_home: BTreeMap<u128, CellId> = BTreeMap::new();
         while (transfers.len() as u64) < count {
             let roll = self.rng.below(100);
             let id = self.transfer_id();
@@ -201,7 +266,8 @@ impl Client {
                 });
             } else if roll < 85 && !self.pending.is_empty() {
                 let index = self.rng.below(self.pending.len() as u64) as usize;
-                let pending_id = self.pending.swap_remove(index);
+                let (pending_id, home) = self.pending.swap_remove(index);
+                posts_home.insert(id, home);
                 let flags = if self.rng.chance(600_000) {
                     TransferFlags::POST_PENDING_TRANSFER
                 } else {
@@ -230,7 +296,9 @@ impl Client {
             }
         }
         for transfer in &transfers {
-            book.sent.insert(transfer.id, (self.cell, *transfer));
+            // Its home: its debit account's cell (a post or void: its pending transfer's).
+            let home = posts_home.get(&transfer.id).copied().unwrap_or_else(|| self.cell_of(transfer.debit_account_id));
+            book.sent.insert(transfer.id, (home, *transfer));
         }
         Request::CreateTransfers(transfers)
     }
@@ -241,8 +309,7 @@ impl Client {
     fn payee(&mut self) -> u128 {
         let user = self.foreign[self.rng.below(self.foreign.len() as u64) as usize];
         if self.rng.below(UNKNOWN_PAYEE_IN) == 0 {
-            let user_id = cellpay_ledger::id::user_of_account(user);
-            return cellpay_ledger::id::account_id(user_id, 2).expect("a valid id");
+            return account_id(user_of_account(user), 2).expect("a valid id");
         }
         user
     }
@@ -263,32 +330,32 @@ impl Client {
         let phase = std::mem::replace(&mut self.phase, Phase::Idle);
         match phase {
             Phase::Setup => {
-                let node = self.node(nodes);
+                let to = self.target(nodes);
                 self.waiting_since = Some(now);
-                Action::Send { node, request: self.accounts_request() }
+                Action::Send { to, request: Client::accounts_request(Some(self.bank), &self.users) }
             }
             Phase::Idle if self.stopped => Action::Nothing,
             Phase::Idle => {
-                let node = self.node(nodes);
+                let to = self.target(nodes);
                 self.waiting_since = Some(now);
-                Action::Send { node, request: self.next_request(book) }
+                Action::Send { to, request: self.next_request(book) }
             }
             Phase::Retry { request, at } if at <= now => {
                 book.retries += 1;
-                let node = self.node(nodes);
-                Action::Send { node, request }
+                let to = self.target(nodes);
+                Action::Send { to, request }
             }
             phase @ Phase::Retry { .. } => {
                 self.phase = phase;
                 Action::Nothing
             }
-            Phase::Waiting { request, mut answer, node, deadline } => match answer.try_recv() {
+            Phase::Waiting { request, mut answer, to, deadline } => match answer.try_recv() {
                 Ok(result) => {
-                    self.answered(now, request, node, result, book);
+                    self.answered(now, request, to, result, book);
                     Action::Nothing
                 }
                 Err(oneshot::error::TryRecvError::Empty) if now < deadline => {
-                    self.phase = Phase::Waiting { request, answer, node, deadline };
+                    self.phase = Phase::Waiting { request, answer, to, deadline };
                     Action::Nothing
                 }
                 // No answer in time, or the node crashed: the outcome is unknown; same ids again.
@@ -301,25 +368,22 @@ impl Client {
         }
     }
 
-    /// The simulator sent `request` to `node`.
+    /// The simulator sent `request` to `to`.
     pub fn sent(
         &mut self,
         now: u64,
-        node: NodeId,
+        to: Target,
         request: Request,
         answer: oneshot::Receiver<Result<Reply, NodeError>>,
     ) {
-        self.phase = Phase::Waiting { request, answer, node, deadline: now + CLIENT_TIMEOUT_NS };
+        self.phase = Phase::Waiting { request, answer, to, deadline: now + CLIENT_TIMEOUT_NS };
     }
 
-    fn answered(
-        &mut self,
-        now: u64,
-        request: Request,
-        node: NodeId,
-        result: Result<Reply, NodeError>,
-        book: &mut Book,
-    ) {
+    fn answered(&mut self, now: u64, request: Request, to: Target, result: Result<Reply, NodeError>, book: &mut Book) {
+        let node = match to {
+            Target::Node(node) => Some(node),
+            Target::Gateway(_) => None,
+        };
         if result.is_ok() {
             self.answered += 1;
         }
@@ -328,10 +392,23 @@ impl Client {
                 let created =
                     results.iter().all(|r| matches!(r, CreateAccountResult::Ok | CreateAccountResult::Exists));
                 assert!(created, "client {}: the accounts could not be created: {results:?}", self.id);
-                for id in self.accounts().collect::<Vec<_>>() {
-                    book.accounts.insert(id, self.cell);
+                let Request::CreateAccounts(accounts) = &request else { unreachable!("an accounts reply") };
+                for account in accounts {
+                    let opened = self.unopened.iter().position(|&(id, _)| id == account.id);
+                    let cell = match opened {
+                        Some(position) => {
+                            let (id, cell) = self.unopened.remove(position);
+                            self.users.push(id);
+                            if cell != self.cell {
+                                self.away.insert(id, cell);
+                            }
+                            cell
+                        }
+                        None => self.cell,
+                    };
+                    book.accounts.insert(account.id, cell);
                 }
-                self.leader_hint = Some(node);
+                self.leader_hint = node;
                 self.waiting_since = None;
             }
             Ok(Reply::CreateTransfers(results)) => {
@@ -340,23 +417,23 @@ impl Client {
                     book.results.entry(transfer.id).or_default().push(*result);
                     let fresh_pending = transfer.flags.contains(TransferFlags::PENDING)
                         && *result == CreateTransferResult::Ok
-                        && !self.pending.contains(&transfer.id);
+                        && !self.pending.iter().any(|&(id, _)| id == transfer.id);
                     if fresh_pending {
-                        self.pending.push(transfer.id);
+                        self.pending.push((transfer.id, self.cell_of(transfer.debit_account_id)));
                     }
                 }
                 book.batches_acknowledged += 1;
-                self.leader_hint = Some(node);
+                self.leader_hint = node;
                 self.waiting_since = None;
             }
             Ok(Reply::Transfers(found)) => {
                 let Request::LookupTransfers(ids) = &request else { unreachable!("a lookup reply") };
                 for id in ids {
                     if book.acknowledged(*id) && !found.iter().any(|t| t.id == *id) {
-                        book.lookups_missing.push((*id, node));
+                        book.lookups_missing.push((*id, to));
                     }
                 }
-                self.leader_hint = Some(node);
+                self.leader_hint = node;
                 self.waiting_since = None;
             }
             Ok(_) => unreachable!("the clients send no other request"),

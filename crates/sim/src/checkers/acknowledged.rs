@@ -48,10 +48,10 @@ fn acknowledged_leg(sent: &Transfer, stored: &Transfer, ledger: &Ledger, store: 
 
 pub(crate) fn check(sim: &Sim) -> Vec<Failure> {
     let mut failures = Vec::new();
-    for &(id, node) in &sim.book.lookups_missing {
+    for &(id, to) in &sim.book.lookups_missing {
         failures.push(Failure::new(
             "acknowledged",
-            format!("a lookup on node {node} did not find acknowledged transfer {id:#x}"),
+            format!("a lookup sent to {to} did not find acknowledged transfer {id:#x}"),
         ));
     }
     for (&node, stepped) in &sim.nodes {
