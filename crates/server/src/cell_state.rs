@@ -51,6 +51,10 @@ const MAGIC_CROSS_WITHOUT_HOLDS: [u8; 4] = *b"cpCN";
 /// The format before cross-cell transfers.
 const MAGIC_OWNERSHIP_ONLY: [u8; 4] = *b"cpCM";
 
+// The cross-cell state, at its largest, and the rest (log base record,
+// shard bits, routing table: well under 64 KiB) fit the store's consensus metadata.
+const _: () = assert!(crate::cross_cell::STATE_BYTES_MAX + 64 * 1024 <= cellpay_storage::store::CONSENSUS_BYTES_MAX);
+
 /// Which of the formats above a state is in.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Format {

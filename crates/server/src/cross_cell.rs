@@ -83,9 +83,39 @@ pub const INBOX_ITEMS_MAX: usize = 16_384;
 pub const OPS_MAX: usize = 65_536;
 /// Prepared operations and tombstones a cell holds as a participant.
 pub const PARTS_MAX: usize = 262_144;
-/// Open cross-cell pending transfers a cell coordinates (beyond it, new ones
-/// are refused `cross_cell_transfers_max_reached`).
-pub const HOLDS_MAX: usize = 262_144;
+/// The most the cross-cell state may take encoded (`encode_into`): it is
+/// stored with every checkpoint, in the consensus metadata, and must fit
+/// there with the rest of the cell's state (see `cell_state`). New
+/// operations, tries and holds that would pass it are refused
+/// `cross_cell_transfers_max_reached`; what is admitted reserves what it
+/// may grow to (an operation the holds it may leave, a hold its release).
+pub const STATE_BYTES_MAX: usize = 768 * 1024;
+
+/// Encoded bytes of a hold, and of a release (see `encode_into`).
+const HOLD_BYTES: usize = 16 + 8 + 16 + 8;
+const RELEASE_BYTES: usize = 16 + 8 + 1 + RECORD_SIZE + 8;
+/// A hold is accounted with the release it becomes.
+const HOLD_ACCOUNTED: usize = HOLD_BYTES + RELEASE_BYTES;
+/// The four counts that head the encoding's sections.
+const STATE_FIXED_BYTES: usize = 4 * 4;
+
+/// An operation's accounted bytes: its encoding (with a cancel's code), and
+/// the holds its client pending transfers may leave.
+fn op_bytes(events: &[Transfer], participants: usize) -> usize {
+    let encoded = 16 + 8 + 4 + events.len() * (RECORD_SIZE + 16) + 4 + participants * 9 + 1 + 8;
+    encoded + events.iter().filter(|event| held(event)).count() * HOLD_ACCOUNTED
+}
+
+/// A participant's record's encoded bytes.
+fn part_bytes(part: &Part) -> usize {
+    8 + 16
+        + 8
+        + 1
+        + match part {
+            Part::Tombstone => 0,
+            Part::Prepared { legs, held } => 4 + 16 * legs.len() + 4 + 16 * held.len(),
+        }
+}
 
 /// What a participant has answered, as the coordinator's log records it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -178,6 +208,8 @@ pub struct CrossCellState {
     hold_expiries: BTreeSet<(u64, u128)>,
     /// Held legs released here and not yet released by the participant, by pending id.
     releases: BTreeMap<u128, Release>,
+    /// What the state accounts for against `STATE_BYTES_MAX` (derived, not encoded).
+    bytes: usize,
 }
 
 /// A message between cells (and, `Timeout`, from a cell's leader to its own log).
@@ -449,12 +481,12 @@ fn resolves_pending(event: &Transfer) -> bool {
 fn apply_release(entry: &mut Apply<'_, impl History>, leg: u128, expire: bool, transfer: &Transfer) {
     if expire {
         let status = entry.ledger.expire_pending(entry.timestamp, leg, entry.history);
-        assert_eq!(status, Some(PendingStatus::Expired), "the expiry of held cross-entry.cell leg {leg} did not apply");
+        assert_eq!(status, Some(PendingStatus::Expired), "the expiry of held cross-cell leg {leg} did not apply");
     } else {
         let result = entry.ledger.create_legs(entry.timestamp, std::slice::from_ref(transfer), entry.history)[0];
         assert!(
             matches!(result, R::Ok | R::Exists),
-            "the release of held cross-entry.cell leg {leg} by transfer {} was refused: {result}",
+            "the release of held cross-cell leg {leg} by transfer {} was refused: {result}",
             transfer.id
         );
     }
@@ -523,7 +555,7 @@ fn resolve(entry: &mut Apply<'_, impl History>, legs: &[u128], decision: Decisio
         let expired = *result == R::PendingTransferExpired && decision != Decision::Confirm;
         assert!(
             matches!(result, R::Ok | R::Exists) || expired,
-            "the resolution of cross-entry.cell leg {leg} ({decision:?}) was refused: {result}"
+            "the resolution of cross-cell leg {leg} ({decision:?}) was refused: {result}"
         );
     }
 }
@@ -564,7 +596,7 @@ impl CrossCellState {
     ) -> Coordinated {
         assert_eq!(events.len(), cells.len());
         let mut coordinated = Coordinated { results: Vec::with_capacity(events.len()), waiting: Vec::new() };
-        // A post or void of a cross-entry.cell pending transfer applies here alone
+        // A post or void of a cross-cell pending transfer applies here alone
         // (its other leg follows the release), whichever accounts it names.
         let mut adjusted: Option<Vec<Transfer>> = None;
         let mut local = Vec::with_capacity(events.len());
@@ -670,6 +702,7 @@ impl CrossCellState {
                 continue;
             }
             let Some(hold) = self.holds.remove(&event.pending_id) else { continue };
+            self.bytes -= HOLD_ACCOUNTED;
             self.hold_expiries.remove(&(hold.expires_at, event.pending_id));
             entry.effects.steps.push(Step::Released);
             if let Some(peer) = hold.peer {
@@ -700,7 +733,9 @@ impl CrossCellState {
 
     /// Records and sends the release of held leg `leg` to `peer`.
     fn release(&mut self, peer: CellId, leg: u128, expire: bool, transfer: Transfer, at: u64, effects: &mut Effects) {
-        self.releases.insert(leg, Release { peer, expire, transfer, at });
+        let replaced = self.releases.insert(leg, Release { peer, expire, transfer, at });
+        assert!(replaced.is_none(), "held cross-cell leg {leg} released twice");
+        self.bytes += RELEASE_BYTES;
         effects.outbox.push((peer, Item::Release { leg, expire, transfer }));
     }
 
@@ -715,12 +750,9 @@ impl CrossCellState {
             }
             self.hold_expiries.pop_first();
             let hold = self.holds.remove(&leg).expect("an expiring hold is held");
+            self.bytes -= HOLD_ACCOUNTED;
             let status = entry.ledger.expire_pending(entry.timestamp, leg, entry.history);
-            assert_eq!(
-                status,
-                Some(PendingStatus::Expired),
-                "held cross-entry.cell pending transfer {leg} did not expire"
-            );
+            assert_eq!(status, Some(PendingStatus::Expired), "held cross-cell pending transfer {leg} did not expire");
             entry.effects.steps.push(Step::Released);
             if let Some(peer) = hold.peer {
                 self.release(peer, leg, true, Transfer::default(), entry.timestamp, entry.effects);
@@ -773,7 +805,14 @@ impl CrossCellState {
         if let Some(existing) = entry.ledger.transfer(op, entry.history) {
             return Some(self.retried(entry, events, &legs, &existing));
         }
-        if self.ops.len() >= OPS_MAX || (events.iter().any(held) && self.holds.len() >= HOLDS_MAX) {
+        let participants: BTreeMap<CellId, PartStatus> = cells
+            .iter()
+            .flat_map(|&(debit, credit)| [debit, credit])
+            .filter(|&other| other != entry.cell)
+            .map(|other| (other, PartStatus::Trying))
+            .collect();
+        let size = op_bytes(events, participants.len());
+        if self.ops.len() >= OPS_MAX || !self.fits(size) {
             return refused(0, R::CrossCellTransfersMaxReached);
         }
         ensure_clearing_accounts(entry, &legs);
@@ -782,12 +821,6 @@ impl CrossCellState {
         if let Some((index, code)) = refusal(&legs, &results) {
             return refused(index, code);
         }
-        let participants: BTreeMap<CellId, PartStatus> = cells
-            .iter()
-            .flat_map(|&(debit, credit)| [debit, credit])
-            .filter(|&other| other != entry.cell)
-            .map(|other| (other, PartStatus::Trying))
-            .collect();
         let deadline = entry.timestamp.saturating_add(TRY_WINDOW_NS);
         for &participant in participants.keys() {
             let item = Item::Try { op, deadline, events: events.to_vec(), cells: cells.to_vec() };
@@ -795,6 +828,7 @@ impl CrossCellState {
         }
         let record = Op { events: events.to_vec(), cells: cells.to_vec(), deadline, participants, decision: None };
         self.ops.insert(op, record);
+        self.bytes += size;
         entry.effects.steps.push(Step::Tried);
         if self.bug_confirm_without_try {
             entry.effects.outbox.retain(|(_, item)| !matches!(item, Item::Try { op: tried, .. } if *tried == op));
@@ -851,7 +885,9 @@ impl CrossCellState {
                 break;
             }
             self.tombstones.pop_first();
-            self.parts.remove(&(coordinator, op));
+            if let Some(record) = self.parts.remove(&(coordinator, op)) {
+                self.bytes -= part_bytes(&record.part);
+            }
         }
         for item in items {
             match item {
@@ -869,7 +905,14 @@ impl CrossCellState {
                 }
                 &Item::Decide { op, confirm, deadline } => {
                     let key = (from, op);
-                    match self.parts.remove(&key) {
+                    let tombstone = PartRecord { part: Part::Tombstone, deadline };
+                    let tombstoned = matches!(self.parts.get(&key), Some(PartRecord { part: Part::Tombstone, .. }));
+                    let removed = if tombstoned { None } else { self.parts.remove(&key) };
+                    if let Some(record) = &removed {
+                        self.bytes -= part_bytes(&record.part);
+                    }
+                    match removed {
+                        _ if tombstoned => {}
                         Some(PartRecord { part: Part::Prepared { legs, held }, .. }) => {
                             // The failing event and code are the coordinator's to record.
                             let decision =
@@ -883,11 +926,16 @@ impl CrossCellState {
                             resolve(entry, &legs, decision);
                             entry.effects.steps.push(Step::Resolved);
                         }
-                        Some(tombstone) => {
+                        Some(PartRecord { part: Part::Tombstone, .. }) => unreachable!("tombstones stay"),
+                        None if !confirm && entry.timestamp <= deadline => {
+                            let size = part_bytes(&tombstone.part);
+                            if self.parts.len() >= PARTS_MAX || !self.fits(size) {
+                                // No room to refuse the late try: no `Done`
+                                // either, so the coordinator asks again later.
+                                continue;
+                            }
                             self.parts.insert(key, tombstone);
-                        }
-                        None if !confirm && entry.timestamp <= deadline && self.parts.len() < PARTS_MAX => {
-                            self.parts.insert(key, PartRecord { part: Part::Tombstone, deadline });
+                            self.bytes += size;
                             self.tombstones.insert((deadline, from, op));
                             entry.effects.steps.push(Step::Tombstoned);
                         }
@@ -924,7 +972,9 @@ impl CrossCellState {
                         *status = PartStatus::Done;
                     }
                     if record.participants.values().all(|&status| status == PartStatus::Done) {
+                        let size = op_bytes(&record.events, record.participants.len());
                         self.ops.remove(&op);
+                        self.bytes -= size;
                         entry.effects.steps.push(Step::Forgotten);
                     }
                 }
@@ -948,6 +998,7 @@ impl CrossCellState {
                 &Item::Released { leg } => {
                     if self.releases.get(&leg).is_some_and(|release| release.peer == from) {
                         self.releases.remove(&leg);
+                        self.bytes -= RELEASE_BYTES;
                     }
                 }
             }
@@ -993,7 +1044,11 @@ impl CrossCellState {
         if legs.is_empty() {
             return refused(0, R::CrossCellMisrouted);
         }
-        if self.parts.len() >= PARTS_MAX {
+        let ids: Vec<u128> = legs.iter().map(|(_, leg)| leg.id).collect();
+        let held = legs.iter().filter(|&&(index, _)| held(&tried.events[index])).map(|(_, leg)| leg.id).collect();
+        let part = Part::Prepared { legs: ids, held };
+        let size = part_bytes(&part);
+        if self.parts.len() >= PARTS_MAX || !self.fits(size) {
             return refused(legs[0].0, R::CrossCellTransfersMaxReached);
         }
         ensure_clearing_accounts(entry, &legs);
@@ -1001,11 +1056,8 @@ impl CrossCellState {
         let results = entry.ledger.create_legs(entry.timestamp, &transfers, entry.history);
         match refusal(&legs, &results) {
             None => {
-                let ids = legs.iter().map(|(_, leg)| leg.id).collect();
-                let held =
-                    legs.iter().filter(|&&(index, _)| held(&tried.events[index])).map(|(_, leg)| leg.id).collect();
-                let part = Part::Prepared { legs: ids, held };
                 self.parts.insert((coordinator, op), PartRecord { part, deadline: tried.deadline });
+                self.bytes += size;
                 Some(Item::Prepared { op })
             }
             // A try repeated after its decision was applied here: the coordinator needs no answer.
@@ -1018,7 +1070,7 @@ impl CrossCellState {
     /// participants are told, the waiting client answered.
     fn decide(&mut self, entry: &mut Apply<'_, impl History>, op: u128, decision: Decision) {
         let record = self.ops.get_mut(&op).expect("decided operations are recorded");
-        assert!(record.decision.is_none(), "cross-entry.cell operation {op} decided twice");
+        assert!(record.decision.is_none(), "cross-cell operation {op} decided twice");
         record.decision = Some(decision);
         let mine = legs_for(entry.cell, &record.events, &record.cells);
         let confirm = decision == Decision::Confirm;
@@ -1039,6 +1091,7 @@ impl CrossCellState {
                     expires_at,
                 };
                 self.holds.insert(leg.id, hold);
+                self.bytes += HOLD_ACCOUNTED;
                 if expires_at != 0 {
                     self.hold_expiries.insert((expires_at, leg.id));
                 }
@@ -1141,7 +1194,22 @@ impl CrossCellState {
         items
     }
 
+    /// Whether `size` more accounted bytes fit `STATE_BYTES_MAX`.
+    fn fits(&self, size: usize) -> bool {
+        STATE_FIXED_BYTES + self.bytes + size <= STATE_BYTES_MAX
+    }
+
+    /// What the state accounts for, computed from scratch (see `bytes`).
+    fn accounted(&self) -> usize {
+        let ops: usize = self.ops.values().map(|op| op_bytes(&op.events, op.participants.len())).sum();
+        let parts: usize = self.parts.values().map(|record| part_bytes(&record.part)).sum();
+        ops + parts + self.holds.len() * HOLD_ACCOUNTED + self.releases.len() * RELEASE_BYTES
+    }
+
+    /// Encodes the state (at most `STATE_BYTES_MAX` bytes: checked).
     pub fn encode_into(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        assert_eq!(self.bytes, self.accounted(), "the cross-cell state's accounting drifted");
         put_u32(out, self.ops.len() as u32);
         for (&op, record) in &self.ops {
             put_u128(out, op);
@@ -1201,6 +1269,12 @@ impl CrossCellState {
             out.extend_from_slice(&bytes);
             put_u64(out, release.at);
         }
+        let encoded = out.len() - start;
+        let accounted = STATE_FIXED_BYTES + self.bytes;
+        assert!(
+            encoded <= accounted,
+            "the cross-cell state encodes to {encoded} bytes, over its accounted {accounted}"
+        );
     }
 
     /// Decodes what `encode_into` wrote, returning the state and the bytes
@@ -1254,6 +1328,7 @@ impl CrossCellState {
             state.parts.insert((coordinator, op), PartRecord { part, deadline });
         }
         if !with_holds {
+            state.bytes = state.accounted();
             return Some((state, reader.bytes));
         }
         for _ in 0..reader.u32()? {
@@ -1272,6 +1347,7 @@ impl CrossCellState {
             let transfer = Transfer::decode(reader.take(RECORD_SIZE)?.try_into().ok()?);
             state.releases.insert(leg, Release { peer, expire, transfer, at: reader.u64()? });
         }
+        state.bytes = state.accounted();
         Some((state, reader.bytes))
     }
 }

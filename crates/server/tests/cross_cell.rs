@@ -312,3 +312,42 @@ async fn a_pending_transfer_between_cells_is_posted_voided_or_expired_in_both() 
     drop(handle);
     node.shutdown();
 }
+
+/// The cross-cell state is stored with every checkpoint, within a byte
+/// budget: past it, new cross-cell pending transfers are refused (not a
+/// failed checkpoint), and a clean restart restores the full state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_cell_pending_transfers_are_refused_past_the_state_budget_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(dir.path());
+    let handle = node.handle();
+    setup(&handle).await;
+    // Bank 3 (cell 1, no limits) reserves 1 for user 52 (cell 2), a thousand at a time.
+    let mut held = 0u64;
+    let mut refused = 0;
+    for batch in 0..8u64 {
+        let events: Vec<Transfer> =
+            (0..1_000).map(|i| pending(u128::from((1 << 32) + batch * 1_000 + i), 3, 52, 1, 0)).collect();
+        for result in transfers(&handle, events).await {
+            match result {
+                R::Ok => held += 1,
+                R::CrossCellTransfersMaxReached => refused += 1,
+                other => panic!("a pending transfer across cells answered {other}"),
+            }
+        }
+    }
+    assert!(held >= 3_000 && refused > 0, "{held} held, {refused} refused");
+    await_balance(&handle, user(52), (0, 0, 0, u128::from(held)), "every held transfer reserved in cell 2").await;
+    drop(handle);
+    node.shutdown();
+    let node = start(dir.path());
+    assert_eq!(node.recovery.records_replayed, 0, "restored from the checkpoint");
+    let handle = node.handle();
+    // Voiding one makes room for one more.
+    let void = resolve(1 << 40, 1 << 32, 3, 0, TransferFlags::VOID_PENDING_TRANSFER);
+    assert_eq!(transfers(&handle, vec![void]).await, vec![R::Ok]);
+    await_balance(&handle, user(52), (0, 0, 0, u128::from(held - 1)), "the void released").await;
+    assert_eq!(transfers(&handle, vec![pending(1 << 41, 3, 52, 1, 0)]).await, vec![R::Ok]);
+    drop(handle);
+    node.shutdown();
+}

@@ -27,7 +27,7 @@
 //! | `account_transfers` | account id (16, BE) ++ timestamp (8, BE) | transfer id (16) ++ side (1: bit 0 debit, bit 1 credit) |
 //! | `balances`          | account id (16, BE) ++ timestamp (8, BE) | `AccountBalance` (88: five u128 then the timestamp) |
 //! | `meta`              | `b"checkpoint"`                       | format version (u32) ++ op (u64) ++ timestamp_last (u64) |
-//! | `meta`              | `b"consensus"`                        | opaque consensus metadata of the checkpoint (1 to 64 KiB; none if empty) |
+//! | `meta`              | `b"consensus"`                        | opaque consensus metadata of the checkpoint (1 B to 896 KiB; none if empty) |
 //!
 //! Besides the stores' keyspaces, the database holds `registry` (key: a name
 //! in UTF-8; payload: a u64, sealed the same way) and empty `~drop-guard.N`
@@ -220,7 +220,7 @@ const SIDE_CREDIT: u8 = 1 << 1;
 pub const SNAPSHOT_CHUNK_BYTES_MAX: usize = 1 << 20;
 
 /// Largest consensus metadata stored with a checkpoint ([`Store::apply_checkpoint_with`]).
-pub const CONSENSUS_BYTES_MAX: usize = 64 * 1024;
+pub const CONSENSUS_BYTES_MAX: usize = 896 * 1024;
 
 /// The snapshot (chunk stream) format this build writes and reads (in the image header).
 pub const SNAPSHOT_FORMAT_VERSION: u32 = 1;
