@@ -6,7 +6,15 @@
 //! at the end that its accounts' debits and credits each grew by exactly the
 //! amount the acknowledged transfers moved, so a fast wrong answer cannot pass.
 //! (It assumes no other client moves money on its ledger meanwhile.)
+//!
+//! Through a gateway, `--cross-cell P` makes P % of the transfers pay an
+//! account of another cell (a try/confirm/cancel operation between two
+//! cells). Such a transfer is answered once its coordinator's decision is
+//! durable; the other cell posts its credit leg a few milliseconds later, so
+//! the check waits for the accounts' pending sums to come back to where they
+//! were before it compares.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -64,6 +72,10 @@ pub struct BenchArgs {
     /// splits every batch.
     #[arg(long, requires = "cluster")]
     pub gateway: bool,
+    /// With --cluster and --gateway: the percentage (0 to 100) of transfers
+    /// whose credit account is in another cell than their debit account.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub cross_cell: Option<u8>,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, Serialize)]
@@ -78,6 +90,13 @@ pub struct BenchResult {
     pub accounts: u64,
     pub transfers: u64,
     pub transfers_ok: u64,
+    /// Results other than `ok`, counted by code.
+    pub transfers_not_ok: BTreeMap<&'static str, u64>,
+    /// The `--cross-cell` percentage asked for.
+    pub cross_cell_percent: u8,
+    /// Transfers sent between two cells, and their share of all sent.
+    pub transfers_cross_cell: u64,
+    pub cross_cell_share: f64,
     pub batch_size: usize,
     pub concurrency: usize,
     pub distribution: Distribution,
@@ -87,6 +106,10 @@ pub struct BenchResult {
     pub batch_latency_ms_p99: f64,
     pub batch_latency_ms_p999: f64,
     pub batch_latency_ms_max: f64,
+    /// How long after the last answer the accounts' pending sums took to
+    /// come back to their values before the run (cross-cell credit legs
+    /// posted after their decision).
+    pub pending_settled_ms: f64,
     pub conserved: bool,
 }
 
@@ -297,10 +320,39 @@ pub fn conserved(before: Sums, after: Sums, amount_ok: u128) -> bool {
         && after.credits_pending == before.credits_pending
 }
 
+/// How long the bench waits, after its last answer, for its accounts'
+/// pending sums to come back: a cell posts a cross-cell credit leg as soon
+/// as it has the coordinator's decision (milliseconds), or, if that message
+/// was lost, at the coordinator's next resend (every second) or after an
+/// election (1 to 2 s).
+const SETTLE_DURATION_MAX: Duration = Duration::from_secs(15);
+const SETTLE_POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// The accounts' sums once their pending sums are back at `before`'s (every
+/// leg of the run posted or voided), and how long that took. After
+/// `SETTLE_DURATION_MAX`, the last sums read: the conservation check then
+/// fails, as it should.
+pub async fn settled_sums(client: &mut Client, count: u64, before: Sums) -> Result<(Sums, Duration)> {
+    let started = Instant::now();
+    loop {
+        let sums = sums(client, count).await?;
+        let settled = sums.debits_pending == before.debits_pending && sums.credits_pending == before.credits_pending;
+        if settled || started.elapsed() >= SETTLE_DURATION_MAX {
+            return Ok((sums, started.elapsed()));
+        }
+        tokio::time::sleep(SETTLE_POLL_INTERVAL).await;
+    }
+}
+
 pub async fn run(args: BenchArgs) -> Result<()> {
     ensure!((1..=BATCH_EVENTS_MAX).contains(&args.batch_size), "--batch-size must be 1 to {BATCH_EVENTS_MAX}");
     ensure!(args.accounts >= 2, "--accounts must be at least 2");
     ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
+    ensure!(
+        args.cross_cell.is_none() || args.gateway,
+        "--cross-cell needs --cluster and --gateway: the bench takes the two accounts of a cross-cell transfer from \
+         two cells of the topology, and sends such transfers through a gateway"
+    );
     let result = bench(&args).await?;
     let json = serde_json::to_string_pretty(&result)?;
     println!("{json}");
@@ -319,16 +371,87 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// The bench's account indexes grouped by cell, with a picker for each group.
+struct Groups {
+    groups: Vec<Vec<u64>>,
+    pickers: Vec<Picker>,
+}
+
+impl Groups {
+    fn new(groups: Vec<Vec<u64>>, args: &BenchArgs) -> Groups {
+        let pickers =
+            groups.iter().map(|group| Picker::new(group.len() as u64, args.distribution, args.zipf_exponent)).collect();
+        Groups { groups, pickers }
+    }
+
+    /// The debit and credit accounts of a transfer whose debit account is
+    /// in group `cell`: the credit account in the same group, or with
+    /// `cross_cell` in another one, taken at random.
+    fn pair(&self, cell: usize, cross_cell: bool, rng: &mut Rng) -> (u128, u128) {
+        let account = |group: usize, index: u64| bench_account_id(self.groups[group][index as usize]);
+        if !cross_cell {
+            let (debit, credit) = self.pickers[cell].pair(rng);
+            return (account(cell, debit), account(cell, credit));
+        }
+        assert!(self.groups.len() >= 2, "a cross-cell transfer needs two cells");
+        let other = (cell + 1 + rng.below(self.groups.len() as u64 - 1) as usize) % self.groups.len();
+        (account(cell, self.pickers[cell].pick(rng)), account(other, self.pickers[other].pick(rng)))
+    }
+}
+
+/// What the clients saw: batch latency (µs), and the transfers by outcome.
+struct Tally {
+    latency: Histogram<u64>,
+    ok: u64,
+    amount_ok: u128,
+    cross_cell: u64,
+    not_ok: BTreeMap<&'static str, u64>,
+}
+
+impl Tally {
+    fn new() -> Tally {
+        let latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+        Tally { latency, ok: 0, amount_ok: 0, cross_cell: 0, not_ok: BTreeMap::new() }
+    }
+
+    fn record(&mut self, batch: &[Transfer], results: &[CreateTransferResult]) {
+        for (transfer, result) in batch.iter().zip(results) {
+            if *result == CreateTransferResult::Ok {
+                self.ok += 1;
+                self.amount_ok += transfer.amount;
+            } else {
+                *self.not_ok.entry(result.as_str()).or_default() += 1;
+            }
+        }
+    }
+
+    fn add(&mut self, other: Tally) -> Result<()> {
+        self.latency.add(other.latency)?;
+        self.ok += other.ok;
+        self.amount_ok += other.amount_ok;
+        self.cross_cell += other.cross_cell;
+        for (code, count) in other.not_ok {
+            *self.not_ok.entry(code).or_default() += count;
+        }
+        Ok(())
+    }
+}
+
 pub async fn bench(args: &BenchArgs) -> Result<BenchResult> {
+    let cross_cell_percent = args.cross_cell.unwrap_or(0);
     let mut client = Client::connect(&args.address).await?;
     let topology = args.cluster.as_deref().map(Topology::load).transpose()?;
     create_accounts(&mut client, args.accounts, args.ledger, topology.as_ref()).await?;
     let before = sums(&mut client, args.accounts).await?;
     // Each batch stays in one cell: its transfers pick accounts of that cell.
-    let groups = Arc::new(accounts_by_cell(args.accounts, topology.as_ref()));
+    let groups = Arc::new(Groups::new(accounts_by_cell(args.accounts, topology.as_ref()), args));
     ensure!(
-        groups.iter().all(|group| group.len() >= 2),
+        groups.groups.iter().all(|group| group.len() >= 2),
         "every cell needs at least 2 of the bench's accounts: raise --accounts"
+    );
+    ensure!(
+        cross_cell_percent == 0 || groups.groups.len() >= 2,
+        "--cross-cell needs the bench's accounts in at least 2 cells: raise --accounts"
     );
     let cell_ids: Arc<Vec<u64>> = Arc::new(match &topology {
         Some(topology) => {
@@ -343,9 +466,6 @@ pub async fn bench(args: &BenchArgs) -> Result<BenchResult> {
         Some(topology) if !args.gateway => Some(Arc::new(Routes::start(topology.clone()).await?)),
         _ => None,
     };
-    let pickers: Arc<Vec<Picker>> = Arc::new(
-        groups.iter().map(|group| Picker::new(group.len() as u64, args.distribution, args.zipf_exponent)).collect(),
-    );
     // Fresh ids for every run: the high bits are the start time.
     let id_base = u128::from(SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos() as u64) << 64;
     let batches_total = args.transfers.div_ceil(args.batch_size as u64);
@@ -354,14 +474,12 @@ pub async fn bench(args: &BenchArgs) -> Result<BenchResult> {
     let started = Instant::now();
     let mut workers = Vec::new();
     for worker in 0..args.concurrency {
-        let (mut client, pickers, groups, args) = (client.clone(), pickers.clone(), groups.clone(), args.clone());
+        let (mut client, groups, args) = (client.clone(), groups.clone(), args.clone());
         let (routes, cell_ids) = (routes.clone(), cell_ids.clone());
         let (batch_next, sent) = (batch_next.clone(), sent.clone());
         workers.push(tokio::spawn(async move {
             let mut rng = Rng::new(args.seed ^ ((worker as u64 + 1) << 32));
-            let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
-            let mut ok = 0u64;
-            let mut amount_ok = 0u128;
+            let mut tally = Tally::new();
             let mut batch = Vec::with_capacity(args.batch_size);
             loop {
                 let number = batch_next.fetch_add(1, Ordering::Relaxed);
@@ -371,16 +489,17 @@ pub async fn bench(args: &BenchArgs) -> Result<BenchResult> {
                 let first = number * args.batch_size as u64;
                 let count = (args.transfers - first).min(args.batch_size as u64);
                 batch.clear();
-                let cell = (number % groups.len() as u64) as usize;
+                let cell = (number % groups.groups.len() as u64) as usize;
                 for offset in 0..count {
                     // Through a gateway, a batch's transfers take the cells in turn.
-                    let cell = if args.gateway { (cell + offset as usize) % groups.len() } else { cell };
-                    let (group, picker) = (&groups[cell], &pickers[cell]);
-                    let (debit, credit) = picker.pair(&mut rng);
+                    let cell = if args.gateway { (cell + offset as usize) % groups.groups.len() } else { cell };
+                    let cross_cell = cross_cell_percent > 0 && rng.below(100) < u64::from(cross_cell_percent);
+                    tally.cross_cell += u64::from(cross_cell);
+                    let (debit_account_id, credit_account_id) = groups.pair(cell, cross_cell, &mut rng);
                     batch.push(Transfer {
                         id: id_base | u128::from(first + offset + 1),
-                        debit_account_id: bench_account_id(group[debit as usize]),
-                        credit_account_id: bench_account_id(group[credit as usize]),
+                        debit_account_id,
+                        credit_account_id,
                         amount: 1 + u128::from(rng.below(1000)),
                         ledger: args.ledger,
                         code: 1,
@@ -394,16 +513,12 @@ pub async fn bench(args: &BenchArgs) -> Result<BenchResult> {
                     Some(mut leader) => leader.create_transfers(&batch).await?,
                     None => client.create_transfers(&batch).await?,
                 };
-                latency.saturating_record(sent_at.elapsed().as_micros() as u64);
-                for (transfer, result) in batch.iter().zip(&results) {
-                    if *result == CreateTransferResult::Ok {
-                        ok += 1;
-                        amount_ok += transfer.amount;
-                    }
-                }
+                tally.latency.saturating_record(sent_at.elapsed().as_micros() as u64);
+                ensure!(results.len() == batch.len(), "{} results for {} transfers", results.len(), batch.len());
+                tally.record(&batch, &results);
                 sent.fetch_add(count, Ordering::Relaxed);
             }
-            anyhow::Ok((latency, ok, amount_ok))
+            anyhow::Ok(tally)
         }));
     }
     let progress = {
@@ -420,24 +535,23 @@ pub async fn bench(args: &BenchArgs) -> Result<BenchResult> {
             }
         })
     };
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let mut transfers_ok = 0;
-    let mut amount_ok = 0u128;
+    let mut tally = Tally::new();
     for worker in workers {
-        let (worker_latency, ok, amount) = worker.await??;
-        latency.add(worker_latency)?;
-        transfers_ok += ok;
-        amount_ok += amount;
+        tally.add(worker.await??)?;
     }
     let seconds = started.elapsed().as_secs_f64();
     progress.abort();
-    let after = sums(&mut client, args.accounts).await?;
-    let conserved = conserved(before, after, amount_ok);
-    let ms = |quantile: f64| latency.value_at_quantile(quantile) as f64 / 1000.0;
+    let (after, settled) = settled_sums(&mut client, args.accounts, before).await?;
+    let conserved = conserved(before, after, tally.amount_ok);
+    let ms = |quantile: f64| tally.latency.value_at_quantile(quantile) as f64 / 1000.0;
     Ok(BenchResult {
         accounts: args.accounts,
         transfers: args.transfers,
-        transfers_ok,
+        transfers_ok: tally.ok,
+        transfers_not_ok: tally.not_ok,
+        cross_cell_percent,
+        transfers_cross_cell: tally.cross_cell,
+        cross_cell_share: tally.cross_cell as f64 / args.transfers as f64,
         batch_size: args.batch_size,
         concurrency: args.concurrency,
         distribution: args.distribution,
@@ -446,7 +560,8 @@ pub async fn bench(args: &BenchArgs) -> Result<BenchResult> {
         batch_latency_ms_p50: ms(0.50),
         batch_latency_ms_p99: ms(0.99),
         batch_latency_ms_p999: ms(0.999),
-        batch_latency_ms_max: latency.max() as f64 / 1000.0,
+        batch_latency_ms_max: tally.latency.max() as f64 / 1000.0,
+        pending_settled_ms: settled.as_secs_f64() * 1000.0,
         conserved,
     })
 }

@@ -33,6 +33,16 @@ fn demo_runs_a_workload_and_audits_it() {
     assert!(stdout(&cellpay(&fresh)).contains("10104 created now"));
 }
 
+#[test]
+fn bench_refuses_cross_cell_without_a_gateway() {
+    let refused = cellpay(&["bench", "--cross-cell", "10", "--address", "127.0.0.1:1"]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--cross-cell needs --cluster and --gateway"), "{stderr}");
+    let out_of_range = cellpay(&["bench", "--cross-cell", "101"]);
+    assert!(!out_of_range.status.success());
+}
+
 struct Server(Child, String);
 
 impl Drop for Server {

@@ -13,7 +13,12 @@
 //!    the node comes back;
 //! 4. the audit: every acknowledged transfer is in exactly one cell (each
 //!    cell's leader asked directly), once, as sent; every account's balances
-//!    are the sums of the transfers found; money is conserved.
+//!    are the sums of the transfers found; money is conserved;
+//! 5. `cellpay bench --gateway --cross-cell 50` on the same accounts: half
+//!    of its transfers pay an account of another cell (try/confirm/cancel
+//!    between two cells); every one is applied, and the accounts' debits and
+//!    credits each grew by exactly the acknowledged amount once the credit
+//!    legs settled (the bench's own check, which fails its exit status).
 //!
 //! Each process's stdout and stderr go to files beside the cluster's data;
 //! when the test fails, the directory is kept and its path printed.
@@ -55,6 +60,9 @@ const START_DEADLINE: Duration = Duration::from_secs(30);
 const PROGRESS_DEADLINE: Duration = Duration::from_secs(20);
 /// Transfers the load acknowledges between two steps of the test.
 const PROGRESS_TRANSFERS: u64 = 3_000;
+/// `cellpay bench` at the end: transfers, and the percentage between cells.
+const BENCH_TRANSFERS: u64 = 4_000;
+const BENCH_CROSS_CELL_PERCENT: u64 = 50;
 
 // ---------------------------------------------------------------------------
 // The processes: five nodes and two gateways, killed on drop.
@@ -610,6 +618,44 @@ async fn two_gateways_under_load_lose_and_double_nothing_when_one_is_killed_and_
         found.len(),
         accounts.len(),
         test_started.elapsed().as_secs_f64()
+    );
+
+    // 5. The bench through gateway 2, half of its transfers between cells.
+    bench_cross_cell(&cluster).await;
+}
+
+/// Runs `cellpay bench` through gateway 2 with `--cross-cell 50` on the
+/// load's accounts (same ledger and fields, so the bench finds them
+/// created), and checks its result.
+async fn bench_cross_cell(cluster: &Cluster) {
+    let output_path = cluster.root.join("bench.json");
+    let mut args: Vec<String> =
+        ["bench", "--gateway", "--ledger", "1", "--batch-size", "100", "--concurrency", "4"].map(String::from).to_vec();
+    args.extend(["--address".into(), cluster.gateway_addresses[1].to_string()]);
+    args.extend(["--cluster".into(), cluster.topology_path.display().to_string()]);
+    args.extend(["--accounts".into(), USERS.to_string(), "--transfers".into(), BENCH_TRANSFERS.to_string()]);
+    args.extend(["--cross-cell".into(), BENCH_CROSS_CELL_PERCENT.to_string()]);
+    args.extend(["--output".into(), output_path.display().to_string()]);
+    let started = Instant::now();
+    let output = tokio::task::spawn_blocking(move || Command::new(env!("CARGO_BIN_EXE_cellpay")).args(&args).output())
+        .await
+        .expect("the bench's task")
+        .expect("run cellpay bench");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "cellpay bench failed: {}", tail(&stderr, 20));
+    let text = std::fs::read_to_string(&output_path).expect("the bench's JSON");
+    let result: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(result["transfers"], BENCH_TRANSFERS, "{text}");
+    assert_eq!(result["transfers_ok"], BENCH_TRANSFERS, "every transfer applied: {text}");
+    assert_eq!(result["conserved"], true, "{text}");
+    let cross_cell = result["transfers_cross_cell"].as_u64().expect("transfers_cross_cell");
+    let expected = BENCH_TRANSFERS * BENCH_CROSS_CELL_PERCENT / 100;
+    assert!(cross_cell.abs_diff(expected) < expected / 10, "about half between cells: {text}");
+    println!(
+        "bench: {BENCH_TRANSFERS} transfers through gateway 2, {cross_cell} between cells, all applied and conserved \
+         (pending settled in {:.1} ms); {:.1} s",
+        result["pending_settled_ms"].as_f64().unwrap_or(f64::NAN),
+        started.elapsed().as_secs_f64()
     );
 }
 
