@@ -21,6 +21,8 @@ fn demo_runs_a_workload_and_audits_it() {
     let args = ["demo", "--data", data, "--base-port", "0", "--duration-s", "3", "--rate", "5000"];
     let first = stdout(&cellpay(&args));
     assert!(first.contains("transfers/s"), "live summary printed: {first}");
+    assert!(first.contains("gateway: API on"), "the workload goes through a gateway: {first}");
+    assert!(cross_cell_sent(&first) > 0, "payments between cells: {first}");
     assert!(first.contains("audit: every account conserves money"), "{first}");
     assert!(first.contains("10104 created now"), "{first}");
     // Running it again resumes from the data directory.
@@ -41,6 +43,14 @@ fn bench_refuses_cross_cell_without_a_gateway() {
     assert!(stderr.contains("--cross-cell needs --cluster and --gateway"), "{stderr}");
     let out_of_range = cellpay(&["bench", "--cross-cell", "101"]);
     assert!(!out_of_range.status.success());
+}
+
+/// The payments between cells the demo's last summary line counts
+/// (`cross-cell 8.1% of transfers (OK/SENT ok)`).
+fn cross_cell_sent(output: &str) -> u64 {
+    let line = output.lines().rfind(|line| line.contains("cross-cell")).expect("a summary line");
+    let counts = line.split("of transfers (").nth(1).and_then(|rest| rest.split(' ').next()).expect("counts");
+    counts.split('/').nth(1).and_then(|sent| sent.parse().ok()).expect("a count sent")
 }
 
 struct Server(Child, String);
