@@ -18,8 +18,8 @@
 //! (pending, then posted or voided a tick later), linked payment-plus-fee
 //! chains, and, at the `--cross-cell` share, payments to a merchant of
 //! another cell (a try/confirm/cancel operation between the two cells).
-//! Authorisations and chains stay inside the customer's cell: cross-cell
-//! pending transfers are not supported yet. Some payments fail with
+//! Authorisations and fee chains stay inside the customer's cell, so the
+//! cross-cell share is of plain payments. Some payments fail with
 //! `exceeds_credits`, as they would in life; the summary shows results by
 //! code. Every few seconds the demo audits that every cell conserves money.
 
