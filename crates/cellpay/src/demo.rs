@@ -17,9 +17,9 @@
 //! card payments (customer → merchant), two-phase card authorisations
 //! (pending, then posted or voided a tick later), linked payment-plus-fee
 //! chains, and, at the `--cross-cell` share, payments to a merchant of
-//! another cell (a try/confirm/cancel operation between the two cells).
-//! Authorisations and fee chains stay inside the customer's cell, so the
-//! cross-cell share is of plain payments. Some payments fail with
+//! another cell (a try/confirm/cancel operation between the two cells), a
+//! fifth of them authorisations (reserved in both cells, then posted or
+//! voided in both). Fee chains stay inside the customer's cell. Some payments fail with
 //! `exceeds_credits`, as they would in life; the summary shows results by
 //! code. Every few seconds the demo audits that every cell conserves money.
 
@@ -457,8 +457,16 @@ fn cell_batch(
         if cross_cell_percent > 0 && rng.below(100) < u64::from(cross_cell_percent) {
             assert!(cells.len() >= 2, "a cross-cell payment needs two cells");
             let other = &cells[(index + 1 + rng.below(cells.len() as u64 - 1) as usize) % cells.len()];
+            let payment = Transfer { credit_account_id: other.merchant(rng), code: 23, ..payment };
             batch.cross_cell.push(batch.transfers.len());
-            batch.transfers.push(Transfer { credit_account_id: other.merchant(rng), code: 23, ..payment });
+            if rng.below(5) == 0 {
+                // An authorisation across cells: held by the customer's cell, reserved in both.
+                let authorisation = Authorisation { id: payment.id, customer, merchant: payment.credit_account_id };
+                batch.authorisations.push((batch.transfers.len(), authorisation));
+                batch.transfers.push(Transfer { flags: TransferFlags::PENDING, timeout_s: 60, code: 24, ..payment });
+            } else {
+                batch.transfers.push(payment);
+            }
             continue;
         }
         match rng.below(10) {
