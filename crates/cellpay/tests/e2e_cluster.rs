@@ -34,23 +34,23 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use cellpay_api::proto;
 use cellpay_api::proto::ledger_client::LedgerClient;
 use cellpay_cluster::topology::{Topology, GLOBAL_CELL};
-use cellpay_ledger::{
-    id, Account, CreateAccountResult, CreateTransferResult, Transfer, TransferFlags, BATCH_EVENTS_MAX,
-};
+use cellpay_ledger::{Account, CreateAccountResult, CreateTransferResult, Transfer, TransferFlags, BATCH_EVENTS_MAX};
 use serde::Deserialize;
 use tonic::transport::Channel;
+
+mod e2e_support;
+use e2e_support::{account_of_user, accounts_by_cell, free_port_range, grpc, tail, transfer, Rng, LEDGER};
 
 /// The local topology's nodes (ids 1..=5) and the cells the test asks for.
 const NODES: u64 = 5;
 const CELLS: u32 = 4;
 /// Ports a local cluster uses from its base: a peer and a client port per node.
 const CLUSTER_PORTS: u16 = 2 * NODES as u16;
-const LEDGER: u32 = 1;
 /// Users of the load test, one account each, spread over every shard.
 const LOAD_USERS: u64 = 400;
 const LOAD_WORKERS: u64 = 8;
@@ -377,27 +377,6 @@ impl Drop for Cluster {
     }
 }
 
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-/// The first port of `count` consecutive free ports below the ephemeral
-/// range, chosen at random so parallel test runs do not collide.
-fn free_port_range(count: u16) -> u16 {
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).expect("a clock after 1970").subsec_nanos();
-    let mut rng = Rng::new(u64::from(std::process::id()) << 32 ^ u64::from(nanos));
-    for _ in 0..200 {
-        let base = 12_000 + 2 * rng.below(10_000) as u16;
-        let bound: Result<Vec<_>, _> =
-            (base..base + count).map(|port| std::net::TcpListener::bind(("127.0.0.1", port))).collect();
-        if bound.is_ok() {
-            return base;
-        }
-    }
-    panic!("no {count} consecutive free ports found");
-}
-
 /// Every cell's leader, if every answering node names the same one for it
 /// and that node reports itself the leader.
 fn agreed_leaders(topology: &Topology, statuses: &BTreeMap<u64, NodeStatus>) -> Option<BTreeMap<u64, u64>> {
@@ -436,37 +415,6 @@ fn current_leaders(statuses: &BTreeMap<u64, NodeStatus>) -> BTreeMap<u64, u64> {
 // ---------------------------------------------------------------------------
 // Clients, accounts and transfers.
 
-/// xorshift64*: small, fast, seeded.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-}
-
-/// A client of one node; it connects on first use and reconnects after the
-/// node restarts. A call not answered within `timeout` fails (client side).
-fn grpc(address: SocketAddr, timeout: Duration) -> LedgerClient<Channel> {
-    let channel = Channel::from_shared(format!("http://{address}"))
-        .expect("a valid URI")
-        .connect_timeout(Duration::from_secs(1))
-        .timeout(timeout)
-        .connect_lazy();
-    LedgerClient::new(channel)
-        .max_decoding_message_size(proto::MESSAGE_BYTES_MAX)
-        .max_encoding_message_size(proto::MESSAGE_BYTES_MAX)
-}
-
 /// Calls until the call succeeds; a refusal as invalid is a bug of the test.
 async fn retry<T, F, Fut>(what: &str, deadline: Duration, mut call: F) -> T
 where
@@ -484,24 +432,6 @@ where
         }
         tokio::time::sleep(RETRY_BACKOFF).await;
     }
-}
-
-/// The account of user `user` (its first account).
-fn account_of_user(user: u64) -> u128 {
-    id::account_id(user, 1).expect("not a reserved id")
-}
-
-/// The accounts of users `1..=users`, grouped by the cell that owns them, in cell order.
-fn accounts_by_cell(topology: &Topology, users: u64) -> BTreeMap<u64, Vec<u128>> {
-    let mut groups: BTreeMap<u64, Vec<u128>> = BTreeMap::new();
-    for user in 1..=users {
-        let account = account_of_user(user);
-        let cell = topology.cell_of_shard(id::shard_of_account(account, topology.shards)).expect("owned shard");
-        groups.entry(cell).or_default().push(account);
-    }
-    assert_eq!(groups.len(), CELLS as usize, "every cell holds accounts");
-    assert!(groups.values().all(|group| group.len() >= 2));
-    groups
 }
 
 /// Creates the accounts, one request per cell (a request stays in one cell),
@@ -526,18 +456,6 @@ async fn create_accounts(cluster: &Cluster, groups: &BTreeMap<u64, Vec<u128>>) {
             results.iter().all(|r| matches!(r, CreateAccountResult::Ok | CreateAccountResult::Exists)),
             "{results:?}"
         );
-    }
-}
-
-fn transfer(id: u128, debit: u128, credit: u128, amount: u128) -> Transfer {
-    Transfer {
-        id,
-        debit_account_id: debit,
-        credit_account_id: credit,
-        amount,
-        ledger: LEDGER,
-        code: 1,
-        ..Transfer::default()
     }
 }
 
@@ -782,7 +700,7 @@ async fn a_cluster_survives_a_leader_and_a_region_lost_under_load() {
     eprintln!("leaders after start: {leaders:?} (cell -> node) in {} ms", test_started.elapsed().as_millis());
 
     // 2. Accounts in every cell, then the load in the background.
-    let groups = Arc::new(accounts_by_cell(&cluster.topology, LOAD_USERS));
+    let groups = Arc::new(accounts_by_cell(&cluster.topology, LOAD_USERS, CELLS as usize));
     create_accounts(&cluster, &groups).await;
     let book = Arc::new(Ledgerbook::default());
     let clients: Vec<LedgerClient<Channel>> =
@@ -1012,7 +930,7 @@ async fn a_write_through_one_node_is_read_through_any_other() {
     let mut cluster = Cluster::start(false);
     cluster.wait_for_leaders(ELECTION_DEADLINE).await;
     // Users 1 to 99: shard 0 (user 100's) stays empty, to be moved below.
-    let groups = accounts_by_cell(&cluster.topology, 99);
+    let groups = accounts_by_cell(&cluster.topology, 99, CELLS as usize);
     create_accounts(&cluster, &groups).await;
     let clients: BTreeMap<u64, LedgerClient<Channel>> =
         (1..=NODES).map(|node| (node, grpc(cluster.client_address(node), LOAD_REQUEST_TIMEOUT))).collect();
@@ -1278,7 +1196,7 @@ async fn move_an_empty_shard(cluster: &mut Cluster) {
 
 /// How many of users 1 to 99's accounts the topology puts in `cell`.
 fn groups_count(topology: &Topology, cell: u64) -> u64 {
-    accounts_by_cell(topology, 99).get(&cell).map_or(0, |group| group.len() as u64)
+    accounts_by_cell(topology, 99, CELLS as usize).get(&cell).map_or(0, |group| group.len() as u64)
 }
 
 /// `cellpay ctl switchover`, run as an operator would; returns its output.
@@ -1299,7 +1217,7 @@ async fn a_switchover_moves_every_leader_out_of_a_region_and_back_with_no_failed
     let _serial = SERIAL.lock().await;
     let mut cluster = Cluster::start(true);
     cluster.wait_for_leaders(ELECTION_DEADLINE).await;
-    let groups = Arc::new(accounts_by_cell(&cluster.topology, LOAD_USERS));
+    let groups = Arc::new(accounts_by_cell(&cluster.topology, LOAD_USERS, CELLS as usize));
     create_accounts(&cluster, &groups).await;
     // Leaders settle in their preferred datacenters (cells 3 and 4 prefer shanghai).
     let region = "shanghai";
@@ -1380,7 +1298,7 @@ async fn a_node_disk_is_replaced_with_ctl_member_while_the_cells_serve() {
     let _serial = SERIAL.lock().await;
     let mut cluster = Cluster::start(false);
     cluster.wait_for_leaders(ELECTION_DEADLINE).await;
-    let groups = Arc::new(accounts_by_cell(&cluster.topology, LOAD_USERS));
+    let groups = Arc::new(accounts_by_cell(&cluster.topology, LOAD_USERS, CELLS as usize));
     create_accounts(&cluster, &groups).await;
     let book = Arc::new(Ledgerbook::default());
     // The load avoids node 5, whose disk is replaced.

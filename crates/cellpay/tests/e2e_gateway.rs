@@ -30,20 +30,22 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use cellpay_api::proto;
 use cellpay_api::proto::ledger_client::LedgerClient;
 use cellpay_cluster::topology::Topology;
-use cellpay_ledger::{id, Account, CreateAccountResult, CreateTransferResult, Transfer, BATCH_EVENTS_MAX};
+use cellpay_ledger::{Account, CreateAccountResult, CreateTransferResult, Transfer, BATCH_EVENTS_MAX};
 use tonic::transport::Channel;
+
+mod e2e_support;
+use e2e_support::{account_of_user, accounts_by_cell, free_port_range, grpc, tail, transfer, Rng, LEDGER};
 
 const NODES: u64 = 5;
 const CELLS: u32 = 4;
 /// A local cluster's ports (a peer and a client port per node), then one per gateway.
 const CLUSTER_PORTS: u16 = 2 * NODES as u16;
 const GATEWAYS: usize = 2;
-const LEDGER: u32 = 1;
 /// Users of the load, one account each, spread over every shard.
 const USERS: u64 = 200;
 const WORKERS: u64 = 8;
@@ -227,7 +229,7 @@ impl Cluster {
     }
 
     fn gateway_client(&self, gateway: usize) -> LedgerClient<Channel> {
-        grpc(self.gateway_addresses[gateway - 1])
+        grpc(self.gateway_addresses[gateway - 1], REQUEST_TIMEOUT)
     }
 }
 
@@ -243,84 +245,6 @@ impl Drop for Cluster {
                 eprintln!("the test failed: the cluster's data and logs are kept in {}", kept.display());
             }
         }
-    }
-}
-
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-/// The first of `count` consecutive free ports, chosen at random so that
-/// parallel test runs do not collide.
-fn free_port_range(count: u16) -> u16 {
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).expect("a clock after 1970").subsec_nanos();
-    let mut rng = Rng::new(u64::from(std::process::id()) << 32 ^ u64::from(nanos));
-    for _ in 0..200 {
-        let base = 12_000 + 2 * rng.below(10_000) as u16;
-        let bound: Result<Vec<_>, _> =
-            (base..base + count).map(|port| std::net::TcpListener::bind(("127.0.0.1", port))).collect();
-        if bound.is_ok() {
-            return base;
-        }
-    }
-    panic!("no {count} consecutive free ports found");
-}
-
-/// xorshift64*: small, fast, seeded.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-}
-
-fn grpc(address: SocketAddr) -> LedgerClient<Channel> {
-    let channel = Channel::from_shared(format!("http://{address}"))
-        .expect("a valid URI")
-        .connect_timeout(Duration::from_secs(1))
-        .timeout(REQUEST_TIMEOUT)
-        .connect_lazy();
-    LedgerClient::new(channel)
-        .max_decoding_message_size(proto::MESSAGE_BYTES_MAX)
-        .max_encoding_message_size(proto::MESSAGE_BYTES_MAX)
-}
-
-fn account_of_user(user: u64) -> u128 {
-    id::account_id(user, 1).expect("not a reserved id")
-}
-
-/// The users' accounts by the cell the topology puts them in.
-fn accounts_by_cell(topology: &Topology) -> BTreeMap<u64, Vec<u128>> {
-    let mut groups: BTreeMap<u64, Vec<u128>> = BTreeMap::new();
-    for user in 1..=USERS {
-        let account = account_of_user(user);
-        let cell = topology.cell_of_shard(id::shard_of_account(account, topology.shards)).expect("an owned shard");
-        groups.entry(cell).or_default().push(account);
-    }
-    assert_eq!(groups.len(), CELLS as usize, "every cell holds accounts");
-    groups
-}
-
-fn transfer(id: u128, debit: u128, credit: u128, amount: u128) -> Transfer {
-    Transfer {
-        id,
-        debit_account_id: debit,
-        credit_account_id: credit,
-        amount,
-        ledger: LEDGER,
-        code: 1,
-        ..Transfer::default()
     }
 }
 
@@ -471,7 +395,7 @@ async fn two_gateways_under_load_lose_and_double_nothing_when_one_is_killed_and_
 
     // 1. One request of accounts spanning the four cells, then one of
     // transfers: split, applied, answered in request order.
-    let groups = Arc::new(accounts_by_cell(&cluster.topology));
+    let groups = Arc::new(accounts_by_cell(&cluster.topology, USERS, CELLS as usize));
     let mut client = cluster.gateway_client(1);
     let accounts: Vec<Account> = (1..=USERS)
         .map(|u| Account { id: account_of_user(u), ledger: LEDGER, code: 1, ..Account::default() })
@@ -667,7 +591,7 @@ async fn lookup_in_cell(cluster: &mut Cluster, cell: u64, ids: &[u128]) -> Vec<T
     for chunk in ids.chunks(BATCH_EVENTS_MAX) {
         loop {
             let leaders = cluster.wait_for_leaders().await;
-            let mut client = grpc(cluster.node_address(leaders[&cell]));
+            let mut client = grpc(cluster.node_address(leaders[&cell]), REQUEST_TIMEOUT);
             let mut request = tonic::Request::new(proto::LookupTransfersRequest::from_ledger(chunk));
             request.metadata_mut().insert("cellpay-forwarded", format!("cell={cell}").parse().unwrap());
             match client.lookup_transfers(request).await {
