@@ -182,10 +182,13 @@ async fn submit(gateway: &GatewayHandle, request: Request) -> Result<Reply> {
 
 /// A topology with free ports for the five nodes.
 fn free_ports_topology(cells: u32) -> Result<Topology> {
-    // Ten consecutive free ports are not guaranteed; ten free ports are.
-    let ports: Vec<u16> = (0..10)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()))
-        .collect::<std::io::Result<_>>()?;
+    // Ten consecutive free ports are not guaranteed; ten free ports are, if
+    // every listener is held until all are bound (a port freed at once can
+    // be handed out again).
+    let listeners: Vec<std::net::TcpListener> =
+        (0..10).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<std::io::Result<_>>()?;
+    let ports: Vec<u16> = listeners.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<std::io::Result<_>>()?;
+    drop(listeners);
     let local = Topology::try_local(7400, cells)?;
     let regions = local
         .regions

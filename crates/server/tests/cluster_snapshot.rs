@@ -10,19 +10,26 @@ use cellpay_cluster::topology::{Cell, Datacenter, Latency, NodeSpec, Region, Top
 use cellpay_ledger::{id, Account, CreateTransferResult, Transfer};
 use cellpay_server::node::{CellStatus, Node, NodeConfig, Reply, Request};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+/// `count` distinct free ports: every listener is held until all are bound
+/// (a port freed at once can be handed out again: CI once got the same port
+/// for a node's client address and another node's peer address).
+fn free_ports(count: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> =
+        (0..count).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    listeners.iter().map(|listener| listener.local_addr().unwrap().port()).collect()
 }
 
 fn topology() -> Topology {
+    let ports = free_ports(6);
+    let free_port = |node: u64, client: bool| ports[2 * (node as usize - 1) + usize::from(client)];
     let region = |name: &str, id: u64| Region {
         name: name.to_string(),
         datacenters: vec![Datacenter {
             name: format!("{name}-a"),
             nodes: vec![NodeSpec {
                 id,
-                peer_address: ([127, 0, 0, 1], free_port()).into(),
-                client_address: ([127, 0, 0, 1], free_port()).into(),
+                peer_address: ([127, 0, 0, 1], free_port(id, false)).into(),
+                client_address: ([127, 0, 0, 1], free_port(id, true)).into(),
             }],
         }],
     };
