@@ -8,12 +8,15 @@
 //!   cell's shards) that every node routes by (`/v1/cluster/routing`);
 //!   `ctl routing move` moves an empty shard to another cell (see
 //!   `shard_move.rs`).
+//! - `ctl ledgers show` prints the ledger definitions every node has
+//!   applied; `ctl ledgers define` adds one (see `ledger_defs.rs`).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
+use cellpay_cluster::ledgers::LedgerDefinition;
 use cellpay_cluster::topology::{Latency, Topology, GLOBAL_CELL};
 use serde_json::Value;
 
@@ -78,6 +81,11 @@ pub enum CtlCommand {
         #[command(subcommand)]
         command: RoutingCommand,
     },
+    /// The ledger definitions: which ledgers (currencies) accounts may be created on.
+    Ledgers {
+        #[command(subcommand)]
+        command: LedgersCommand,
+    },
     /// Print the topology with live leaders and replica health.
     Topology {
         /// The cluster's topology file.
@@ -86,6 +94,35 @@ pub enum CtlCommand {
         /// Print the raw JSON status of every node instead.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(clap::Subcommand)]
+pub enum LedgersCommand {
+    /// Print the definitions every node has applied (nodes that disagree are listed by version).
+    Show {
+        /// The cluster's topology file.
+        #[arg(long)]
+        cluster: PathBuf,
+    },
+    /// Define a ledger (final: it cannot be changed later), then wait until
+    /// every cell has adopted it. Safe to run again.
+    Define {
+        /// The cluster's topology file.
+        #[arg(long)]
+        cluster: PathBuf,
+        /// The number accounts and transfers name the ledger by.
+        #[arg(long)]
+        id: u32,
+        /// 1 to 16 letters, digits, '-' and '_', e.g. USD.
+        #[arg(long)]
+        name: String,
+        /// Decimal places of its amounts: with 2, an amount of 1234 is 12.34.
+        #[arg(long)]
+        asset_scale: u8,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout_s: u64,
     },
 }
 
@@ -122,7 +159,9 @@ pub async fn run(args: CtlArgs) -> Result<()> {
         CtlCommand::Init { cells, base_port, no_latency } => {
             let mut topology = Topology::try_local(base_port, cells)?;
             if no_latency {
-                topology = Topology::new(topology.shards, Latency::DISABLED, topology.regions, topology.cells)?;
+                let ledgers = topology.ledgers;
+                topology = Topology::new(topology.shards, Latency::DISABLED, topology.regions, topology.cells)?
+                    .with_ledgers(ledgers)?;
             }
             print!("{}", topology.to_toml());
             Ok(())
@@ -156,6 +195,23 @@ pub async fn run(args: CtlArgs) -> Result<()> {
             let topology = Topology::load(&cluster)?;
             let moved = crate::shard_move::move_shard(&topology, shard, to, Duration::from_secs(timeout_s)).await?;
             println!("shard {shard}: moved from cell {} to cell {to}; routing version {}", moved.from, moved.version);
+            Ok(())
+        }
+        CtlCommand::Ledgers { command: LedgersCommand::Show { cluster } } => {
+            print!("{}", crate::ledger_defs::show(&Topology::load(&cluster)?).await?);
+            Ok(())
+        }
+        CtlCommand::Ledgers { command: LedgersCommand::Define { cluster, id, name, asset_scale, timeout_s } } => {
+            let topology = Topology::load(&cluster)?;
+            let definition = LedgerDefinition { id, name, asset_scale };
+            let timeout = Duration::from_secs(timeout_s);
+            let defined = crate::ledger_defs::define(&topology, &definition, timeout).await?;
+            let what = if defined.already { "was already defined" } else { "defined" };
+            println!(
+                "{definition} {what}: definitions version {}; every cell adopted it within {} ms",
+                defined.version,
+                defined.adopted_after.as_millis()
+            );
             Ok(())
         }
         CtlCommand::Topology { cluster, json } => {
@@ -338,7 +394,7 @@ pub async fn fetch_statuses(topology: &Topology) -> BTreeMap<u64, Option<Value>>
 }
 
 /// Every node's `/v1/cluster/{what}`, or `None` for a node that did not answer.
-async fn fetch_all(topology: &Topology, what: &str) -> BTreeMap<u64, Option<Value>> {
+pub async fn fetch_all(topology: &Topology, what: &str) -> BTreeMap<u64, Option<Value>> {
     let client = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().expect("an HTTP client");
     let mut statuses = BTreeMap::new();
     for node in topology.nodes() {

@@ -205,7 +205,7 @@ fn free_ports_topology(cells: u32) -> Result<Topology> {
             region
         })
         .collect();
-    Ok(Topology::new(local.shards, local.latency, regions, local.cells.clone())?)
+    Ok(Topology::new(local.shards, local.latency, regions, local.cells.clone())?.with_ledgers(local.ledgers.clone())?)
 }
 
 /// The topology of the demo in `data`: the saved one, or a new one saved there.
@@ -220,7 +220,9 @@ fn demo_topology(args: &DemoArgs) -> Result<Topology> {
         Topology::try_local(args.base_port, args.cells)?
     };
     if args.no_latency {
-        topology = Topology::new(topology.shards, Latency::DISABLED, topology.regions, topology.cells)?;
+        let ledgers = topology.ledgers;
+        topology = Topology::new(topology.shards, Latency::DISABLED, topology.regions, topology.cells)?
+            .with_ledgers(ledgers)?;
     }
     std::fs::create_dir_all(&args.data).with_context(|| format!("cannot create {}", args.data.display()))?;
     std::fs::write(&path, topology.to_toml()).with_context(|| format!("cannot write {}", path.display()))?;

@@ -6,6 +6,7 @@ mod commands;
 mod ctl;
 mod demo;
 mod gateway;
+mod ledger_defs;
 mod server;
 mod shard_move;
 mod sim;

@@ -31,7 +31,7 @@ pub struct Moved {
 }
 
 /// How a cell's leader answered an operator change.
-enum Answer {
+pub(crate) enum Answer {
     Done(Value),
     /// 409: the change conflicts with the cell's state; nothing changed.
     Conflict(String),
@@ -94,15 +94,26 @@ async fn read_table(
     shard: u32,
     deadline: Instant,
 ) -> Result<(u64, CellId)> {
+    let table = read_global(client, topology, "routing", deadline).await?;
+    let version = table["version"].as_u64().context("the table has no version")?;
+    let owner = table["owners"].get(shard as usize).and_then(Value::as_u64);
+    Ok((version, owner.context("the table names no owner of the shard")?))
+}
+
+/// `/v1/cluster/{what}` as the global cell's leader has it.
+pub(crate) async fn read_global(
+    client: &reqwest::Client,
+    topology: &Topology,
+    what: &str,
+    deadline: Instant,
+) -> Result<Value> {
     loop {
         if let Some((leader, _)) = leader_view(topology, GLOBAL_CELL).await {
             let address = topology.node(leader).context("leaders are topology nodes")?.client_address;
-            let url = format!("http://{address}/v1/cluster/routing");
-            let table = async { client.get(&url).send().await?.error_for_status()?.json::<Value>().await }.await;
-            if let Ok(table) = table {
-                let version = table["version"].as_u64().context("the table has no version")?;
-                let owner = table["owners"].get(shard as usize).and_then(Value::as_u64);
-                return Ok((version, owner.context("the table names no owner of the shard")?));
+            let url = format!("http://{address}/v1/cluster/{what}");
+            let value = async { client.get(&url).send().await?.error_for_status()?.json::<Value>().await }.await;
+            if let Ok(value) = value {
+                return Ok(value);
             }
         }
         if Instant::now() >= deadline {
@@ -114,7 +125,7 @@ async fn read_table(
 
 /// Posts an operator change to `cell`'s leader (`/v1/cluster/{what}`),
 /// following leadership until it answers, or the deadline passes.
-async fn post(
+pub(crate) async fn post(
     client: &reqwest::Client,
     topology: &Topology,
     cell: CellId,

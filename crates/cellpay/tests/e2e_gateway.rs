@@ -546,6 +546,49 @@ async fn two_gateways_under_load_lose_and_double_nothing_when_one_is_killed_and_
 
     // 5. The bench through gateway 2, half of its transfers between cells.
     bench_cross_cell(&cluster).await;
+
+    // 6. A ledger defined online: every cell adopts it before `ctl` returns.
+    define_ledger(&cluster).await;
+}
+
+/// `cellpay ctl ledgers define` and `show`: the global cell defines USD
+/// (ledger 840), every cell adopts it, and accounts on it are created in
+/// every cell through a gateway; an undefined ledger is refused.
+async fn define_ledger(cluster: &Cluster) {
+    let cluster_path = cluster.topology_path.display().to_string();
+    let ctl = |args: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_cellpay"));
+        command.args(["ctl", "ledgers"]).args(args).args(["--cluster", &cluster_path]);
+        let output = command.output().expect("run cellpay ctl ledgers");
+        let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        (output.status.success(), format!("{stdout}{stderr}"))
+    };
+    let usd = ["define", "--id", "840", "--name", "USD", "--asset-scale", "2"];
+    let (ok, text) = ctl(&usd);
+    assert!(ok && text.contains("USD (ledger 840, 2 decimal places) defined: definitions version 2"), "{text}");
+    println!("ctl ledgers define: {}", text.trim());
+    let (ok, text) = ctl(&usd);
+    assert!(ok && text.contains("was already defined"), "running it again is safe: {text}");
+    let (ok, text) = ctl(&["define", "--id", "840", "--name", "USD", "--asset-scale", "4"]);
+    assert!(!ok && text.contains("a definition is final"), "{text}");
+    let (ok, text) = ctl(&["show"]);
+    assert!(ok && text.starts_with("ledger definitions version 2, 2 ledgers (nodes 1,2,3,4,5)\n"), "{text}");
+
+    let mut client = cluster.gateway_client(1);
+    let groups = accounts_by_cell(&cluster.topology, USERS, CELLS as usize);
+    let mut accounts: Vec<Account> =
+        groups.values().map(|group| Account { id: group[0] + 1, ledger: 840, code: 1, ..Account::default() }).collect();
+    accounts.push(Account { id: groups.values().next().unwrap()[1] + 1, ledger: 978, code: 1, ..Account::default() });
+    let results = client
+        .create_accounts(proto::CreateAccountsRequest::from_ledger(&accounts))
+        .await
+        .expect("accounts created")
+        .into_inner()
+        .to_ledger()
+        .unwrap();
+    let mut expected = vec![CreateAccountResult::Ok; CELLS as usize];
+    expected.push(CreateAccountResult::LedgerNotDefined);
+    assert_eq!(results, expected, "ledger 840 in every cell, 978 nowhere");
 }
 
 /// Runs `cellpay bench` through gateway 2 with `--cross-cell 50` on the

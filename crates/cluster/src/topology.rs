@@ -76,6 +76,14 @@
 //! shards = ["50-98", "99"]
 //! voters = [1, 2, 3]
 //! leader_preference = ["sz-a", "hz-a", "hz-b"]
+//!
+//! # The ledgers (currencies) accounts may be created on: the global cell's
+//! # ledger definitions at version 1 (see `ledgers`). Optional; more are
+//! # defined online with `cellpay ctl ledgers define`.
+//! [[ledger]]
+//! id = 1
+//! name = "CNY"
+//! asset_scale = 2
 //! ```
 
 use std::collections::{HashMap, HashSet};
@@ -86,6 +94,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use crate::ledgers::{LedgerDefinition, LedgerError, LedgerTable};
 
 /// A node's id: nonzero and unique in the cluster. It is also the node's
 /// replica id in the consensus group of every cell it holds a replica of.
@@ -148,6 +158,9 @@ pub struct Topology {
     pub regions: Vec<Region>,
     /// The cells, in file order.
     pub cells: Vec<Cell>,
+    /// The ledgers defined from the start (the global cell's ledger
+    /// definitions at version 1), in file order.
+    pub ledgers: Vec<LedgerDefinition>,
     index: Index,
 }
 
@@ -350,6 +363,9 @@ pub enum TopologyError {
     /// A leader preference names a datacenter twice.
     #[error("cell {cell}: leader_preference lists datacenter {name} twice")]
     DuplicatePreferredDatacenter { cell: CellId, name: String },
+    /// A `[[ledger]]` entry is invalid, or repeats another's id or name.
+    #[error("ledger definitions: {0}")]
+    Ledger(LedgerError),
     /// [`Topology::try_local`] was given a base port too high for its ports.
     #[error("local cluster: base port {base_port} is too high: it must be at most {LOCAL_BASE_PORT_MAX}")]
     LocalBasePortTooHigh { base_port: u16 },
@@ -422,7 +438,20 @@ impl Topology {
         let shard_cells = owners.finish()?;
         let global = global_cell(&regions);
         let index = Index { places, cell_positions, shard_cells, global };
-        Ok(Topology { shards, latency, regions, cells, index })
+        Ok(Topology { shards, latency, regions, cells, ledgers: Vec::new(), index })
+    }
+
+    /// The topology with these ledgers defined from the start (checked:
+    /// valid, ids and names unique, at most `ledgers::LEDGERS_MAX`).
+    pub fn with_ledgers(mut self, ledgers: Vec<LedgerDefinition>) -> Result<Topology, TopologyError> {
+        LedgerTable::initial(&ledgers).map_err(TopologyError::Ledger)?;
+        self.ledgers = ledgers;
+        Ok(self)
+    }
+
+    /// The ledger definitions at version 1: the file's.
+    pub fn initial_ledgers(&self) -> LedgerTable {
+        LedgerTable::initial(&self.ledgers).expect("a valid topology's ledgers are valid")
     }
 
     /// Parses and validates a topology file's text (TOML, see the [module docs](self)).
@@ -476,6 +505,11 @@ impl Topology {
             lines.push(format!("learners = [{}]", join_ids(&cell.learners)));
             lines.push(format!("leader_preference = [{}]", preference.join(", ")));
         }
+        for ledger in &self.ledgers {
+            lines.extend([String::new(), "[[ledger]]".to_owned(), format!("id = {}", ledger.id)]);
+            lines.push(format!("name = {}", toml_string(&ledger.name)));
+            lines.push(format!("asset_scale = {}", ledger.asset_scale));
+        }
         lines.push(String::new());
         lines.join("\n")
     }
@@ -507,6 +541,7 @@ impl Topology {
     /// - Cell `k`'s leader preference starts at datacenter `(k - 1) % 5`, then
     ///   the other datacenters of the same region, then the rest in file order.
     /// - Latency is [`Latency::LOCAL`].
+    /// - Ledger 1, "CNY" with 2 decimal places, is defined.
     pub fn try_local(base_port: u16, cells: u32) -> Result<Topology, TopologyError> {
         let cell_count = usize::try_from(cells).unwrap_or(usize::MAX);
         if cell_count > CELLS_MAX {
@@ -543,7 +578,7 @@ impl Topology {
                 leader_preference: local_leader_preference(position as usize),
             })
             .collect();
-        Topology::new(SHARDS_DEFAULT, Latency::LOCAL, regions, cells)
+        Topology::new(SHARDS_DEFAULT, Latency::LOCAL, regions, cells)?.with_ledgers(vec![LedgerDefinition::local()])
     }
 
     /// The node with this id.
@@ -646,6 +681,7 @@ impl PartialEq for Topology {
             && self.latency == other.latency
             && self.regions == other.regions
             && self.cells == other.cells
+            && self.ledgers == other.ledgers
     }
 }
 
@@ -659,6 +695,7 @@ impl fmt::Debug for Topology {
             .field("latency", &self.latency)
             .field("regions", &self.regions)
             .field("cells", &self.cells)
+            .field("ledgers", &self.ledgers)
             .finish_non_exhaustive()
     }
 }
@@ -1001,6 +1038,16 @@ struct TopologyFile {
     regions: Vec<RegionFile>,
     #[serde(default, rename = "cell")]
     cells: Vec<CellFile>,
+    #[serde(default, rename = "ledger")]
+    ledgers: Vec<LedgerFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LedgerFile {
+    id: u32,
+    name: String,
+    asset_scale: u8,
 }
 
 #[derive(Deserialize)]
@@ -1071,7 +1118,12 @@ impl TopologyFile {
         index_cells(self.cells.iter().map(|cell| cell.id))?;
         let mut owners = ShardOwners::new(self.shards);
         let cells = self.cells.into_iter().map(|cell| cell.into_cell(&mut owners)).collect::<Result<Vec<_>, _>>()?;
-        Topology::new(self.shards, latency, regions, cells)
+        let ledgers = self
+            .ledgers
+            .into_iter()
+            .map(|ledger| LedgerDefinition { id: ledger.id, name: ledger.name, asset_scale: ledger.asset_scale })
+            .collect();
+        Topology::new(self.shards, latency, regions, cells)?.with_ledgers(ledgers)
     }
 }
 

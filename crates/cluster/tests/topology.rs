@@ -611,3 +611,32 @@ fn garbage_never_panics() {
         }
     }
 }
+
+#[test]
+fn ledgers_defined_from_the_start_are_read_checked_and_written_back() {
+    assert!(Topology::parse(SMALL).unwrap().ledgers.is_empty(), "no [[ledger]]: none defined");
+    let text = format!(
+        "{SMALL}\n[[ledger]]\nid = 1\nname = \"CNY\"\nasset_scale = 2\n\n[[ledger]]\nid = 840\nname = \"USD\"\nasset_scale = 2\n"
+    );
+    let topology = Topology::parse(&text).unwrap();
+    let table = topology.initial_ledgers();
+    assert_eq!(table.version(), 1);
+    assert_eq!(
+        table.definitions().map(|ledger| (ledger.id, ledger.name.as_str())).collect::<Vec<_>>(),
+        [(1, "CNY"), (840, "USD")]
+    );
+    assert_eq!(Topology::parse(&topology.to_toml()).unwrap(), topology);
+    assert_eq!(Topology::local(20_000, 4).initial_ledgers().get(1).map(|ledger| ledger.asset_scale), Some(2));
+    let second = "id = 840\nname = \"USD\"\nasset_scale = 2";
+    for (bad, expected) in [
+        ("id = 840\nname = \"CNY\"\nasset_scale = 2", "ledger name CNY is already ledger 1's"),
+        ("id = 1\nname = \"USD\"\nasset_scale = 2", "ledger 1 is already defined"),
+        ("id = 0\nname = \"USD\"\nasset_scale = 2", "ledger id 0 is invalid"),
+        ("id = 840\nname = \"US D\"\nasset_scale = 2", "name \"US D\" is invalid"),
+        ("id = 840\nname = \"USD\"\nasset_scale = 30", "asset scale 30 is over the limit of 18"),
+    ] {
+        assert_eq!(text.matches(second).count(), 1);
+        let error = Topology::parse(&text.replacen(second, bad, 1)).unwrap_err().to_string();
+        assert!(error.contains(expected), "{bad:?}: {error}");
+    }
+}

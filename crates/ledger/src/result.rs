@@ -83,6 +83,10 @@ result_codes! {
         /// The account's user id is the system's (`id::CLEARING_USER_ID`).
         /// Checked right after `id_must_not_be_int_max`.
         IdReserved = 22 => "id_reserved",
+        /// The account's ledger is not one the cluster has defined (as the
+        /// cell's log says: see `cluster::ledgers`). Checked right after
+        /// `ledger_must_not_be_zero`.
+        LedgerNotDefined = 23 => "ledger_not_defined",
     }
 }
 

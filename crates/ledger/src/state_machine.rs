@@ -284,8 +284,20 @@ impl Ledger {
     // ----------------------------------------------------------------------------------------
     // Accounts.
 
-    /// Creates accounts. Returns one result per event, in order.
+    /// Creates accounts, on any ledger. Returns one result per event, in order.
     pub fn create_accounts(&mut self, timestamp: u64, events: &[Account]) -> Vec<CreateAccountResult> {
+        self.create_accounts_on(timestamp, events, &|_| true)
+    }
+
+    /// Creates accounts on the ledgers `defined` admits only (the others
+    /// answer `ledger_not_defined`). `defined` must be a pure function of
+    /// replicated state, like the rest of the input.
+    pub fn create_accounts_on(
+        &mut self,
+        timestamp: u64,
+        events: &[Account],
+        defined: &dyn Fn(u32) -> bool,
+    ) -> Vec<CreateAccountResult> {
         assert!(events.len() <= BATCH_EVENTS_MAX, "batch over the limit: the caller must refuse it");
         let base = self.batch_timestamp(timestamp);
         let linked = |a: &Account| a.flags.contains(AccountFlags::LINKED);
@@ -295,13 +307,13 @@ impl Ledger {
             CreateAccountResult::Ok,
             CreateAccountResult::LinkedEventFailed,
             CreateAccountResult::LinkedEventChainOpen,
-            |ledger, index, account| ledger.create_account(account, base + index as u64),
+            |ledger, index, account| ledger.create_account(account, base + index as u64, defined),
         );
         self.timestamp_advance(base, events.len() as u64);
         results
     }
 
-    fn create_account(&mut self, a: &Account, timestamp: u64) -> CreateAccountResult {
+    fn create_account(&mut self, a: &Account, timestamp: u64, defined: &dyn Fn(u32) -> bool) -> CreateAccountResult {
         use CreateAccountResult as R;
         if a.timestamp != 0 {
             return R::TimestampMustBeZero;
@@ -337,6 +349,9 @@ impl Ledger {
         }
         if a.ledger == 0 {
             return R::LedgerMustNotBeZero;
+        }
+        if !defined(a.ledger) {
+            return R::LedgerNotDefined;
         }
         if a.code == 0 {
             return R::CodeMustNotBeZero;

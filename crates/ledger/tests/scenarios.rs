@@ -176,6 +176,27 @@ fn account_creation_validates_and_is_idempotent() {
 }
 
 #[test]
+fn accounts_only_on_defined_ledgers_when_asked() {
+    let mut w = World::new();
+    let defined = |ledger: u32| ledger == 1;
+    let a = Account { id: 7, ledger: 2, code: 1, ..Account::default() };
+    let linked = Account { flags: AccountFlags::LINKED, ..Account { id: 8, ledger: 1, ..a } };
+    let results = w.ledger.create_accounts_on(SECOND_NS, &[Account { ledger: 0, ..a }, a, linked, a], &defined);
+    use CreateAccountResult as A;
+    assert_eq!(results, [A::LedgerMustNotBeZero, A::LedgerNotDefined, A::LinkedEventFailed, A::LedgerNotDefined]);
+    // The precedence: right after `ledger_must_not_be_zero`, before `code_must_not_be_zero` and `exists`.
+    assert_eq!(
+        w.ledger.create_accounts_on(2 * SECOND_NS, &[Account { code: 0, ..a }], &defined),
+        [A::LedgerNotDefined]
+    );
+    assert_eq!(w.ledger.accounts_count(), 0);
+    let b = Account { ledger: 1, ..a };
+    assert_eq!(w.ledger.create_accounts_on(3 * SECOND_NS, &[b], &defined), [A::Ok]);
+    assert_eq!(w.ledger.create_accounts_on(4 * SECOND_NS, &[b], &defined), [A::Exists]);
+    w.ledger.audit().unwrap();
+}
+
+#[test]
 fn balance_limits_refuse_overdrafts() {
     let mut w = World::new();
     w.accounts(&[AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS, NONE, AccountFlags::CREDITS_MUST_NOT_EXCEED_DEBITS]);

@@ -1,9 +1,10 @@
 //! A cell's replicated state besides its ledger: which shards its own log
-//! says it owns, its cross-cell transfers in flight (`cross_cell`) and, in
-//! the global cell, the routing table.
+//! says it owns, its cross-cell transfers in flight (`cross_cell`), the
+//! ledger definitions it has adopted (the global cell's own, which it
+//! changes) and, in the global cell, the routing table.
 //!
-//! Both change only through entries of the cell's log (`record.rs` kinds 4
-//! and 5), so every replica holds the same state at the same index; both are
+//! All change only through entries of the cell's log (`record.rs` kinds 4
+//! to 9), so every replica holds the same state at the same index; all are
 //! stored with each checkpoint (in the consensus metadata, see
 //! [`encode_consensus`]) and travel with snapshots.
 //!
@@ -20,23 +21,27 @@
 //!
 //! ```text
 //! offset  size  field
-//!      0     4  magic b"cpCO"
+//!      0     4  magic b"cpCP"
 //!      4     4  length B of the log base record
 //!      8     B  the log base record (raft_log's encoding)
 //!    8+B     4  shards S
 //!   12+B  ⌈S/8⌉ owned shards, one bit each (shard i: byte i/8, bit i%8)
 //!      …     …  the cross-cell state (`CrossCellState::encode_into`)
+//!      …     4  length D of the ledger definitions
+//!      …     D  the ledger definitions (`LedgerTable::encode`)
 //!      …     1  1 if a routing table follows, else 0
 //!      …     …  the routing table (its own checksummed encoding)
 //! ```
 //!
-//! Magic b"cpCN" is the same with the cross-cell state written before
+//! Magic b"cpCO" is the same without the ledger definitions (stores written
+//! before them: the topology's apply), b"cpCN" also with the cross-cell state written before
 //! cross-cell pending transfers (no held legs, holds or releases), and
 //! b"cpCM" without the cross-cell state (stores written before cross-cell
 //! transfers: none in flight). Stores written before cell
 //! states hold the bare log base record; they decode with no cell state (the
 //! topology's then applies).
 
+use cellpay_cluster::ledgers::{self, LedgerDefinition, LedgerError, LedgerTable};
 use cellpay_cluster::routing::{RoutingChange, RoutingError, RoutingTable};
 use cellpay_cluster::topology::{CellId, Topology, GLOBAL_CELL};
 use cellpay_ledger::id::{is_clearing_account, shard_of_account};
@@ -45,21 +50,33 @@ use cellpay_ledger::Ledger;
 use crate::cross_cell::CrossCellState;
 use crate::raft_log::{self, LogBase, LogRecord};
 
-const MAGIC: [u8; 4] = *b"cpCO";
+const MAGIC: [u8; 4] = *b"cpCP";
+/// The format before ledger definitions.
+const MAGIC_WITHOUT_LEDGERS: [u8; 4] = *b"cpCO";
 /// The format before cross-cell pending transfers.
 const MAGIC_CROSS_WITHOUT_HOLDS: [u8; 4] = *b"cpCN";
 /// The format before cross-cell transfers.
 const MAGIC_OWNERSHIP_ONLY: [u8; 4] = *b"cpCM";
 
-// The cross-cell state, at its largest, and the rest (log base record,
-// shard bits, routing table: well under 64 KiB) fit the store's consensus metadata.
-const _: () = assert!(crate::cross_cell::STATE_BYTES_MAX + 64 * 1024 <= cellpay_storage::store::CONSENSUS_BYTES_MAX);
+// A cell's cross-cell state and ledger definitions, at their largest, and
+// the rest (log base record, shard bits: a few KiB) fit the store's
+// consensus metadata. The global cell has no cross-cell state, and its
+// routing table (8 bytes a shard) is well under the budget left.
+const _: () = assert!(
+    crate::cross_cell::STATE_BYTES_MAX + ledgers::TABLE_BYTES_MAX + 64 * 1024
+        <= cellpay_storage::store::CONSENSUS_BYTES_MAX
+);
+const _: () = assert!(
+    8 * cellpay_cluster::topology::SHARDS_MAX as usize + ledgers::TABLE_BYTES_MAX + 64 * 1024
+        <= cellpay_storage::store::CONSENSUS_BYTES_MAX
+);
 
 /// Which of the formats above a state is in.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Format {
     OwnershipOnly,
     CrossWithoutHolds,
+    WithoutLedgers,
     Current,
 }
 
@@ -72,6 +89,9 @@ pub struct CellState {
     routing: Option<RoutingTable>,
     /// Cross-cell transfers this cell coordinates or has prepared.
     pub cross: CrossCellState,
+    /// The ledgers accounts may be created on: the global cell's definitions
+    /// (which it changes), as this cell's log last adopted them.
+    ledgers: LedgerTable,
 }
 
 /// Why an ownership change was refused (nothing changed).
@@ -89,7 +109,7 @@ impl CellState {
     pub fn initial(topology: &Topology, cell: CellId) -> CellState {
         let owned = (0..topology.shards).map(|shard| topology.cell_of_shard(shard) == Some(cell)).collect();
         let routing = (cell == GLOBAL_CELL).then(|| RoutingTable::initial(topology));
-        CellState { owned, routing, cross: CrossCellState::default() }
+        CellState { owned, routing, cross: CrossCellState::default(), ledgers: topology.initial_ledgers() }
     }
 
     pub fn shards(&self) -> u32 {
@@ -140,6 +160,32 @@ impl CellState {
         Ok(table)
     }
 
+    /// The ledger definitions this cell's log has adopted (the global
+    /// cell's: the definitions themselves).
+    pub fn ledgers(&self) -> &LedgerTable {
+        &self.ledgers
+    }
+
+    /// Defines a ledger in the global cell's definitions (compare and set).
+    pub fn define_ledger(
+        &mut self,
+        expected_version: u64,
+        definition: LedgerDefinition,
+    ) -> Result<&LedgerTable, LedgerError> {
+        self.ledgers = self.ledgers.define(expected_version, definition)?;
+        Ok(&self.ledgers)
+    }
+
+    /// Adopts the global cell's definitions if they are newer than the
+    /// cell's (an older or repeated adoption changes nothing). Whether it did.
+    pub fn adopt_ledgers(&mut self, table: &LedgerTable) -> bool {
+        let newer = table.version() > self.ledgers.version();
+        if newer {
+            self.ledgers = table.clone();
+        }
+        newer
+    }
+
     /// A digest of the state, folded into the cell's state hash.
     pub fn hash(&self) -> u64 {
         // FNV-1a over the encoding: stable across processes and versions.
@@ -158,6 +204,9 @@ impl CellState {
         }
         out.extend_from_slice(&bits);
         self.cross.encode_into(out);
+        let table = self.ledgers.encode();
+        out.extend_from_slice(&(table.len() as u32).to_le_bytes());
+        out.extend_from_slice(&table);
         match &self.routing {
             Some(table) => {
                 out.push(1);
@@ -167,7 +216,9 @@ impl CellState {
         }
     }
 
-    fn decode(bytes: &[u8], format: Format) -> Option<CellState> {
+    /// Decodes a state; the ledger definitions of a format without them are
+    /// `initial_ledgers` (the topology's).
+    fn decode(bytes: &[u8], format: Format, initial_ledgers: &LedgerTable) -> Option<CellState> {
         let shards = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
         let bits = bytes.get(4..4 + shards.div_ceil(8))?;
         let owned = (0..shards).map(|shard| bits[shard / 8] & (1 << (shard % 8)) != 0).collect();
@@ -175,7 +226,15 @@ impl CellState {
         let (cross, rest) = match format {
             Format::OwnershipOnly => (CrossCellState::default(), rest),
             Format::CrossWithoutHolds => CrossCellState::decode(rest, false)?,
-            Format::Current => CrossCellState::decode(rest, true)?,
+            Format::WithoutLedgers | Format::Current => CrossCellState::decode(rest, true)?,
+        };
+        let (ledgers, rest) = match format {
+            Format::Current => {
+                let length = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+                let table = rest.get(4..4usize.checked_add(length)?)?;
+                (LedgerTable::decode(table).ok()?, &rest[4 + length..])
+            }
+            _ => (initial_ledgers.clone(), rest),
         };
         let routing = match rest.split_first()? {
             (0, []) => None,
@@ -185,7 +244,7 @@ impl CellState {
         if shards == 0 || routing.as_ref().is_some_and(|table| table.shards() as usize != shards) {
             return None;
         }
-        Some(CellState { owned, routing, cross })
+        Some(CellState { owned, routing, cross, ledgers })
     }
 }
 
@@ -202,28 +261,36 @@ pub fn encode_consensus(cell: CellId, base: &LogBase, state: &CellState) -> Vec<
 }
 
 /// Decodes consensus metadata; `None` if malformed. The state is `None` for
-/// metadata written before cell states were stored (a bare base record).
-pub fn decode_consensus(bytes: &[u8]) -> Option<(LogBase, Option<CellState>)> {
+/// metadata written before cell states were stored (a bare base record);
+/// one written before ledger definitions has `initial_ledgers`.
+pub fn decode_consensus(bytes: &[u8], initial_ledgers: &LedgerTable) -> Option<(LogBase, Option<CellState>)> {
     let base = |record: &[u8]| match raft_log::decode(record).ok()? {
         LogRecord::Base { base, .. } => Some(base),
         _ => None,
     };
     let format = match bytes.get(..4) {
         Some(magic) if magic == MAGIC => Format::Current,
+        Some(magic) if magic == MAGIC_WITHOUT_LEDGERS => Format::WithoutLedgers,
         Some(magic) if magic == MAGIC_CROSS_WITHOUT_HOLDS => Format::CrossWithoutHolds,
         Some(magic) if magic == MAGIC_OWNERSHIP_ONLY => Format::OwnershipOnly,
         _ => return Some((base(bytes)?, None)),
     };
     let length = u32::from_le_bytes(bytes.get(4..8)?.try_into().ok()?) as usize;
     let record = bytes.get(8..8usize.checked_add(length)?)?;
-    let state = CellState::decode(&bytes[8 + length..], format)?;
+    let state = CellState::decode(&bytes[8 + length..], format, initial_ledgers)?;
     Some((base(record)?, Some(state)))
+}
+
+/// The log base of consensus metadata; `None` if malformed.
+pub fn decode_consensus_base(bytes: &[u8]) -> Option<LogBase> {
+    let no_ledgers = LedgerTable::initial(&[]).expect("no definitions are valid");
+    decode_consensus(bytes, &no_ledgers).map(|(base, _)| base)
 }
 
 /// A cell's state as its store's consensus metadata records it, or the
 /// topology's (index 0, or a store written before cell states were stored).
 pub fn stored_or_initial(consensus: &[u8], topology: &Topology, cell: CellId) -> CellState {
-    let stored = decode_consensus(consensus).and_then(|(_, state)| state);
+    let stored = decode_consensus(consensus, &topology.initial_ledgers()).and_then(|(_, state)| state);
     stored.unwrap_or_else(|| CellState::initial(topology, cell))
 }
 
@@ -294,13 +361,28 @@ mod tests {
                 state.change_routing(1, RoutingChange::MoveShard { shard: 99, to }, &topology).unwrap();
                 assert_eq!(state.routing().unwrap().version(), 2);
             }
+            let initial = topology.initial_ledgers();
+            let defined = LedgerDefinition { id: 840, name: "USD".to_string(), asset_scale: 2 };
+            let table = initial.define(1, defined).unwrap();
+            assert!(state.adopt_ledgers(&table) && !state.adopt_ledgers(&initial) && !state.adopt_ledgers(&table));
             let bytes = encode_consensus(cell, &base, &state);
-            assert_eq!(decode_consensus(&bytes), Some((base.clone(), Some(state))));
-            assert_eq!(decode_consensus(&bytes[..bytes.len() - 1]), None);
+            assert_eq!(decode_consensus(&bytes, &initial), Some((base.clone(), Some(state.clone()))));
+            assert_eq!(decode_consensus(&bytes[..bytes.len() - 1], &initial), None);
+            assert_eq!(decode_consensus_base(&bytes), Some(base.clone()));
+            if cell != GLOBAL_CELL {
+                // The format before ledger definitions: no definitions before the (absent) routing table.
+                let table_bytes = 4 + state.ledgers().encode().len();
+                let mut old = bytes[..bytes.len() - 1 - table_bytes].to_vec();
+                old[..4].copy_from_slice(&MAGIC_WITHOUT_LEDGERS);
+                old.push(0);
+                let mut expected = state.clone();
+                expected.ledgers = initial.clone();
+                assert_eq!(decode_consensus(&old, &initial), Some((base.clone(), Some(expected))));
+            }
         }
         let mut old = Vec::new();
         raft_log::encode_base(&mut old, 1, &base);
-        assert_eq!(decode_consensus(&old), Some((base, None)));
-        assert_eq!(decode_consensus(b"junk"), None);
+        assert_eq!(decode_consensus(&old, &topology.initial_ledgers()), Some((base, None)));
+        assert_eq!(decode_consensus_base(b"junk"), None);
     }
 }

@@ -40,6 +40,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use cellpay_cluster::ledgers::{LedgerDefinition, LedgerTable};
 use cellpay_cluster::routing::{RoutingChange, RoutingTable};
 use cellpay_cluster::topology::{CellId, NodeId, Topology, GLOBAL_CELL};
 use cellpay_cluster::transport::{Deliver, PeerConfig, Transport, TransportConfig};
@@ -146,7 +147,9 @@ pub fn single_node_topology() -> Topology {
         leader_preference: vec!["local".to_string()],
     };
     let latency = Latency { enabled: false, same_datacenter_us: 0, same_region_us: 0, cross_region_us: 0 };
-    Topology::new(SHARDS_DEFAULT, latency, vec![region], vec![cell]).expect("the single-node topology is valid")
+    Topology::new(SHARDS_DEFAULT, latency, vec![region], vec![cell])
+        .and_then(|topology| topology.with_ledgers(vec![LedgerDefinition::local()]))
+        .expect("the single-node topology is valid")
 }
 
 /// A request to the node.
@@ -170,6 +173,12 @@ pub enum Request {
         shard: u32,
         owned: bool,
     },
+    /// Operator: define a ledger (served by the global cell's leader), if
+    /// the definitions are still at `expected_version`.
+    DefineLedger {
+        expected_version: u64,
+        definition: LedgerDefinition,
+    },
 }
 
 impl Request {
@@ -183,6 +192,7 @@ impl Request {
             Request::GetAccountBalances(_) => "get_account_balances",
             Request::ChangeRouting { .. } => "change_routing",
             Request::ShardOwnership { .. } => "shard_ownership",
+            Request::DefineLedger { .. } => "define_ledger",
         }
     }
 
@@ -193,7 +203,7 @@ impl Request {
             Request::CreateTransfers(events) => events.len(),
             Request::LookupAccounts(ids) | Request::LookupTransfers(ids) => ids.len(),
             Request::GetAccountTransfers(_) | Request::GetAccountBalances(_) => 1,
-            Request::ChangeRouting { .. } | Request::ShardOwnership { .. } => 1,
+            Request::ChangeRouting { .. } | Request::ShardOwnership { .. } | Request::DefineLedger { .. } => 1,
         }
     }
 
@@ -220,6 +230,8 @@ pub enum Reply {
     RoutingChanged(RoutingTable),
     /// A shard was released or acquired.
     ShardOwnership,
+    /// The ledger definitions a definition made.
+    LedgersChanged(LedgerTable),
 }
 
 /// Why a request was refused as a whole. Except for `Timeout` (and
@@ -359,6 +371,8 @@ pub struct CellStatus {
     pub state_hash: u64,
     pub state_hash_index: u64,
     pub accounts: usize,
+    /// The version of the ledger definitions this replica's log has adopted.
+    pub ledgers_version: u64,
 }
 
 /// The node's published status: one entry per hosted cell, and its links.
@@ -368,6 +382,25 @@ pub struct StatusBoard {
     /// The routing table requests are routed by (the global cell's, as
     /// this node's replica has applied it), and its watchers.
     routing: tokio::sync::watch::Sender<Arc<RoutingTable>>,
+    /// The global cell's ledger definitions as this node's replica has
+    /// applied them (what its cells' leaders adopt), and their watchers.
+    ledgers: tokio::sync::watch::Sender<Arc<LedgerTable>>,
+}
+
+/// Publishes `value` (at `version`) to a watch if it is newer than the one it holds.
+fn publish_newer<T: Clone>(
+    sender: &tokio::sync::watch::Sender<Arc<T>>,
+    value: &T,
+    version: u64,
+    version_of: impl Fn(&T) -> u64,
+) {
+    sender.send_if_modified(|current| {
+        let newer = version > version_of(current);
+        if newer {
+            *current = Arc::new(value.clone());
+        }
+        newer
+    });
 }
 
 /// Whether this node's outbound link to a peer is up.
@@ -378,9 +411,31 @@ pub struct PeerStatus {
 }
 
 impl StatusBoard {
-    pub fn new(routing: RoutingTable) -> StatusBoard {
+    pub fn new(routing: RoutingTable, ledgers: LedgerTable) -> StatusBoard {
         let (routing, _) = tokio::sync::watch::channel(Arc::new(routing));
-        StatusBoard { cells: RwLock::default(), peers: RwLock::default(), routing }
+        let (ledgers, _) = tokio::sync::watch::channel(Arc::new(ledgers));
+        StatusBoard { cells: RwLock::default(), peers: RwLock::default(), routing, ledgers }
+    }
+
+    /// The topology's routing table and ledger definitions (version 1).
+    pub fn initial(topology: &Topology) -> StatusBoard {
+        StatusBoard::new(RoutingTable::initial(topology), topology.initial_ledgers())
+    }
+
+    /// The ledger definitions: the topology's (version 1) until this node's
+    /// replica of the global cell applies a definition.
+    pub fn ledgers(&self) -> Arc<LedgerTable> {
+        self.ledgers.borrow().clone()
+    }
+
+    /// A watch of the ledger definitions (`GET /v1/cluster/ledgers?newer_than=V`).
+    pub fn ledgers_watch(&self) -> tokio::sync::watch::Receiver<Arc<LedgerTable>> {
+        self.ledgers.subscribe()
+    }
+
+    /// Publishes definitions if they are newer than the ones published.
+    fn publish_ledgers(&self, table: &LedgerTable) {
+        publish_newer(&self.ledgers, table, table.version(), |current| current.version());
     }
 
     /// The routing table this node routes by: the topology's (version 1)
@@ -397,13 +452,7 @@ impl StatusBoard {
 
     /// Publishes a table if it is newer than the one published.
     fn publish_routing(&self, table: &RoutingTable) {
-        self.routing.send_if_modified(|current| {
-            let newer = table.version() > current.version();
-            if newer {
-                *current = Arc::new(table.clone());
-            }
-            newer
-        });
+        publish_newer(&self.routing, table, table.version(), |current| current.version());
     }
 
     pub fn peers(&self) -> Vec<PeerStatus> {
@@ -483,6 +532,9 @@ pub const LEADER_WAIT: Duration = Duration::from_secs(5);
 const CONTROLS_QUEUED_MAX: usize = 64;
 /// A leader checks every this many ticks whether a better-placed replica should lead.
 const PREFERENCE_CHECK_TICKS: u64 = 5;
+/// How long a cell's leader waits for its adoption of the ledger
+/// definitions to apply before it proposes it again.
+const ADOPT_RETRY: Duration = Duration::from_secs(1);
 
 /// The engine's run state, shared with handles.
 const RUNNING: u8 = 0;
@@ -607,12 +659,12 @@ impl NodeHandle {
     }
 
     /// An operator's change ([`Request::ChangeRouting`],
-    /// [`Request::ShardOwnership`]), served by this node only if its replica
+    /// [`Request::ShardOwnership`], [`Request::DefineLedger`]), served by this node only if its replica
     /// leads the cell; otherwise refused `NotLeader` naming the leader, for
     /// the operator's tool to resend there. Never forwarded.
     pub async fn submit_admin(&self, request: Request) -> Result<Reply, NodeError> {
         let cell = match &request {
-            Request::ChangeRouting { .. } => GLOBAL_CELL,
+            Request::ChangeRouting { .. } | Request::DefineLedger { .. } => GLOBAL_CELL,
             Request::ShardOwnership { cell, .. } => *cell,
             _ => return Err(NodeError::Unavailable { cell: GLOBAL_CELL, reason: "not an operator change".into() }),
         };
@@ -752,7 +804,10 @@ fn not_owned(state: &CellState, routing: &RoutingTable, cell: CellId, request: &
             first_foreign(state, std::iter::once(filter.account_id))
         }
         Request::LookupAccounts(ids) => first_foreign(state, ids.iter().copied()),
-        Request::LookupTransfers(_) | Request::ChangeRouting { .. } | Request::ShardOwnership { .. } => None,
+        Request::LookupTransfers(_)
+        | Request::ChangeRouting { .. }
+        | Request::ShardOwnership { .. }
+        | Request::DefineLedger { .. } => None,
     }
 }
 
@@ -833,7 +888,7 @@ fn route(topology: &Topology, routing: &RoutingTable, request: &Request) -> Resu
         Request::GetAccountTransfers(filter) | Request::GetAccountBalances(filter) => {
             Ok(Route::Cell(routing.cell_of_account(filter.account_id)))
         }
-        Request::ChangeRouting { .. } => Ok(Route::Cell(GLOBAL_CELL)),
+        Request::ChangeRouting { .. } | Request::DefineLedger { .. } => Ok(Route::Cell(GLOBAL_CELL)),
         Request::ShardOwnership { cell, .. } => Ok(Route::Cell(*cell)),
         Request::LookupAccounts(ids) => {
             let mut by_cell: BTreeMap<CellId, Vec<u128>> = BTreeMap::new();
@@ -872,7 +927,7 @@ impl Node {
     pub fn start(config: NodeConfig) -> Result<Node, StartError> {
         let database = open_database(&config)?;
         let metrics = Arc::new(Metrics::new());
-        let status = Arc::new(StatusBoard::new(RoutingTable::initial(&config.topology)));
+        let status = Arc::new(StatusBoard::initial(&config.topology));
         let (inbox_sender, inbox) = bounded::<(NodeId, PeerMessage)>(config.inbox_messages_max);
         let (staged_sender, staged) = bounded::<Staged>(1);
         let receiver = SnapshotReceiver::start(database.clone(), staged_sender);
@@ -976,7 +1031,7 @@ impl SteppedNode {
     pub fn open(config: NodeConfig, world: Box<dyn World>) -> Result<(SteppedNode, RecoveryReport), StartError> {
         let database = open_database(&config)?;
         let metrics = Arc::new(Metrics::new());
-        let status = Arc::new(StatusBoard::new(RoutingTable::initial(&config.topology)));
+        let status = Arc::new(StatusBoard::initial(&config.topology));
         let receiver = snapshot::InlineReceiver::new(database.clone());
         let (mut engine, recovery) =
             Engine::open(config, database, metrics, status, world, Shipping::Inline, CheckpointWriter::inline())?;
@@ -1179,6 +1234,8 @@ struct Replica {
     reads: VecDeque<ReadBatch>,
     read_id_next: u64,
     pulse_in_flight: bool,
+    /// The ledger definitions' version this replica last proposed to adopt, and when.
+    ledgers_adopt_sent: Option<(u64, Instant)>,
     elections: u64,
     snapshots_installed: u64,
     role: StateRole,
@@ -1241,6 +1298,7 @@ impl Replica {
             reads: VecDeque::new(),
             read_id_next: 1,
             pulse_in_flight: false,
+            ledgers_adopt_sent: None,
             elections: 0,
             snapshots_installed: 0,
             role: StateRole::Follower,
@@ -1317,7 +1375,7 @@ impl Engine {
             let store = Arc::new(Store::open_in(&database, &snapshot::store_name(cell_id, generation))?);
             let checkpoint = store.checkpoint()?;
             let consensus = store.consensus()?;
-            let stored_base = cell_state::decode_consensus(&consensus).map(|(base, _)| base);
+            let stored_base = cell_state::decode_consensus_base(&consensus);
             let state = cell_state::stored_or_initial(&consensus, &config.topology, cell_id);
             let initial_conf =
                 ConfState { voters: cell.voters.clone(), learners: cell.learners.clone(), ..Default::default() };
@@ -1394,6 +1452,9 @@ impl Engine {
                 Ledger::restore(config.ledger, store.accounts()?, store.open_pending()?, checkpoint.timestamp_last);
             if let Some(table) = state.routing() {
                 status.publish_routing(table);
+            }
+            if cell_id == GLOBAL_CELL {
+                status.publish_ledgers(state.ledgers());
             }
             assert_eq!(raw.raft.raft_log.applied, index, "cell {cell_id}: raft starts at the checkpoint");
             let replica = Replica::new(cell_id, raw, (ledger, state), store, generation, world.now());
@@ -1586,6 +1647,9 @@ impl Engine {
             &Request::ShardOwnership { shard, owned, .. } => {
                 record::encode_shard_ownership(&mut data, timestamp, shard, owned)
             }
+            Request::DefineLedger { expected_version, definition } => {
+                record::encode_define_ledger(&mut data, timestamp, *expected_version, definition)
+            }
             _ => unreachable!("writes only"),
         }
         let deadline = self.world.now() + self.config.proposal_timeout;
@@ -1600,6 +1664,7 @@ impl Engine {
                 }
                 Request::ChangeRouting { .. } => Reply::RoutingChanged(self.status.routing().as_ref().clone()),
                 Request::ShardOwnership { .. } => Reply::ShardOwnership,
+                Request::DefineLedger { .. } => Reply::LedgersChanged(self.status.ledgers().as_ref().clone()),
                 _ => unreachable!("writes only"),
             };
             let _ = envelope.reply.send(Ok(reply));
@@ -1618,6 +1683,13 @@ impl Engine {
         match *request {
             Request::ChangeRouting { .. } if cell != GLOBAL_CELL => {
                 refused(format!("cell {cell} holds no routing table: send routing changes to the global cell"))
+            }
+            Request::DefineLedger { .. } if cell != GLOBAL_CELL => {
+                refused(format!("cell {cell} only adopts ledger definitions: send definitions to the global cell"))
+            }
+            // Checked here too, so an invalid definition never reaches the log.
+            Request::DefineLedger { ref definition, .. } => {
+                definition.check().map_err(|error| NodeError::ChangeRefused { cell, reason: error.to_string() })
             }
             Request::ShardOwnership { .. } if cell == GLOBAL_CELL => {
                 refused("the global cell owns no shards".to_string())
@@ -1854,6 +1926,9 @@ impl Engine {
         if let Some(table) = replica.state.routing() {
             self.status.publish_routing(table);
         }
+        if cell == GLOBAL_CELL {
+            self.status.publish_ledgers(replica.state.ledgers());
+        }
         if let Err(error) = replica.ledger.audit() {
             panic!("cell {cell}: the installed snapshot fails its audit: {error}");
         }
@@ -1962,6 +2037,7 @@ impl Engine {
             }
         }
         self.cross_tick(now, timestamp);
+        self.adopt_ledgers(now, timestamp);
         for cell in self.replicas.keys().copied().collect::<Vec<_>>() {
             let replica = &self.replicas[&cell];
             let stale = now.saturating_duration_since(replica.checkpoint_last) >= self.config.checkpoint_idle_interval;
@@ -1975,6 +2051,30 @@ impl Engine {
         self.checkpoints_finish(false);
         for replica in self.replicas.values() {
             self.publish(replica);
+        }
+    }
+
+    /// Each cell this node leads logs the global cell's ledger definitions
+    /// when they are newer than the ones it adopted: the cell enforces only
+    /// what its own log holds. Not tracked: an entry lost to a leader change
+    /// is proposed again after [`ADOPT_RETRY`].
+    fn adopt_ledgers(&mut self, now: Instant, timestamp: u64) {
+        let global = self.status.ledgers();
+        for replica in self.replicas.values_mut() {
+            let behind = replica.cell != GLOBAL_CELL && replica.state.ledgers().version() < global.version();
+            if !behind || replica.raw.raft.state != StateRole::Leader {
+                continue;
+            }
+            let sent = replica.ledgers_adopt_sent;
+            if sent.is_some_and(|(version, at)| version >= global.version() && now.duration_since(at) < ADOPT_RETRY) {
+                continue;
+            }
+            let mut data = Vec::new();
+            record::encode_adopt_ledgers(&mut data, timestamp, &global);
+            match replica.raw.propose(Vec::new(), data) {
+                Ok(()) => replica.ledgers_adopt_sent = Some((global.version(), now)),
+                Err(error) => tracing::debug!(cell = replica.cell, %error, "ledger definitions not logged"),
+            }
         }
     }
 
@@ -2317,6 +2417,7 @@ impl Engine {
             state_hash: replica.state_hash.1,
             state_hash_index: replica.state_hash.0,
             accounts: replica.ledger.accounts_count(),
+            ledgers_version: replica.state.ledgers().version(),
         };
         let ledger = &replica.ledger;
         let cross = replica.state.cross.counts();
@@ -2642,7 +2743,8 @@ fn apply_record(replica: &mut Replica, record: &Record, applying: &Applying) -> 
                 return Some(Err(misrouted(&applying.status.routing(), cell, account)));
             }
             let timestamp = clock.unwrap_or(*timestamp);
-            let results = replica.ledger.create_accounts(timestamp, accounts);
+            let ledgers = replica.state.ledgers();
+            let results = replica.ledger.create_accounts_on(timestamp, accounts, &|ledger| ledgers.defines(ledger));
             metrics.results("create_accounts", &results, CreateAccountResult::as_str);
             Some(Ok(Reply::CreateAccounts(results)))
         }
@@ -2739,6 +2841,28 @@ fn apply_record(replica: &mut Replica, record: &Record, applying: &Applying) -> 
                 Err(error) => Err(NodeError::ChangeRefused { cell, reason: error.to_string() }),
             })
         }
+        Record::DefineLedger { expected_version, definition, .. } => {
+            if cell != GLOBAL_CELL {
+                // Only the global cell's leader proposes these (`admin_precondition`).
+                return Some(Err(NodeError::ChangeRefused { cell, reason: "not the global cell".to_string() }));
+            }
+            Some(match replica.state.define_ledger(*expected_version, definition.clone()) {
+                Ok(table) => {
+                    tracing::info!(version = table.version(), %definition, "ledger defined");
+                    applying.status.publish_ledgers(table);
+                    replica.checkpoint_wanted = true;
+                    Ok(Reply::LedgersChanged(table.clone()))
+                }
+                Err(error) => Err(NodeError::ChangeRefused { cell, reason: error.to_string() }),
+            })
+        }
+        Record::AdoptLedgers { table, .. } => {
+            if cell != GLOBAL_CELL && replica.state.adopt_ledgers(table) {
+                tracing::info!(cell, version = table.version(), ledgers = table.len(), "ledger definitions adopted");
+                replica.checkpoint_wanted = true;
+            }
+            None
+        }
     }
 }
 
@@ -2757,7 +2881,8 @@ fn read(replica: &Replica, request: &Request) -> Result<Reply, NodeError> {
         Request::CreateAccounts(_)
         | Request::CreateTransfers(_)
         | Request::ChangeRouting { .. }
-        | Request::ShardOwnership { .. } => unreachable!("reads only"),
+        | Request::ShardOwnership { .. }
+        | Request::DefineLedger { .. } => unreachable!("reads only"),
     })
 }
 
@@ -2987,7 +3112,7 @@ mod tests {
         assert!(matches!(answer_b.try_recv(), Ok(Err(NodeError::NotLeader { .. }))));
         let noop = Entry { index: 98, term: 7, ..Entry::default() };
         let topology = single_node_topology();
-        let status = StatusBoard::new(RoutingTable::initial(&topology));
+        let status = StatusBoard::initial(&topology);
         let applying = Applying {
             metrics: &metrics,
             clock: None,

@@ -4,9 +4,10 @@
 //! offset  size  field
 //!      0     1  kind (1 create_accounts, 2 create_transfers, 3 pulse,
 //!                 4 routing change, 5 shard ownership, 6 cross-cell
-//!                 messages, 7 create_transfers naming cells)
+//!                 messages, 7 create_transfers naming cells, 8 ledger
+//!                 definition, 9 adopted ledger definitions)
 //!      1     3  reserved, zero
-//!      4     4  event count (u32 LE); 0 for kinds 3 to 5
+//!      4     4  event count (u32 LE); 0 for kinds 3 to 6, 8 and 9
 //!      8     8  timestamp the ledger applied the request with (u64 LE, ns)
 //!     16  128n  events, each in the ledger's 128-byte encoding
 //! ```
@@ -28,9 +29,17 @@
 //! cross-cell messages a cell's leader received: the sending cell (u64 LE)
 //! and the items (`cross_cell::encode_items`).
 //!
+//! Kinds 8 and 9 carry ledger definitions (`cluster::ledgers`). Kind 8, in
+//! the global cell's log, defines one ledger if the definitions are still at
+//! the expected version: expected version (u64 LE), ledger id (u32 LE), asset
+//! scale (u8), name length L (u8), 2 reserved zero bytes, the name (L bytes).
+//! Kind 9, in a cell's log, is the global cell's definitions as the cell's
+//! leader read them (`LedgerTable::encode`), adopted if newer than the cell's.
+//!
 //! The timestamp is recorded so that replay applies every request exactly as
 //! it was applied the first time: the ledger is deterministic given its input.
 
+use cellpay_cluster::ledgers::{LedgerDefinition, LedgerTable, LEDGER_NAME_BYTES_MAX};
 use cellpay_cluster::routing::RoutingChange;
 use cellpay_cluster::topology::CellId;
 use cellpay_ledger::{Account, Transfer, BATCH_EVENTS_MAX, RECORD_SIZE};
@@ -81,6 +90,17 @@ pub enum Record {
         transfers: Vec<Transfer>,
         cells: Vec<(CellId, CellId)>,
     },
+    /// Define a ledger (the global cell), if the definitions are still at `expected_version`.
+    DefineLedger {
+        timestamp: u64,
+        expected_version: u64,
+        definition: LedgerDefinition,
+    },
+    /// The global cell's ledger definitions, for a cell to adopt if newer than its own.
+    AdoptLedgers {
+        timestamp: u64,
+        table: LedgerTable,
+    },
 }
 
 const KIND_CREATE_ACCOUNTS: u8 = 1;
@@ -90,6 +110,9 @@ const KIND_CHANGE_ROUTING: u8 = 4;
 const KIND_SHARD_OWNERSHIP: u8 = 5;
 const KIND_CROSS_CELL: u8 = 6;
 const KIND_CREATE_TRANSFERS_ACROSS: u8 = 7;
+const KIND_DEFINE_LEDGER: u8 = 8;
+const KIND_ADOPT_LEDGERS: u8 = 9;
+const DEFINE_LEDGER_FIXED: usize = 16;
 const CHANGE_ROUTING_BODY: usize = 24;
 const SHARD_OWNERSHIP_BODY: usize = 8;
 
@@ -109,6 +132,8 @@ pub enum RecordError {
     BodySize { kind: u8, size: usize, expected: usize },
     #[error("cross-cell record of {size} bytes is malformed")]
     CrossCell { size: usize },
+    #[error("ledger definitions record of {size} bytes is malformed: {reason}")]
+    Ledgers { size: usize, reason: String },
 }
 
 fn header(out: &mut Vec<u8>, kind: u8, count: usize, timestamp: u64) {
@@ -185,6 +210,22 @@ pub fn encode_create_transfers_across(
     }
 }
 
+/// Encodes a ledger definition into `out` (cleared first).
+pub fn encode_define_ledger(out: &mut Vec<u8>, timestamp: u64, expected_version: u64, definition: &LedgerDefinition) {
+    assert!(definition.name.len() <= LEDGER_NAME_BYTES_MAX, "a checked definition");
+    header(out, KIND_DEFINE_LEDGER, 0, timestamp);
+    out.extend_from_slice(&expected_version.to_le_bytes());
+    out.extend_from_slice(&definition.id.to_le_bytes());
+    out.extend_from_slice(&[definition.asset_scale, definition.name.len() as u8, 0, 0]);
+    out.extend_from_slice(definition.name.as_bytes());
+}
+
+/// Encodes ledger definitions for a cell to adopt into `out` (cleared first).
+pub fn encode_adopt_ledgers(out: &mut Vec<u8>, timestamp: u64, table: &LedgerTable) {
+    header(out, KIND_ADOPT_LEDGERS, 0, timestamp);
+    out.extend_from_slice(&table.encode());
+}
+
 fn u32_at(bytes: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
 }
@@ -224,6 +265,24 @@ pub fn decode(payload: &[u8]) -> Result<Record, RecordError> {
             }
             let items = cross_cell::decode_items(&body[8..]).ok_or(malformed)?;
             return Ok(Record::CrossCell { timestamp, from: u64_at(body, 0), items });
+        }
+        KIND_DEFINE_LEDGER | KIND_ADOPT_LEDGERS => {
+            let malformed = |reason: String| RecordError::Ledgers { size: payload.len(), reason };
+            if count != 0 {
+                return Err(malformed(format!("{count} events")));
+            }
+            if kind == KIND_ADOPT_LEDGERS {
+                let table = LedgerTable::decode(body).map_err(|error| malformed(error.to_string()))?;
+                return Ok(Record::AdoptLedgers { timestamp, table });
+            }
+            let (fixed, name) =
+                body.split_at_checked(DEFINE_LEDGER_FIXED).ok_or_else(|| malformed("truncated".to_string()))?;
+            if name.len() != usize::from(fixed[13]) {
+                return Err(malformed(format!("a name of {} bytes, not {}", name.len(), fixed[13])));
+            }
+            let name = String::from_utf8(name.to_vec()).map_err(|_| malformed("name is not UTF-8".to_string()))?;
+            let definition = LedgerDefinition { id: u32_at(fixed, 8), name, asset_scale: fixed[12] };
+            return Ok(Record::DefineLedger { timestamp, expected_version: u64_at(fixed, 0), definition });
         }
         _ => {}
     }
@@ -300,6 +359,16 @@ mod tests {
         assert_eq!(decode(&buffer), Ok(Record::CrossCell { timestamp: 48, from: 2, items }));
         buffer.push(0);
         assert!(matches!(decode(&buffer), Err(RecordError::CrossCell { .. })));
+        let definition = LedgerDefinition { id: 840, name: "USD".to_string(), asset_scale: 2 };
+        encode_define_ledger(&mut buffer, 49, 3, &definition);
+        assert_eq!(decode(&buffer), Ok(Record::DefineLedger { timestamp: 49, expected_version: 3, definition }));
+        buffer.push(b'X');
+        assert!(matches!(decode(&buffer), Err(RecordError::Ledgers { .. })));
+        let table = LedgerTable::initial(&[LedgerDefinition::local()]).unwrap();
+        encode_adopt_ledgers(&mut buffer, 50, &table);
+        assert_eq!(decode(&buffer), Ok(Record::AdoptLedgers { timestamp: 50, table }));
+        buffer.pop();
+        assert!(matches!(decode(&buffer), Err(RecordError::Ledgers { .. })));
     }
 
     #[test]
@@ -307,8 +376,8 @@ mod tests {
         assert_eq!(decode(&[1, 0, 0]), Err(RecordError::Short { size: 3 }));
         let mut buffer = Vec::new();
         encode_pulse(&mut buffer, 1);
-        buffer[0] = 9;
-        assert_eq!(decode(&buffer), Err(RecordError::UnknownKind { kind: 9 }));
+        buffer[0] = 99;
+        assert_eq!(decode(&buffer), Err(RecordError::UnknownKind { kind: 99 }));
         encode_create_transfers(&mut buffer, 1, &[Transfer::default()]);
         buffer.pop();
         assert!(matches!(decode(&buffer), Err(RecordError::SizeMismatch { .. })));

@@ -138,7 +138,7 @@ pub fn decode(payload: &[u8]) -> Option<PeerMessage> {
 
 /// The log base in a checkpoint's consensus metadata (see `cell_state`).
 fn decode_base(consensus: &[u8]) -> Option<LogBase> {
-    crate::cell_state::decode_consensus(consensus).map(|(base, _)| base)
+    crate::cell_state::decode_consensus_base(consensus)
 }
 
 /// The name of a cell's store generation.

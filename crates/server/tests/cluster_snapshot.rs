@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cellpay_cluster::ledgers::LedgerDefinition;
 use cellpay_cluster::topology::{Cell, Datacenter, Latency, NodeSpec, Region, Topology, SHARDS_DEFAULT};
 use cellpay_ledger::{id, Account, CreateTransferResult, Transfer};
 use cellpay_server::node::{CellStatus, Node, NodeConfig, Reply, Request};
@@ -42,7 +43,10 @@ fn topology() -> Topology {
         // No preference: leadership stays where the first election put it.
         leader_preference: vec![],
     };
-    Topology::new(SHARDS_DEFAULT, Latency::DISABLED, regions, vec![cell]).unwrap()
+    Topology::new(SHARDS_DEFAULT, Latency::DISABLED, regions, vec![cell])
+        .unwrap()
+        .with_ledgers(vec![LedgerDefinition::local()])
+        .unwrap()
 }
 
 fn config(dir: &std::path::Path, topology: &Arc<Topology>, node: u64) -> NodeConfig {

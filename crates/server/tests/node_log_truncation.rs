@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use cellpay_cluster::ledgers::LedgerDefinition;
 use cellpay_cluster::topology::{Cell, Datacenter, Latency, NodeSpec, Region, Topology, SHARDS_DEFAULT};
 use cellpay_ledger::id::account_id;
 use cellpay_ledger::{Account, CreateTransferResult, Transfer};
@@ -23,7 +24,10 @@ fn topology(cells: u64) -> Topology {
             Cell { id, shards: (first..last).collect(), voters: vec![1], learners: vec![], leader_preference: vec![] }
         })
         .collect();
-    Topology::new(SHARDS_DEFAULT, Latency::DISABLED, vec![region], cells).unwrap()
+    Topology::new(SHARDS_DEFAULT, Latency::DISABLED, vec![region], cells)
+        .unwrap()
+        .with_ledgers(vec![LedgerDefinition::local()])
+        .unwrap()
 }
 
 fn wal_segments(dir: &std::path::Path) -> usize {
@@ -113,6 +117,8 @@ async fn seventy_cells_checkpoint_at_once() {
             })
             .collect(),
     )
+    .unwrap()
+    .with_ledgers(vec![LedgerDefinition::local()])
     .unwrap();
     let config = NodeConfig {
         checkpoint_idle_interval: Duration::from_secs(1),

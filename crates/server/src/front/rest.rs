@@ -24,6 +24,7 @@ use cellpay_api::{DecodeError, ErrorCode, OPENAPI_JSON};
 use std::time::Duration;
 
 use axum::extract::Query;
+use cellpay_cluster::ledgers::{LedgerDefinition, LedgerTable};
 use cellpay_cluster::routing::{RoutingChange, RoutingTable};
 use cellpay_cluster::topology::{shard_ranges, GLOBAL_CELL};
 use http_body_util::BodyExt;
@@ -61,6 +62,7 @@ pub(super) fn node_router(handle: NodeHandle) -> Router {
         .route("/v1/cluster/ownership", post(cluster_ownership))
         .route("/v1/cluster/drain", post(cluster_drain))
         .route("/v1/cluster/membership", post(cluster_membership))
+        .route("/v1/cluster/ledgers", get(cluster_ledgers).post(cluster_define_ledger))
         .with_state(handle)
 }
 
@@ -111,6 +113,7 @@ fn reply_response(reply: &Reply) -> Response {
         Reply::Balances(balances) => Json(BalancesJson::from_ledger(balances)).into_response(),
         Reply::RoutingChanged(table) => Json(routing_json(table)).into_response(),
         Reply::ShardOwnership => Json(serde_json::json!({"changed": true})).into_response(),
+        Reply::LedgersChanged(table) => Json(ledgers_json(table)).into_response(),
     }
 }
 
@@ -206,25 +209,36 @@ async fn cluster_membership(State(handle): State<NodeHandle>, JsonBody(body): Js
 /// `misrouted` refusal, never a wrong write); a gateway with the table it
 /// routes by.
 async fn cluster_routing<B: Backend>(State(backend): State<B>, Query(watch): Query<RoutingWatch>) -> Response {
-    let mut receiver = backend.routing_watch();
+    let table = wait_newer(backend.routing_watch(), &watch, RoutingTable::version, || backend.is_running()).await;
+    Json(routing_json(&table)).into_response()
+}
+
+/// A watch's answer: the value as soon as its version is newer than
+/// `newer_than`, or when `wait_ms` (at most 25 s) passes; at once without
+/// `newer_than`. Timing out, or the backend stopping (checked every slice,
+/// so a watch never holds up a shutdown), answers with the value as it is.
+async fn wait_newer<T>(
+    mut receiver: tokio::sync::watch::Receiver<std::sync::Arc<T>>,
+    watch: &RoutingWatch,
+    version: impl Fn(&T) -> u64,
+    running: impl Fn() -> bool,
+) -> std::sync::Arc<T> {
     if let Some(newer_than) = watch.newer_than {
         let wait = Duration::from_millis(watch.wait_ms.unwrap_or(ROUTING_WAIT_MS_MAX).min(ROUTING_WAIT_MS_MAX));
         let deadline = tokio::time::Instant::now() + wait;
-        // Timing out, or the backend stopping (checked every slice, so a
-        // watch never holds up a shutdown), answers with the table as it is.
-        while backend.is_running() {
+        while running() {
             let slice = deadline.saturating_duration_since(tokio::time::Instant::now()).min(ROUTING_WAIT_SLICE);
             if slice.is_zero() {
                 break;
             }
-            let newer = tokio::time::timeout(slice, receiver.wait_for(|table| table.version() > newer_than)).await;
+            let newer = tokio::time::timeout(slice, receiver.wait_for(|value| version(value) > newer_than)).await;
             if newer.is_ok() {
                 break;
             }
         }
     }
-    let table = receiver.borrow().clone();
-    Json(routing_json(&table)).into_response()
+    let value = receiver.borrow().clone();
+    value
 }
 
 /// The longest a routing watch waits: under the front end's 30 s request
@@ -262,6 +276,48 @@ async fn cluster_routing_change(State(handle): State<NodeHandle>, JsonBody(body)
         change: RoutingChange::MoveShard { shard: change.shard, to: change.to },
     };
     admin_response(handle.submit_admin(request).await)
+}
+
+/// The ledger definitions as this node's replica of the global cell has
+/// applied them; `?newer_than=V` waits (up to 25 s, or `wait_ms`) for a
+/// newer version, as the routing watch does.
+async fn cluster_ledgers(State(handle): State<NodeHandle>, Query(watch): Query<RoutingWatch>) -> Response {
+    let watched = handle.status().ledgers_watch();
+    let table = wait_newer(watched, &watch, LedgerTable::version, || handle.is_running()).await;
+    Json(ledgers_json(&table)).into_response()
+}
+
+/// `{"expected_version": 1, "id": 840, "name": "USD", "asset_scale": 2}`:
+/// defines a ledger if the definitions are still at `expected_version` (else
+/// 409 `conflict`; a ledger already defined is 409 too: a definition is
+/// final). Served by the global cell's leader (else 503 naming it). Every
+/// cell adopts it into its own log within a second (`ledgers_version` in
+/// `/v1/cluster/status`); `ctl ledgers define` waits for that.
+async fn cluster_define_ledger(State(handle): State<NodeHandle>, JsonBody(body): JsonBody) -> Response {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Define {
+        expected_version: u64,
+        id: u32,
+        name: String,
+        asset_scale: u8,
+    }
+    let define: Define = match operator_json(&body) {
+        Ok(define) => define,
+        Err(refused) => return *refused,
+    };
+    let definition = LedgerDefinition { id: define.id, name: define.name, asset_scale: define.asset_scale };
+    admin_response(
+        handle.submit_admin(Request::DefineLedger { expected_version: define.expected_version, definition }).await,
+    )
+}
+
+fn ledgers_json(table: &LedgerTable) -> serde_json::Value {
+    let ledgers: Vec<serde_json::Value> = table
+        .definitions()
+        .map(|ledger| serde_json::json!({"id": ledger.id, "name": ledger.name, "asset_scale": ledger.asset_scale}))
+        .collect();
+    serde_json::json!({"version": table.version(), "ledgers": ledgers})
 }
 
 /// `{"cell": 1, "shard": 42, "owned": false}`: the cell releases the shard
@@ -338,6 +394,7 @@ async fn cluster_status(State(handle): State<NodeHandle>) -> Response {
                 "accounts": cell.accounts,
                 "state_hash": format!("{:016x}", cell.state_hash),
                 "state_hash_index": cell.state_hash_index,
+                "ledgers_version": cell.ledgers_version,
             })
         })
         .collect();

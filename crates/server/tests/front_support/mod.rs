@@ -9,7 +9,9 @@ use std::time::Duration;
 use axum::body::Bytes;
 use cellpay_api::proto::ledger_client::LedgerClient;
 use cellpay_api::proto::MESSAGE_BYTES_MAX;
-use cellpay_server::node::{Node, NodeConfig};
+use cellpay_cluster::ledgers::LedgerDefinition;
+use cellpay_cluster::topology::Topology;
+use cellpay_server::node::{single_node_topology, Node, NodeConfig};
 use cellpay_server::{serve, FrontLimits};
 use http_body_util::{BodyExt, Full};
 use hyper::StatusCode;
@@ -39,7 +41,7 @@ impl Server {
 
     pub async fn start_with(limits: FrontLimits) -> Server {
         let dir = tempfile::tempdir().unwrap();
-        let node = Node::start(NodeConfig::new(dir.path())).unwrap();
+        let node = Node::start(NodeConfig { topology: topology(), ..NodeConfig::new(dir.path()) }).unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let (shutdown, shutdown_receiver) = oneshot::channel::<()>();
@@ -189,6 +191,12 @@ pub fn raw_status(reply: &str) -> u16 {
 pub fn raw_body(reply: &str) -> Value {
     let (_, body) = reply.split_once("\r\n\r\n").unwrap_or_else(|| panic!("not an HTTP reply: {reply:?}"));
     serde_json::from_str(body).unwrap_or_else(|error| panic!("{error}: {body:?}"))
+}
+
+/// The single node's topology, defining ledger 1 (CNY) and ledger 2 (USD): the accounts below use both.
+fn topology() -> std::sync::Arc<Topology> {
+    let usd = LedgerDefinition { id: 2, name: "USD".to_string(), asset_scale: 2 };
+    std::sync::Arc::new(single_node_topology().with_ledgers(vec![LedgerDefinition::local(), usd]).unwrap())
 }
 
 /// Two accounts on ledger 1 (the first keeps a balance history) and a third on ledger 2.

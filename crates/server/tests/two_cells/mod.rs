@@ -22,7 +22,7 @@ pub fn topology(address: Option<SocketAddr>) -> Arc<Topology> {
         leader_preference: Vec::new(),
     };
     let cells = vec![cell(1, 0..50), cell(2, 50..100)];
-    Arc::new(Topology::new(one.shards, one.latency, one.regions, cells).unwrap())
+    Arc::new(Topology::new(one.shards, one.latency, one.regions, cells).unwrap().with_ledgers(one.ledgers).unwrap())
 }
 
 /// Waits until `cell` holds `expected` accounts as the node's status says:
