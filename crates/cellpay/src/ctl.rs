@@ -3,7 +3,9 @@
 //! - `ctl init` writes a topology file for a local cluster (3 regions, 5
 //!   datacenters as 2+2+1, one node per datacenter, on loopback).
 //! - `ctl topology` prints the topology with each cell's live leader and
-//!   every replica's health, asked of every node's `/v1/cluster/status`.
+//!   every replica's health, asked of every node's `/v1/cluster/status`;
+//!   `ctl topology --apply FILE` changes cells' leader preferences online
+//!   (see `topology_apply.rs`).
 //! - `ctl routing show` prints the routing table (its version and each
 //!   cell's shards) that every node routes by (`/v1/cluster/routing`);
 //!   `ctl routing move` moves an empty shard to another cell (see
@@ -86,7 +88,8 @@ pub enum CtlCommand {
         #[command(subcommand)]
         command: LedgersCommand,
     },
-    /// Print the topology with live leaders and replica health.
+    /// Print the topology with live leaders and replica health; or, with
+    /// --apply, change the cells' leader preferences online.
     Topology {
         /// The cluster's topology file.
         #[arg(long)]
@@ -94,6 +97,14 @@ pub enum CtlCommand {
         /// Print the raw JSON status of every node instead.
         #[arg(long)]
         json: bool,
+        /// A topology file the same as the cluster's but for cells'
+        /// leader_preference: the global cell adopts it, and leaders move to
+        /// their new preferred datacenters.
+        #[arg(long)]
+        apply: Option<PathBuf>,
+        /// With --apply: give up waiting after this many seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout_s: u64,
     },
 }
 
@@ -214,7 +225,23 @@ pub async fn run(args: CtlArgs) -> Result<()> {
             );
             Ok(())
         }
-        CtlCommand::Topology { cluster, json } => {
+        CtlCommand::Topology { cluster, apply: Some(file), timeout_s, .. } => {
+            let topology = Topology::load(&cluster)?;
+            let next = Topology::load(&file)?;
+            let applied = crate::topology_apply::apply(&topology, &next, Duration::from_secs(timeout_s)).await?;
+            let what = if applied.already { "was already applied" } else { "applied" };
+            println!("topology {what}: version {} in the global cell", applied.version);
+            for (cell, after) in &applied.moved {
+                println!("cell {cell}: led from its new first choice after {} ms", after.as_millis());
+            }
+            for cell in &applied.not_moved {
+                println!(
+                    "cell {cell}: not led from its new first choice yet (is that datacenter up?): see ctl topology"
+                );
+            }
+            Ok(())
+        }
+        CtlCommand::Topology { cluster, json, apply: None, .. } => {
             let topology = Topology::load(&cluster)?;
             let statuses = fetch_statuses(&topology).await;
             if json {

@@ -10,6 +10,7 @@ mod ledger_defs;
 mod server;
 mod shard_move;
 mod sim;
+mod topology_apply;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

@@ -549,6 +549,47 @@ async fn two_gateways_under_load_lose_and_double_nothing_when_one_is_killed_and_
 
     // 6. A ledger defined online: every cell adopts it before `ctl` returns.
     define_ledger(&cluster).await;
+
+    // 7. A cell's leader preference changed online: its leader moves.
+    change_leader_preference(&cluster).await;
+}
+
+/// `cellpay ctl topology --apply`: the global cell adopts a topology where
+/// cell 1 prefers shenzhen (node 5), and cell 1's leader moves there; what
+/// may not change online is refused.
+async fn change_leader_preference(cluster: &Cluster) {
+    let mut next = cluster.topology.clone();
+    next.cells[0].leader_preference.rotate_right(1);
+    assert_eq!(next.cells[0].leader_preference[0], "sz-a");
+    let next_path = cluster.root.join("preferring-shenzhen.toml");
+    std::fs::write(&next_path, next.to_toml()).expect("write the topology");
+    let cluster_path = cluster.topology_path.display().to_string();
+    let apply = |path: &std::path::Path| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_cellpay"));
+        command.args(["ctl", "topology", "--cluster", &cluster_path, "--apply"]).arg(path);
+        let output = command.output().expect("run cellpay ctl topology --apply");
+        let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        (output.status.success(), format!("{stdout}{stderr}"))
+    };
+    let (ok, text) = apply(&next_path);
+    assert!(ok && text.contains("topology applied: version 2 in the global cell"), "{text}");
+    assert!(text.contains("cell 1: led from its new first choice after"), "{text}");
+    println!("ctl topology --apply: {}", text.trim().replace('\n', "; "));
+    let (ok, text) = apply(&next_path);
+    assert!(ok && text.contains("topology was already applied: version 2"), "{text}");
+    let mut latency = next.to_toml();
+    assert_eq!(latency.matches("enabled = false").count(), 1);
+    latency = latency.replace("enabled = false", "enabled = true");
+    let latency_path = cluster.root.join("latency.toml");
+    std::fs::write(&latency_path, latency).expect("write the topology");
+    let (ok, text) = apply(&latency_path);
+    assert!(!ok && text.contains("latency cannot change online"), "{text}");
+    for node in 1..=NODES {
+        let url = format!("http://{}/v1/cluster/topology?newer_than=1&wait_ms=1500", cluster.node_address(node));
+        let table: serde_json::Value = cluster.http.get(&url).send().await.unwrap().json().await.unwrap();
+        assert_eq!(table["version"], 2, "node {node}: {table}");
+        assert_eq!(table["leader_preference"]["1"][0], "sz-a", "node {node}: {table}");
+    }
 }
 
 /// `cellpay ctl ledgers define` and `show`: the global cell defines USD

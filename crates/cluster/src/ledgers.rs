@@ -198,15 +198,7 @@ impl LedgerTable {
     /// Decodes a table, checking its checksum and every definition.
     pub fn decode(bytes: &[u8]) -> Result<LedgerTable, LedgerError> {
         let malformed = |reason: String| LedgerError::Malformed { reason };
-        let Some((body, checksum)) = bytes.split_last_chunk::<4>() else {
-            return Err(malformed(format!("{} bytes is too short", bytes.len())));
-        };
-        if crc32c::crc32c(body) != u32::from_le_bytes(*checksum) {
-            return Err(malformed("checksum mismatch".to_string()));
-        }
-        if body.len() < HEADER_SIZE || body[..4] != MAGIC {
-            return Err(malformed("not a ledger table".to_string()));
-        }
+        let body = crate::checked_body(bytes, &MAGIC, HEADER_SIZE, "a ledger table").map_err(malformed)?;
         let version = u64::from_le_bytes(body[4..12].try_into().expect("8 bytes"));
         let count = u32::from_le_bytes(body[12..16].try_into().expect("4 bytes")) as usize;
         if version == 0 || count > LEDGERS_MAX {

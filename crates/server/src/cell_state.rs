@@ -1,10 +1,10 @@
 //! A cell's replicated state besides its ledger: which shards its own log
 //! says it owns, its cross-cell transfers in flight (`cross_cell`), the
 //! ledger definitions it has adopted (the global cell's own, which it
-//! changes) and, in the global cell, the routing table.
+//! changes) and, in the global cell, the routing table and the topology.
 //!
 //! All change only through entries of the cell's log (`record.rs` kinds 4
-//! to 9), so every replica holds the same state at the same index; all are
+//! to 10), so every replica holds the same state at the same index; all are
 //! stored with each checkpoint (in the consensus metadata, see
 //! [`encode_consensus`]) and travel with snapshots.
 //!
@@ -21,7 +21,7 @@
 //!
 //! ```text
 //! offset  size  field
-//!      0     4  magic b"cpCP"
+//!      0     4  magic b"cpCQ"
 //!      4     4  length B of the log base record
 //!      8     B  the log base record (raft_log's encoding)
 //!    8+B     4  shards S
@@ -29,12 +29,16 @@
 //!      …     …  the cross-cell state (`CrossCellState::encode_into`)
 //!      …     4  length D of the ledger definitions
 //!      …     D  the ledger definitions (`LedgerTable::encode`)
+//!      …     1  1 if a topology follows (the global cell's), else 0
+//!      …     4  length T of the topology (if it follows)
+//!      …     T  the topology (`TopologyTable::encode`)
 //!      …     1  1 if a routing table follows, else 0
 //!      …     …  the routing table (its own checksummed encoding)
 //! ```
 //!
-//! Magic b"cpCO" is the same without the ledger definitions (stores written
-//! before them: the topology's apply), b"cpCN" also with the cross-cell state written before
+//! Magic b"cpCP" is the same without the topology (stores written before it:
+//! the file's applies, at version 1), b"cpCO" also without the ledger
+//! definitions (the topology's apply), b"cpCN" also with the cross-cell state written before
 //! cross-cell pending transfers (no held legs, holds or releases), and
 //! b"cpCM" without the cross-cell state (stores written before cross-cell
 //! transfers: none in flight). Stores written before cell
@@ -44,13 +48,16 @@
 use cellpay_cluster::ledgers::{self, LedgerDefinition, LedgerError, LedgerTable};
 use cellpay_cluster::routing::{RoutingChange, RoutingError, RoutingTable};
 use cellpay_cluster::topology::{CellId, Topology, GLOBAL_CELL};
+use cellpay_cluster::topology_table::{self, TopologyChangeError, TopologyTable};
 use cellpay_ledger::id::{is_clearing_account, shard_of_account};
 use cellpay_ledger::Ledger;
 
 use crate::cross_cell::CrossCellState;
 use crate::raft_log::{self, LogBase, LogRecord};
 
-const MAGIC: [u8; 4] = *b"cpCP";
+const MAGIC: [u8; 4] = *b"cpCQ";
+/// The format before the topology.
+const MAGIC_WITHOUT_TOPOLOGY: [u8; 4] = *b"cpCP";
 /// The format before ledger definitions.
 const MAGIC_WITHOUT_LEDGERS: [u8; 4] = *b"cpCO";
 /// The format before cross-cell pending transfers.
@@ -67,7 +74,10 @@ const _: () = assert!(
         <= cellpay_storage::store::CONSENSUS_BYTES_MAX
 );
 const _: () = assert!(
-    8 * cellpay_cluster::topology::SHARDS_MAX as usize + ledgers::TABLE_BYTES_MAX + 64 * 1024
+    8 * cellpay_cluster::topology::SHARDS_MAX as usize
+        + ledgers::TABLE_BYTES_MAX
+        + topology_table::TABLE_BYTES_MAX
+        + 64 * 1024
         <= cellpay_storage::store::CONSENSUS_BYTES_MAX
 );
 
@@ -77,6 +87,7 @@ enum Format {
     OwnershipOnly,
     CrossWithoutHolds,
     WithoutLedgers,
+    WithoutTopology,
     Current,
 }
 
@@ -87,6 +98,8 @@ pub struct CellState {
     owned: Vec<bool>,
     /// The routing table: the global cell's only.
     routing: Option<RoutingTable>,
+    /// The topology, versioned: the global cell's only.
+    topology: Option<TopologyTable>,
     /// Cross-cell transfers this cell coordinates or has prepared.
     pub cross: CrossCellState,
     /// The ledgers accounts may be created on: the global cell's definitions
@@ -109,7 +122,9 @@ impl CellState {
     pub fn initial(topology: &Topology, cell: CellId) -> CellState {
         let owned = (0..topology.shards).map(|shard| topology.cell_of_shard(shard) == Some(cell)).collect();
         let routing = (cell == GLOBAL_CELL).then(|| RoutingTable::initial(topology));
-        CellState { owned, routing, cross: CrossCellState::default(), ledgers: topology.initial_ledgers() }
+        let ledgers = topology.initial_ledgers();
+        let topology = (cell == GLOBAL_CELL).then(|| TopologyTable::initial(topology));
+        CellState { owned, routing, topology, cross: CrossCellState::default(), ledgers }
     }
 
     pub fn shards(&self) -> u32 {
@@ -160,6 +175,27 @@ impl CellState {
         Ok(table)
     }
 
+    /// The topology as the global cell's log has it (the global cell's only).
+    pub fn topology(&self) -> Option<&TopologyTable> {
+        self.topology.as_ref()
+    }
+
+    /// Changes the global cell's topology to the one `text` describes
+    /// (compare and set; only what may change online). Deterministic: the
+    /// text is parsed and checked alike on every replica.
+    pub fn change_topology(
+        &mut self,
+        expected_version: u64,
+        text: &str,
+    ) -> Result<&TopologyTable, TopologyChangeError> {
+        let Some(table) = self.topology.as_mut() else {
+            return Err(TopologyChangeError::Malformed { reason: "only the global cell holds the topology".into() });
+        };
+        let next = Topology::parse(text).map_err(TopologyChangeError::Invalid)?;
+        *table = table.change(expected_version, next)?;
+        Ok(table)
+    }
+
     /// The ledger definitions this cell's log has adopted (the global
     /// cell's: the definitions themselves).
     pub fn ledgers(&self) -> &LedgerTable {
@@ -207,6 +243,15 @@ impl CellState {
         let table = self.ledgers.encode();
         out.extend_from_slice(&(table.len() as u32).to_le_bytes());
         out.extend_from_slice(&table);
+        match &self.topology {
+            Some(topology) => {
+                let table = topology.encode();
+                out.push(1);
+                out.extend_from_slice(&(table.len() as u32).to_le_bytes());
+                out.extend_from_slice(&table);
+            }
+            None => out.push(0),
+        }
         match &self.routing {
             Some(table) => {
                 out.push(1);
@@ -216,9 +261,9 @@ impl CellState {
         }
     }
 
-    /// Decodes a state; the ledger definitions of a format without them are
-    /// `initial_ledgers` (the topology's).
-    fn decode(bytes: &[u8], format: Format, initial_ledgers: &LedgerTable) -> Option<CellState> {
+    /// Decodes a state; what a format has not (ledger definitions, the
+    /// global cell's topology) is the `initial` topology's.
+    fn decode(bytes: &[u8], format: Format, initial: &Topology) -> Option<CellState> {
         let shards = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
         let bits = bytes.get(4..4 + shards.div_ceil(8))?;
         let owned = (0..shards).map(|shard| bits[shard / 8] & (1 << (shard % 8)) != 0).collect();
@@ -226,15 +271,25 @@ impl CellState {
         let (cross, rest) = match format {
             Format::OwnershipOnly => (CrossCellState::default(), rest),
             Format::CrossWithoutHolds => CrossCellState::decode(rest, false)?,
-            Format::WithoutLedgers | Format::Current => CrossCellState::decode(rest, true)?,
+            Format::WithoutLedgers | Format::WithoutTopology | Format::Current => CrossCellState::decode(rest, true)?,
         };
         let (ledgers, rest) = match format {
-            Format::Current => {
-                let length = u32::from_le_bytes(rest.get(..4)?.try_into().ok()?) as usize;
-                let table = rest.get(4..4usize.checked_add(length)?)?;
-                (LedgerTable::decode(table).ok()?, &rest[4 + length..])
+            Format::WithoutTopology | Format::Current => {
+                let (table, rest) = length_prefixed(rest)?;
+                (LedgerTable::decode(table).ok()?, rest)
             }
-            _ => (initial_ledgers.clone(), rest),
+            _ => (initial.initial_ledgers(), rest),
+        };
+        let (topology, rest) = match format {
+            Format::Current => match rest.split_first()? {
+                (0, rest) => (None, rest),
+                (1, rest) => {
+                    let (table, rest) = length_prefixed(rest)?;
+                    (Some(TopologyTable::decode(table).ok()?), rest)
+                }
+                _ => return None,
+            },
+            _ => (None, rest),
         };
         let routing = match rest.split_first()? {
             (0, []) => None,
@@ -244,8 +299,24 @@ impl CellState {
         if shards == 0 || routing.as_ref().is_some_and(|table| table.shards() as usize != shards) {
             return None;
         }
-        Some(CellState { owned, routing, cross, ledgers })
+        // The global cell (the one with a routing table) holds the topology: the file's, before it was stored.
+        let topology = match (format, &routing) {
+            (Format::Current, _) => topology,
+            (_, Some(_)) => Some(TopologyTable::initial(initial)),
+            (_, None) => None,
+        };
+        if topology.is_some() != routing.is_some() {
+            return None;
+        }
+        Some(CellState { owned, routing, topology, cross, ledgers })
     }
+}
+
+/// A u32 LE length, that many bytes, and the rest.
+fn length_prefixed(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    let length = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+    let value = bytes.get(4..4usize.checked_add(length)?)?;
+    Some((value, &bytes[4 + length..]))
 }
 
 /// The consensus metadata stored with a checkpoint: the log base (index,
@@ -262,14 +333,15 @@ pub fn encode_consensus(cell: CellId, base: &LogBase, state: &CellState) -> Vec<
 
 /// Decodes consensus metadata; `None` if malformed. The state is `None` for
 /// metadata written before cell states were stored (a bare base record);
-/// one written before ledger definitions has `initial_ledgers`.
-pub fn decode_consensus(bytes: &[u8], initial_ledgers: &LedgerTable) -> Option<(LogBase, Option<CellState>)> {
+/// what an older format has not is the `initial` topology's.
+pub fn decode_consensus(bytes: &[u8], initial: &Topology) -> Option<(LogBase, Option<CellState>)> {
     let base = |record: &[u8]| match raft_log::decode(record).ok()? {
         LogRecord::Base { base, .. } => Some(base),
         _ => None,
     };
     let format = match bytes.get(..4) {
         Some(magic) if magic == MAGIC => Format::Current,
+        Some(magic) if magic == MAGIC_WITHOUT_TOPOLOGY => Format::WithoutTopology,
         Some(magic) if magic == MAGIC_WITHOUT_LEDGERS => Format::WithoutLedgers,
         Some(magic) if magic == MAGIC_CROSS_WITHOUT_HOLDS => Format::CrossWithoutHolds,
         Some(magic) if magic == MAGIC_OWNERSHIP_ONLY => Format::OwnershipOnly,
@@ -277,20 +349,33 @@ pub fn decode_consensus(bytes: &[u8], initial_ledgers: &LedgerTable) -> Option<(
     };
     let length = u32::from_le_bytes(bytes.get(4..8)?.try_into().ok()?) as usize;
     let record = bytes.get(8..8usize.checked_add(length)?)?;
-    let state = CellState::decode(&bytes[8 + length..], format, initial_ledgers)?;
+    let state = CellState::decode(&bytes[8 + length..], format, initial)?;
     Some((base(record)?, Some(state)))
 }
 
-/// The log base of consensus metadata; `None` if malformed.
+/// The log base of consensus metadata (the state is not decoded); `None` if malformed.
 pub fn decode_consensus_base(bytes: &[u8]) -> Option<LogBase> {
-    let no_ledgers = LedgerTable::initial(&[]).expect("no definitions are valid");
-    decode_consensus(bytes, &no_ledgers).map(|(base, _)| base)
+    let record = match bytes.get(..4) {
+        Some(magic) if FORMATS.contains(&magic) => {
+            let length = u32::from_le_bytes(bytes.get(4..8)?.try_into().ok()?) as usize;
+            bytes.get(8..8usize.checked_add(length)?)?
+        }
+        _ => bytes,
+    };
+    match raft_log::decode(record).ok()? {
+        LogRecord::Base { base, .. } => Some(base),
+        _ => None,
+    }
 }
+
+/// Every format's magic.
+const FORMATS: [&[u8]; 5] =
+    [&MAGIC, &MAGIC_WITHOUT_TOPOLOGY, &MAGIC_WITHOUT_LEDGERS, &MAGIC_CROSS_WITHOUT_HOLDS, &MAGIC_OWNERSHIP_ONLY];
 
 /// A cell's state as its store's consensus metadata records it, or the
 /// topology's (index 0, or a store written before cell states were stored).
 pub fn stored_or_initial(consensus: &[u8], topology: &Topology, cell: CellId) -> CellState {
-    let stored = decode_consensus(consensus, &topology.initial_ledgers()).and_then(|(_, state)| state);
+    let stored = decode_consensus(consensus, topology).and_then(|(_, state)| state);
     stored.unwrap_or_else(|| CellState::initial(topology, cell))
 }
 
@@ -349,7 +434,7 @@ mod tests {
     }
 
     #[test]
-    fn consensus_metadata_round_trips_and_reads_the_old_format() {
+    fn consensus_metadata_round_trips_and_reads_the_old_formats() {
         let topology = topology();
         let base = LogBase { index: 9, term: 2, conf_state: ConfState { voters: vec![1, 2, 3], ..Default::default() } };
         for cell in [GLOBAL_CELL, topology.cells[0].id] {
@@ -360,29 +445,42 @@ mod tests {
                 assert_ne!(from, to);
                 state.change_routing(1, RoutingChange::MoveShard { shard: 99, to }, &topology).unwrap();
                 assert_eq!(state.routing().unwrap().version(), 2);
+                let mut next = topology.clone();
+                next.cells[0].leader_preference.reverse();
+                assert_eq!(state.change_topology(1, &next.to_toml()).unwrap().version(), 2);
+                assert!(state.change_topology(2, "not toml").is_err());
+            } else {
+                assert!(state.topology().is_none() && state.change_topology(1, &topology.to_toml()).is_err());
             }
             let initial = topology.initial_ledgers();
             let defined = LedgerDefinition { id: 840, name: "USD".to_string(), asset_scale: 2 };
             let table = initial.define(1, defined).unwrap();
             assert!(state.adopt_ledgers(&table) && !state.adopt_ledgers(&initial) && !state.adopt_ledgers(&table));
             let bytes = encode_consensus(cell, &base, &state);
-            assert_eq!(decode_consensus(&bytes, &initial), Some((base.clone(), Some(state.clone()))));
-            assert_eq!(decode_consensus(&bytes[..bytes.len() - 1], &initial), None);
+            assert_eq!(decode_consensus(&bytes, &topology), Some((base.clone(), Some(state.clone()))));
+            assert_eq!(decode_consensus(&bytes[..bytes.len() - 1], &topology), None);
             assert_eq!(decode_consensus_base(&bytes), Some(base.clone()));
-            if cell != GLOBAL_CELL {
-                // The format before ledger definitions: no definitions before the (absent) routing table.
-                let table_bytes = 4 + state.ledgers().encode().len();
-                let mut old = bytes[..bytes.len() - 1 - table_bytes].to_vec();
-                old[..4].copy_from_slice(&MAGIC_WITHOUT_LEDGERS);
-                old.push(0);
-                let mut expected = state.clone();
-                expected.ledgers = initial.clone();
-                assert_eq!(decode_consensus(&old, &initial), Some((base.clone(), Some(expected))));
-            }
+
+            // The formats before the topology and before the ledger definitions: the
+            // sections are cut from the encoding, and the topology's values come back.
+            let routing_bytes = 1 + state.routing().map_or(0, |table| table.encode().len());
+            let topology_bytes = 1 + state.topology().map_or(0, |table| 4 + table.encode().len());
+            let ledgers_bytes = 4 + state.ledgers().encode().len();
+            let (head, routing) = bytes.split_at(bytes.len() - routing_bytes);
+            let head = &head[..head.len() - topology_bytes];
+            let mut expected = state.clone();
+            expected.topology = (cell == GLOBAL_CELL).then(|| TopologyTable::initial(&topology));
+            let old = [&MAGIC_WITHOUT_TOPOLOGY[..], &head[4..], routing].concat();
+            assert_eq!(decode_consensus(&old, &topology), Some((base.clone(), Some(expected.clone()))));
+            assert_eq!(decode_consensus_base(&old), Some(base.clone()));
+            expected.ledgers = initial.clone();
+            let older = [&MAGIC_WITHOUT_LEDGERS[..], &head[4..head.len() - ledgers_bytes], routing].concat();
+            assert_eq!(decode_consensus(&older, &topology), Some((base.clone(), Some(expected))));
         }
         let mut old = Vec::new();
         raft_log::encode_base(&mut old, 1, &base);
-        assert_eq!(decode_consensus(&old, &topology.initial_ledgers()), Some((base, None)));
+        assert_eq!(decode_consensus(&old, &topology), Some((base.clone(), None)));
+        assert_eq!(decode_consensus_base(&old), Some(base));
         assert_eq!(decode_consensus_base(b"junk"), None);
     }
 }

@@ -159,7 +159,10 @@ pub async fn call(
             let reply = client.get_account_balances(request).await.map_err(failed)?;
             Reply::Balances(reply.into_inner().to_ledger().map_err(malformed)?)
         }
-        Request::ChangeRouting { .. } | Request::ShardOwnership { .. } | Request::DefineLedger { .. } => {
+        Request::ChangeRouting { .. }
+        | Request::ShardOwnership { .. }
+        | Request::DefineLedger { .. }
+        | Request::ChangeTopology { .. } => {
             return Err(CallError::Refused {
                 code: tonic::Code::InvalidArgument,
                 message: "operator changes are not forwarded: send them to the cell's leader".to_string(),

@@ -43,6 +43,7 @@ use std::time::{Duration, Instant};
 use cellpay_cluster::ledgers::{LedgerDefinition, LedgerTable};
 use cellpay_cluster::routing::{RoutingChange, RoutingTable};
 use cellpay_cluster::topology::{CellId, NodeId, Topology, GLOBAL_CELL};
+use cellpay_cluster::topology_table::{TopologyTable, TOPOLOGY_TEXT_BYTES_MAX};
 use cellpay_cluster::transport::{Deliver, PeerConfig, Transport, TransportConfig};
 use cellpay_ledger::{
     Account, AccountBalance, AccountFilter, CheckpointDelta, CreateAccountResult, CreateTransferResult, FilterError,
@@ -179,6 +180,13 @@ pub enum Request {
         expected_version: u64,
         definition: LedgerDefinition,
     },
+    /// Operator: change the topology held by the global cell (served by its
+    /// leader) to `topology`, if it is still at `expected_version`. Only the
+    /// cells' leader preferences may change (`cluster::topology_table`).
+    ChangeTopology {
+        expected_version: u64,
+        topology: Arc<Topology>,
+    },
 }
 
 impl Request {
@@ -193,6 +201,7 @@ impl Request {
             Request::ChangeRouting { .. } => "change_routing",
             Request::ShardOwnership { .. } => "shard_ownership",
             Request::DefineLedger { .. } => "define_ledger",
+            Request::ChangeTopology { .. } => "change_topology",
         }
     }
 
@@ -203,7 +212,10 @@ impl Request {
             Request::CreateTransfers(events) => events.len(),
             Request::LookupAccounts(ids) | Request::LookupTransfers(ids) => ids.len(),
             Request::GetAccountTransfers(_) | Request::GetAccountBalances(_) => 1,
-            Request::ChangeRouting { .. } | Request::ShardOwnership { .. } | Request::DefineLedger { .. } => 1,
+            Request::ChangeRouting { .. }
+            | Request::ShardOwnership { .. }
+            | Request::DefineLedger { .. }
+            | Request::ChangeTopology { .. } => 1,
         }
     }
 
@@ -232,6 +244,8 @@ pub enum Reply {
     ShardOwnership,
     /// The ledger definitions a definition made.
     LedgersChanged(LedgerTable),
+    /// The topology a change made.
+    TopologyChanged(TopologyTable),
 }
 
 /// Why a request was refused as a whole. Except for `Timeout` (and
@@ -304,6 +318,8 @@ pub enum StartError {
     DataDir { path: PathBuf, source: std::io::Error },
     #[error("node {node} is not in the topology")]
     UnknownNode { node: NodeId },
+    #[error("the topology takes {bytes} bytes as a file, over the global cell's limit of {TOPOLOGY_TEXT_BYTES_MAX}")]
+    TopologyTooLarge { bytes: usize },
     #[error("history store: {0}")]
     Store(#[from] StoreError),
     #[error("{0}")]
@@ -385,6 +401,9 @@ pub struct StatusBoard {
     /// The global cell's ledger definitions as this node's replica has
     /// applied them (what its cells' leaders adopt), and their watchers.
     ledgers: tokio::sync::watch::Sender<Arc<LedgerTable>>,
+    /// The global cell's topology as this node's replica has applied it
+    /// (what it places leaders by), and its watchers.
+    topology: tokio::sync::watch::Sender<Arc<TopologyTable>>,
 }
 
 /// Publishes `value` (at `version`) to a watch if it is newer than the one it holds.
@@ -411,15 +430,28 @@ pub struct PeerStatus {
 }
 
 impl StatusBoard {
-    pub fn new(routing: RoutingTable, ledgers: LedgerTable) -> StatusBoard {
-        let (routing, _) = tokio::sync::watch::channel(Arc::new(routing));
-        let (ledgers, _) = tokio::sync::watch::channel(Arc::new(ledgers));
-        StatusBoard { cells: RwLock::default(), peers: RwLock::default(), routing, ledgers }
+    /// The topology's routing table, ledger definitions and itself (each at version 1).
+    pub fn initial(topology: &Topology) -> StatusBoard {
+        let (routing, _) = tokio::sync::watch::channel(Arc::new(RoutingTable::initial(topology)));
+        let (ledgers, _) = tokio::sync::watch::channel(Arc::new(topology.initial_ledgers()));
+        let (topology, _) = tokio::sync::watch::channel(Arc::new(TopologyTable::initial(topology)));
+        StatusBoard { cells: RwLock::default(), peers: RwLock::default(), routing, ledgers, topology }
     }
 
-    /// The topology's routing table and ledger definitions (version 1).
-    pub fn initial(topology: &Topology) -> StatusBoard {
-        StatusBoard::new(RoutingTable::initial(topology), topology.initial_ledgers())
+    /// The topology: the file's (version 1) until this node's replica of
+    /// the global cell applies a change.
+    pub fn topology(&self) -> Arc<TopologyTable> {
+        self.topology.borrow().clone()
+    }
+
+    /// A watch of the topology (`GET /v1/cluster/topology?newer_than=V`).
+    pub fn topology_watch(&self) -> tokio::sync::watch::Receiver<Arc<TopologyTable>> {
+        self.topology.subscribe()
+    }
+
+    /// Publishes a topology if it is newer than the one published.
+    fn publish_topology(&self, table: &TopologyTable) {
+        publish_newer(&self.topology, table, table.version(), |current| current.version());
     }
 
     /// The ledger definitions: the topology's (version 1) until this node's
@@ -664,7 +696,9 @@ impl NodeHandle {
     /// the operator's tool to resend there. Never forwarded.
     pub async fn submit_admin(&self, request: Request) -> Result<Reply, NodeError> {
         let cell = match &request {
-            Request::ChangeRouting { .. } | Request::DefineLedger { .. } => GLOBAL_CELL,
+            Request::ChangeRouting { .. } | Request::DefineLedger { .. } | Request::ChangeTopology { .. } => {
+                GLOBAL_CELL
+            }
             Request::ShardOwnership { cell, .. } => *cell,
             _ => return Err(NodeError::Unavailable { cell: GLOBAL_CELL, reason: "not an operator change".into() }),
         };
@@ -807,7 +841,8 @@ fn not_owned(state: &CellState, routing: &RoutingTable, cell: CellId, request: &
         Request::LookupTransfers(_)
         | Request::ChangeRouting { .. }
         | Request::ShardOwnership { .. }
-        | Request::DefineLedger { .. } => None,
+        | Request::DefineLedger { .. }
+        | Request::ChangeTopology { .. } => None,
     }
 }
 
@@ -888,7 +923,9 @@ fn route(topology: &Topology, routing: &RoutingTable, request: &Request) -> Resu
         Request::GetAccountTransfers(filter) | Request::GetAccountBalances(filter) => {
             Ok(Route::Cell(routing.cell_of_account(filter.account_id)))
         }
-        Request::ChangeRouting { .. } | Request::DefineLedger { .. } => Ok(Route::Cell(GLOBAL_CELL)),
+        Request::ChangeRouting { .. } | Request::DefineLedger { .. } | Request::ChangeTopology { .. } => {
+            Ok(Route::Cell(GLOBAL_CELL))
+        }
         Request::ShardOwnership { cell, .. } => Ok(Route::Cell(*cell)),
         Request::LookupAccounts(ids) => {
             let mut by_cell: BTreeMap<CellId, Vec<u128>> = BTreeMap::new();
@@ -1123,6 +1160,10 @@ impl SteppedNode {
 fn open_database(config: &NodeConfig) -> Result<StoreDatabase, StartError> {
     if config.topology.node(config.node).is_none() {
         return Err(StartError::UnknownNode { node: config.node });
+    }
+    let bytes = config.topology.to_toml().len();
+    if bytes > TOPOLOGY_TEXT_BYTES_MAX {
+        return Err(StartError::TopologyTooLarge { bytes });
     }
     let data_dir = &config.data_dir;
     std::fs::create_dir_all(data_dir).map_err(|source| StartError::DataDir { path: data_dir.clone(), source })?;
@@ -1456,6 +1497,9 @@ impl Engine {
             if cell_id == GLOBAL_CELL {
                 status.publish_ledgers(state.ledgers());
             }
+            if let Some(table) = state.topology() {
+                status.publish_topology(table);
+            }
             assert_eq!(raw.raft.raft_log.applied, index, "cell {cell_id}: raft starts at the checkpoint");
             let replica = Replica::new(cell_id, raw, (ledger, state), store, generation, world.now());
             replicas.insert(cell_id, replica);
@@ -1650,6 +1694,9 @@ impl Engine {
             Request::DefineLedger { expected_version, definition } => {
                 record::encode_define_ledger(&mut data, timestamp, *expected_version, definition)
             }
+            Request::ChangeTopology { expected_version, topology } => {
+                record::encode_change_topology(&mut data, timestamp, *expected_version, &topology.to_toml())
+            }
             _ => unreachable!("writes only"),
         }
         let deadline = self.world.now() + self.config.proposal_timeout;
@@ -1665,6 +1712,7 @@ impl Engine {
                 Request::ChangeRouting { .. } => Reply::RoutingChanged(self.status.routing().as_ref().clone()),
                 Request::ShardOwnership { .. } => Reply::ShardOwnership,
                 Request::DefineLedger { .. } => Reply::LedgersChanged(self.status.ledgers().as_ref().clone()),
+                Request::ChangeTopology { .. } => Reply::TopologyChanged(self.status.topology().as_ref().clone()),
                 _ => unreachable!("writes only"),
             };
             let _ = envelope.reply.send(Ok(reply));
@@ -1684,6 +1732,17 @@ impl Engine {
             Request::ChangeRouting { .. } if cell != GLOBAL_CELL => {
                 refused(format!("cell {cell} holds no routing table: send routing changes to the global cell"))
             }
+            Request::ChangeTopology { .. } if cell != GLOBAL_CELL => {
+                refused(format!("cell {cell} holds no topology: send topology changes to the global cell"))
+            }
+            // Checked here too (the size, and what may change, against this
+            // node's table), so most refusals never reach the log.
+            Request::ChangeTopology { expected_version, ref topology } => self
+                .status
+                .topology()
+                .change(expected_version, topology.as_ref().clone())
+                .map(|_| ())
+                .map_err(|error| NodeError::ChangeRefused { cell, reason: error.to_string() }),
             Request::DefineLedger { .. } if cell != GLOBAL_CELL => {
                 refused(format!("cell {cell} only adopts ledger definitions: send definitions to the global cell"))
             }
@@ -1742,10 +1801,11 @@ impl Engine {
                 .any(|c| matches!(*c, MembershipChange::Remove(n) | MembershipChange::AddLearner(n) if n == node))
         };
         if leaving(me) {
+            let live = self.status.topology();
             let successor = caught_up_voters(&replica.raw.raft)
                 .into_iter()
                 .filter(|&node| !leaving(node))
-                .map(|node| (self.leader_rank(cell, node), node))
+                .map(|node| (self.leader_rank(live.topology(), cell, node), node))
                 .min()
                 .map(|(_, node)| node);
             let replica = self.replicas.get_mut(&cell).expect("checked");
@@ -1780,9 +1840,9 @@ impl Engine {
     }
 
     /// Where `node` ranks as a leader of `cell`: its datacenter's place in
-    /// the cell's leader preference, or last if its region is drained.
-    fn leader_rank(&self, cell: CellId, node: NodeId) -> usize {
-        let topology = &self.config.topology;
+    /// the cell's leader preference (as the global cell's topology, applied
+    /// by this node, says), or last if its region is drained.
+    fn leader_rank(&self, topology: &Topology, cell: CellId, node: NodeId) -> usize {
         let drained = topology.location(node).is_some_and(|l| self.drained_regions.contains(l.region));
         if drained {
             usize::MAX
@@ -1810,14 +1870,17 @@ impl Engine {
     /// better (see `leader_rank`), hand leadership to the best one. Leaders
     /// so settle in their preferred datacenter and leave drained regions.
     fn place_leaders(&mut self) {
+        let live = self.status.topology();
+        let topology = live.topology();
         let mut transfers = Vec::new();
         for (&cell, replica) in &self.replicas {
             let raft = &replica.raw.raft;
             if raft.state != StateRole::Leader || raft.lead_transferee.is_some() {
                 continue;
             }
-            let my_rank = self.leader_rank(cell, self.config.node);
-            let best = caught_up_voters(raft).into_iter().map(|node| (self.leader_rank(cell, node), node)).min();
+            let my_rank = self.leader_rank(topology, cell, self.config.node);
+            let best =
+                caught_up_voters(raft).into_iter().map(|node| (self.leader_rank(topology, cell, node), node)).min();
             if let Some((rank, node)) = best {
                 if rank < my_rank {
                     transfers.push((cell, node));
@@ -1928,6 +1991,9 @@ impl Engine {
         }
         if cell == GLOBAL_CELL {
             self.status.publish_ledgers(replica.state.ledgers());
+        }
+        if let Some(table) = replica.state.topology() {
+            self.status.publish_topology(table);
         }
         if let Err(error) = replica.ledger.audit() {
             panic!("cell {cell}: the installed snapshot fails its audit: {error}");
@@ -2856,6 +2922,17 @@ fn apply_record(replica: &mut Replica, record: &Record, applying: &Applying) -> 
                 Err(error) => Err(NodeError::ChangeRefused { cell, reason: error.to_string() }),
             })
         }
+        Record::ChangeTopology { expected_version, text, .. } => {
+            Some(match replica.state.change_topology(*expected_version, text) {
+                Ok(table) => {
+                    tracing::info!(version = table.version(), "topology changed: leaders follow the new preferences");
+                    applying.status.publish_topology(table);
+                    replica.checkpoint_wanted = true;
+                    Ok(Reply::TopologyChanged(table.clone()))
+                }
+                Err(error) => Err(NodeError::ChangeRefused { cell, reason: error.to_string() }),
+            })
+        }
         Record::AdoptLedgers { table, .. } => {
             if cell != GLOBAL_CELL && replica.state.adopt_ledgers(table) {
                 tracing::info!(cell, version = table.version(), ledgers = table.len(), "ledger definitions adopted");
@@ -2882,7 +2959,8 @@ fn read(replica: &Replica, request: &Request) -> Result<Reply, NodeError> {
         | Request::CreateTransfers(_)
         | Request::ChangeRouting { .. }
         | Request::ShardOwnership { .. }
-        | Request::DefineLedger { .. } => unreachable!("reads only"),
+        | Request::DefineLedger { .. }
+        | Request::ChangeTopology { .. } => unreachable!("reads only"),
     })
 }
 

@@ -5,9 +5,10 @@
 //!      0     1  kind (1 create_accounts, 2 create_transfers, 3 pulse,
 //!                 4 routing change, 5 shard ownership, 6 cross-cell
 //!                 messages, 7 create_transfers naming cells, 8 ledger
-//!                 definition, 9 adopted ledger definitions)
+//!                 definition, 9 adopted ledger definitions, 10
+//!                 topology change)
 //!      1     3  reserved, zero
-//!      4     4  event count (u32 LE); 0 for kinds 3 to 6, 8 and 9
+//!      4     4  event count (u32 LE); 0 for kinds 3 to 6 and 8 to 10
 //!      8     8  timestamp the ledger applied the request with (u64 LE, ns)
 //!     16  128n  events, each in the ledger's 128-byte encoding
 //! ```
@@ -35,6 +36,11 @@
 //! scale (u8), name length L (u8), 2 reserved zero bytes, the name (L bytes).
 //! Kind 9, in a cell's log, is the global cell's definitions as the cell's
 //! leader read them (`LedgerTable::encode`), adopted if newer than the cell's.
+//!
+//! Kind 10, in the global cell's log, changes the topology if it is still at
+//! the expected version: expected version (u64 LE), then the new topology's
+//! text (`Topology::to_toml`, UTF-8, up to the end of the record), parsed and
+//! checked when applied (`cluster::topology_table`).
 //!
 //! The timestamp is recorded so that replay applies every request exactly as
 //! it was applied the first time: the ledger is deterministic given its input.
@@ -101,6 +107,12 @@ pub enum Record {
         timestamp: u64,
         table: LedgerTable,
     },
+    /// Change the topology (the global cell) to `text`, if it is still at `expected_version`.
+    ChangeTopology {
+        timestamp: u64,
+        expected_version: u64,
+        text: String,
+    },
 }
 
 const KIND_CREATE_ACCOUNTS: u8 = 1;
@@ -112,6 +124,7 @@ const KIND_CROSS_CELL: u8 = 6;
 const KIND_CREATE_TRANSFERS_ACROSS: u8 = 7;
 const KIND_DEFINE_LEDGER: u8 = 8;
 const KIND_ADOPT_LEDGERS: u8 = 9;
+const KIND_CHANGE_TOPOLOGY: u8 = 10;
 const DEFINE_LEDGER_FIXED: usize = 16;
 const CHANGE_ROUTING_BODY: usize = 24;
 const SHARD_OWNERSHIP_BODY: usize = 8;
@@ -132,6 +145,8 @@ pub enum RecordError {
     BodySize { kind: u8, size: usize, expected: usize },
     #[error("cross-cell record of {size} bytes is malformed")]
     CrossCell { size: usize },
+    #[error("topology change record of {size} bytes is malformed")]
+    Topology { size: usize },
     #[error("ledger definitions record of {size} bytes is malformed: {reason}")]
     Ledgers { size: usize, reason: String },
 }
@@ -226,6 +241,13 @@ pub fn encode_adopt_ledgers(out: &mut Vec<u8>, timestamp: u64, table: &LedgerTab
     out.extend_from_slice(&table.encode());
 }
 
+/// Encodes a topology change into `out` (cleared first).
+pub fn encode_change_topology(out: &mut Vec<u8>, timestamp: u64, expected_version: u64, text: &str) {
+    header(out, KIND_CHANGE_TOPOLOGY, 0, timestamp);
+    out.extend_from_slice(&expected_version.to_le_bytes());
+    out.extend_from_slice(text.as_bytes());
+}
+
 fn u32_at(bytes: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
 }
@@ -265,6 +287,14 @@ pub fn decode(payload: &[u8]) -> Result<Record, RecordError> {
             }
             let items = cross_cell::decode_items(&body[8..]).ok_or(malformed)?;
             return Ok(Record::CrossCell { timestamp, from: u64_at(body, 0), items });
+        }
+        KIND_CHANGE_TOPOLOGY => {
+            let malformed = RecordError::Topology { size: payload.len() };
+            if count != 0 || body.len() < 8 {
+                return Err(malformed);
+            }
+            let text = String::from_utf8(body[8..].to_vec()).map_err(|_| malformed)?;
+            return Ok(Record::ChangeTopology { timestamp, expected_version: u64_at(body, 0), text });
         }
         KIND_DEFINE_LEDGER | KIND_ADOPT_LEDGERS => {
             let malformed = |reason: String| RecordError::Ledgers { size: payload.len(), reason };
@@ -369,6 +399,11 @@ mod tests {
         assert_eq!(decode(&buffer), Ok(Record::AdoptLedgers { timestamp: 50, table }));
         buffer.pop();
         assert!(matches!(decode(&buffer), Err(RecordError::Ledgers { .. })));
+        let text = "shards = 100\n".to_string();
+        encode_change_topology(&mut buffer, 51, 4, &text);
+        assert_eq!(decode(&buffer), Ok(Record::ChangeTopology { timestamp: 51, expected_version: 4, text }));
+        buffer.push(0xff);
+        assert!(matches!(decode(&buffer), Err(RecordError::Topology { .. })));
     }
 
     #[test]

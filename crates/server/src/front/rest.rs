@@ -26,7 +26,8 @@ use std::time::Duration;
 use axum::extract::Query;
 use cellpay_cluster::ledgers::{LedgerDefinition, LedgerTable};
 use cellpay_cluster::routing::{RoutingChange, RoutingTable};
-use cellpay_cluster::topology::{shard_ranges, GLOBAL_CELL};
+use cellpay_cluster::topology::{shard_ranges, Topology, GLOBAL_CELL};
+use cellpay_cluster::topology_table::TopologyTable;
 use http_body_util::BodyExt;
 
 use super::backend::{Backend, Caller, FrontError};
@@ -63,6 +64,7 @@ pub(super) fn node_router(handle: NodeHandle) -> Router {
         .route("/v1/cluster/drain", post(cluster_drain))
         .route("/v1/cluster/membership", post(cluster_membership))
         .route("/v1/cluster/ledgers", get(cluster_ledgers).post(cluster_define_ledger))
+        .route("/v1/cluster/topology", get(cluster_topology).post(cluster_change_topology))
         .with_state(handle)
 }
 
@@ -114,6 +116,7 @@ fn reply_response(reply: &Reply) -> Response {
         Reply::RoutingChanged(table) => Json(routing_json(table)).into_response(),
         Reply::ShardOwnership => Json(serde_json::json!({"changed": true})).into_response(),
         Reply::LedgersChanged(table) => Json(ledgers_json(table)).into_response(),
+        Reply::TopologyChanged(table) => Json(topology_json(table)).into_response(),
     }
 }
 
@@ -310,6 +313,52 @@ async fn cluster_define_ledger(State(handle): State<NodeHandle>, JsonBody(body):
     admin_response(
         handle.submit_admin(Request::DefineLedger { expected_version: define.expected_version, definition }).await,
     )
+}
+
+/// The topology the global cell holds, as this node's replica has applied
+/// it (what the node places leaders by): `{"version": V, "topology": "<the
+/// file's text>", "leader_preference": {"1": ["hz-a", ...], ...}}`;
+/// `?newer_than=V` is a watch, as for the routing table.
+async fn cluster_topology(State(handle): State<NodeHandle>, Query(watch): Query<RoutingWatch>) -> Response {
+    let watched = handle.status().topology_watch();
+    let table = wait_newer(watched, &watch, TopologyTable::version, || handle.is_running()).await;
+    Json(topology_json(&table)).into_response()
+}
+
+/// `{"expected_version": 1, "topology": "<a cluster file>"}`: the global
+/// cell's topology becomes this one if it is still at `expected_version`
+/// (else 409 `conflict`) and differs from it only in cells'
+/// `leader_preference` (else 409, naming what differs). 400 if the file is
+/// invalid. Served by the global cell's leader (else 503 naming it); leaders
+/// move to their new preferred datacenters within seconds.
+async fn cluster_change_topology(State(handle): State<NodeHandle>, JsonBody(body): JsonBody) -> Response {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Change {
+        expected_version: u64,
+        topology: String,
+    }
+    let change: Change = match operator_json(&body) {
+        Ok(change) => change,
+        Err(refused) => return *refused,
+    };
+    let topology = match Topology::parse(&change.topology) {
+        Ok(topology) => std::sync::Arc::new(topology),
+        Err(error) => return error_response(ErrorCode::InvalidJson, format!("topology: {error}")),
+    };
+    let request = Request::ChangeTopology { expected_version: change.expected_version, topology };
+    admin_response(handle.submit_admin(request).await)
+}
+
+fn topology_json(table: &TopologyTable) -> serde_json::Value {
+    let topology = table.topology();
+    let preferences: serde_json::Map<String, serde_json::Value> =
+        topology.cells.iter().map(|cell| (cell.id.to_string(), serde_json::json!(cell.leader_preference))).collect();
+    serde_json::json!({
+        "version": table.version(),
+        "topology": topology.to_toml(),
+        "leader_preference": preferences,
+    })
 }
 
 fn ledgers_json(table: &LedgerTable) -> serde_json::Value {

@@ -426,7 +426,10 @@ impl GatewayHandle {
             Request::GetAccountBalances(filter) => {
                 self.query(filter.account_id, Request::GetAccountBalances(filter), deadline).await
             }
-            Request::ChangeRouting { .. } | Request::ShardOwnership { .. } | Request::DefineLedger { .. } => {
+            Request::ChangeRouting { .. }
+            | Request::ShardOwnership { .. }
+            | Request::DefineLedger { .. }
+            | Request::ChangeTopology { .. } => {
                 Err(GatewayError::NotServed { what: "operator changes go to the nodes" })
             }
         }
@@ -777,7 +780,10 @@ fn validate(request: &Request) -> Result<(), GatewayError> {
         Request::GetAccountTransfers(filter) | Request::GetAccountBalances(filter) => {
             filter.validate().map_err(GatewayError::InvalidFilter)
         }
-        Request::ChangeRouting { .. } | Request::ShardOwnership { .. } | Request::DefineLedger { .. } => Ok(()),
+        Request::ChangeRouting { .. }
+        | Request::ShardOwnership { .. }
+        | Request::DefineLedger { .. }
+        | Request::ChangeTopology { .. } => Ok(()),
         _ => match request.events() {
             0 => Err(GatewayError::BatchEmpty),
             events if events > BATCH_EVENTS_MAX => Err(GatewayError::BatchTooLarge { events }),
