@@ -55,8 +55,9 @@ pub struct BenchArgs {
     /// Seed for account choice.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// The ledger the bench's accounts live on.
-    #[arg(long, default_value_t = 700)]
+    /// The ledger the bench's accounts live on: one the cluster defines
+    /// (`ctl init` and the demo define ledger 1; see `ctl ledgers`).
+    #[arg(long, default_value_t = 1)]
     pub ledger: u32,
     /// Write the result as JSON here.
     #[arg(long)]
@@ -275,6 +276,9 @@ pub async fn create_accounts(client: &mut Client, count: u64, ledger: u32, topol
             match result {
                 CreateAccountResult::Ok => created += 1,
                 CreateAccountResult::Exists => {}
+                CreateAccountResult::LedgerNotDefined => {
+                    bail!("ledger {ledger} is not defined: pick a defined one with --ledger (see ctl ledgers show)")
+                }
                 other => bail!("account {} could not be created: {other}", account.id),
             }
         }

@@ -30,6 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
+use cellpay_cluster::ledgers::LedgerDefinition;
 use cellpay_cluster::topology::{CellId, Latency, Topology};
 use cellpay_ledger::{
     id, Account, AccountFlags, CreateAccountResult, CreateTransferResult, Transfer, TransferFlags, BATCH_EVENTS_MAX,
@@ -212,7 +213,12 @@ fn free_ports_topology(cells: u32) -> Result<Topology> {
 fn demo_topology(args: &DemoArgs) -> Result<Topology> {
     let path = args.data.join("cluster.toml");
     if path.exists() {
-        return Ok(Topology::load(&path)?);
+        let saved = Topology::load(&path)?;
+        // Saved before ledger definitions: the demo's ledger was defined implicitly then.
+        if saved.ledgers.is_empty() {
+            return Ok(saved.with_ledgers(vec![LedgerDefinition::local()])?);
+        }
+        return Ok(saved);
     }
     let mut topology = if args.base_port == 0 {
         free_ports_topology(args.cells)?
