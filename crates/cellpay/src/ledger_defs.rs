@@ -147,7 +147,8 @@ fn render(tables: &BTreeMap<u64, Option<Value>>) -> String {
             nodes.join(",")
         );
         for ledger in ledgers {
-            let (id, name, scale) = (&ledger["id"], ledger["name"].as_str().unwrap_or("?"), &ledger["asset_scale"]);
+            let (id, scale) = (ledger["id"].as_u64().unwrap_or(0), ledger["asset_scale"].as_u64().unwrap_or(0));
+            let name = ledger["name"].as_str().unwrap_or("?");
             let _ = writeln!(out, "  ledger {id:<6} {name:<16} {scale} decimal places");
         }
     }
