@@ -15,11 +15,11 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use cellpay_cluster::ledgers::LedgerDefinition;
-use cellpay_cluster::topology::{Latency, Topology, GLOBAL_CELL};
+use cellpay_cluster::topology::{CellId, Latency, Topology, GLOBAL_CELL};
 use serde_json::Value;
 
 #[derive(clap::Args)]
@@ -529,4 +529,73 @@ fn render(topology: &Topology, statuses: &BTreeMap<u64, Option<Value>>) -> Strin
         );
     }
     out
+}
+
+/// How a cell's leader answered an operator change.
+pub(crate) enum Answer {
+    Done(Value),
+    /// 409: the change conflicts with the cell's state; nothing changed.
+    Conflict(String),
+}
+
+/// `/v1/cluster/{what}` as the global cell's leader has it.
+pub(crate) async fn read_global(
+    client: &reqwest::Client,
+    topology: &Topology,
+    what: &str,
+    deadline: Instant,
+) -> Result<Value> {
+    loop {
+        if let Some((leader, _)) = leader_view(topology, GLOBAL_CELL).await {
+            let address = topology.node(leader).context("leaders are topology nodes")?.client_address;
+            let url = format!("http://{address}/v1/cluster/{what}");
+            let value = async { client.get(&url).send().await?.error_for_status()?.json::<Value>().await }.await;
+            if let Ok(value) = value {
+                return Ok(value);
+            }
+        }
+        if Instant::now() >= deadline {
+            bail!("the global cell's leader did not answer");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Posts an operator change to `cell`'s leader (`/v1/cluster/{what}`),
+/// following leadership until it answers, or the deadline passes.
+pub(crate) async fn post(
+    client: &reqwest::Client,
+    topology: &Topology,
+    cell: CellId,
+    what: &str,
+    body: &Value,
+    deadline: Instant,
+) -> Result<Answer> {
+    let mut last = String::from("no leader found");
+    while Instant::now() < deadline {
+        if let Some((leader, _)) = leader_view(topology, cell).await {
+            let address = topology.node(leader).context("leaders are topology nodes")?.client_address;
+            let url = format!("http://{address}/v1/cluster/{what}");
+            match client.post(&url).json(body).send().await {
+                Ok(response) => {
+                    let status = response.status();
+                    let text = response.text().await.unwrap_or_default();
+                    if status.is_success() {
+                        return Ok(Answer::Done(serde_json::from_str(&text)?));
+                    }
+                    if status == reqwest::StatusCode::CONFLICT {
+                        return Ok(Answer::Conflict(text));
+                    }
+                    if status.is_client_error() {
+                        bail!("cell {cell} refused {body}: {text}");
+                    }
+                    // 503 (not the leader any more, overloaded), 504: try again.
+                    last = text;
+                }
+                Err(error) => last = error.to_string(),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("cell {cell}: {what} change {body} not done in time: {last}")
 }

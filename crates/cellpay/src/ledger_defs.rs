@@ -18,8 +18,7 @@ use cellpay_cluster::ledgers::LedgerDefinition;
 use cellpay_cluster::topology::{Topology, GLOBAL_CELL};
 use serde_json::Value;
 
-use crate::ctl::{fetch_all, fetch_statuses};
-use crate::shard_move::{post, read_global, Answer};
+use crate::ctl::{fetch_all, fetch_statuses, post, read_global, Answer};
 
 /// What `define` did.
 pub struct Defined {

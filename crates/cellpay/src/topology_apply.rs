@@ -13,8 +13,7 @@ use cellpay_cluster::topology::GLOBAL_CELL;
 use cellpay_cluster::topology_table::TOPOLOGY_TEXT_BYTES_MAX;
 use serde_json::Value;
 
-use crate::ctl::{fetch_statuses, leaders};
-use crate::shard_move::{post, read_global, Answer};
+use crate::ctl::{fetch_statuses, leaders, post, read_global, Answer};
 
 /// What `apply` did.
 pub struct Applied {
@@ -36,15 +35,16 @@ pub async fn apply(topology: &Topology, next: &Topology, timeout: Duration) -> R
     let deadline = started + timeout;
     let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
     let mut table = read_global(&client, topology, "topology", deadline).await?;
-    let current = parse(&table)?;
-    let (version, already) = loop {
+    // `current`: the topology the change replaced (read again after a conflict).
+    let (version, already, current) = loop {
         let version = table["version"].as_u64().context("the topology has no version")?;
-        if parse(&table)? == *next {
-            break (version, true);
+        let current = parse(&table)?;
+        if current == *next {
+            break (version, true, current);
         }
         let body = serde_json::json!({"expected_version": version, "topology": text});
         match post(&client, topology, GLOBAL_CELL, "topology", &body, deadline).await? {
-            Answer::Done(changed) => break (changed["version"].as_u64().context("no version")?, false),
+            Answer::Done(changed) => break (changed["version"].as_u64().context("no version")?, false, current),
             Answer::Conflict(message) => {
                 // Another change got in first (read again and retry), or this one is refused.
                 let now = read_global(&client, topology, "topology", deadline).await?;

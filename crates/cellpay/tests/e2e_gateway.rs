@@ -400,13 +400,7 @@ async fn two_gateways_under_load_lose_and_double_nothing_when_one_is_killed_and_
     let accounts: Vec<Account> = (1..=USERS)
         .map(|u| Account { id: account_of_user(u), ledger: LEDGER, code: 1, ..Account::default() })
         .collect();
-    let results = client
-        .create_accounts(proto::CreateAccountsRequest::from_ledger(&accounts))
-        .await
-        .expect("accounts created")
-        .into_inner()
-        .to_ledger()
-        .unwrap();
+    let results = create_accounts(&mut client, &accounts).await;
     assert_eq!(results, vec![CreateAccountResult::Ok; accounts.len()]);
     let firsts: Vec<u128> = groups.values().map(|group| group[0]).collect();
     let seconds: Vec<u128> = groups.values().map(|group| group[1]).collect();
@@ -563,14 +557,7 @@ async fn change_leader_preference(cluster: &Cluster) {
     assert_eq!(next.cells[0].leader_preference[0], "sz-a");
     let next_path = cluster.root.join("preferring-shenzhen.toml");
     std::fs::write(&next_path, next.to_toml()).expect("write the topology");
-    let cluster_path = cluster.topology_path.display().to_string();
-    let apply = |path: &std::path::Path| {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_cellpay"));
-        command.args(["ctl", "topology", "--cluster", &cluster_path, "--apply"]).arg(path);
-        let output = command.output().expect("run cellpay ctl topology --apply");
-        let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-        (output.status.success(), format!("{stdout}{stderr}"))
-    };
+    let apply = |path: &std::path::Path| ctl(cluster, &["topology", "--apply", &path.display().to_string()]);
     let (ok, text) = apply(&next_path);
     assert!(ok && text.contains("topology applied: version 2 in the global cell"), "{text}");
     assert!(text.contains("cell 1: led from its new first choice after"), "{text}");
@@ -592,27 +579,35 @@ async fn change_leader_preference(cluster: &Cluster) {
     }
 }
 
+/// Runs `cellpay ctl ARGS --cluster FILE`: whether it succeeded, and its stdout and stderr.
+fn ctl(cluster: &Cluster, args: &[&str]) -> (bool, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cellpay"));
+    command.arg("ctl").args(args).arg("--cluster").arg(&cluster.topology_path);
+    let output = command.output().expect("run cellpay ctl");
+    let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    (output.status.success(), format!("{stdout}{stderr}"))
+}
+
+/// Creates accounts through a gateway; the per-account results.
+async fn create_accounts(client: &mut LedgerClient<Channel>, accounts: &[Account]) -> Vec<CreateAccountResult> {
+    let request = proto::CreateAccountsRequest::from_ledger(accounts);
+    client.create_accounts(request).await.expect("accounts created").into_inner().to_ledger().unwrap()
+}
+
 /// `cellpay ctl ledgers define` and `show`: the global cell defines USD
 /// (ledger 840), every cell adopts it, and accounts on it are created in
 /// every cell through a gateway; an undefined ledger is refused.
 async fn define_ledger(cluster: &Cluster) {
-    let cluster_path = cluster.topology_path.display().to_string();
-    let ctl = |args: &[&str]| {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_cellpay"));
-        command.args(["ctl", "ledgers"]).args(args).args(["--cluster", &cluster_path]);
-        let output = command.output().expect("run cellpay ctl ledgers");
-        let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
-        (output.status.success(), format!("{stdout}{stderr}"))
-    };
+    let ledgers = |args: &[&str]| ctl(cluster, &[&["ledgers"], args].concat());
     let usd = ["define", "--id", "840", "--name", "USD", "--asset-scale", "2"];
-    let (ok, text) = ctl(&usd);
+    let (ok, text) = ledgers(&usd);
     assert!(ok && text.contains("USD (ledger 840, 2 decimal places) defined: definitions version 2"), "{text}");
     println!("ctl ledgers define: {}", text.trim());
-    let (ok, text) = ctl(&usd);
+    let (ok, text) = ledgers(&usd);
     assert!(ok && text.contains("was already defined"), "running it again is safe: {text}");
-    let (ok, text) = ctl(&["define", "--id", "840", "--name", "USD", "--asset-scale", "4"]);
+    let (ok, text) = ledgers(&["define", "--id", "840", "--name", "USD", "--asset-scale", "4"]);
     assert!(!ok && text.contains("a definition is final"), "{text}");
-    let (ok, text) = ctl(&["show"]);
+    let (ok, text) = ledgers(&["show"]);
     assert!(ok && text.starts_with("ledger definitions version 2, 2 ledgers (nodes 1,2,3,4,5)\n"), "{text}");
 
     let mut client = cluster.gateway_client(1);
@@ -620,13 +615,7 @@ async fn define_ledger(cluster: &Cluster) {
     let mut accounts: Vec<Account> =
         groups.values().map(|group| Account { id: group[0] + 1, ledger: 840, code: 1, ..Account::default() }).collect();
     accounts.push(Account { id: groups.values().next().unwrap()[1] + 1, ledger: 978, code: 1, ..Account::default() });
-    let results = client
-        .create_accounts(proto::CreateAccountsRequest::from_ledger(&accounts))
-        .await
-        .expect("accounts created")
-        .into_inner()
-        .to_ledger()
-        .unwrap();
+    let results = create_accounts(&mut client, &accounts).await;
     let mut expected = vec![CreateAccountResult::Ok; CELLS as usize];
     expected.push(CreateAccountResult::LedgerNotDefined);
     assert_eq!(results, expected, "ledger 840 in every cell, 978 nowhere");

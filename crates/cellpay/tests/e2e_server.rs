@@ -23,8 +23,11 @@ use cellpay_api::proto;
 use cellpay_api::proto::ledger_client::LedgerClient;
 use cellpay_ledger::{Account, CreateAccountResult, CreateTransferResult, Transfer};
 
+mod e2e_support;
+
+use e2e_support::{transfer, LEDGER};
+
 const ACCOUNTS: u128 = 64;
-const LEDGER: u32 = 1;
 
 struct Server {
     child: Child,
@@ -73,18 +76,6 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-fn transfer(id: u128, debit: u128, credit: u128, amount: u128) -> Transfer {
-    Transfer {
-        id,
-        debit_account_id: debit,
-        credit_account_id: credit,
-        amount,
-        ledger: LEDGER,
-        code: 1,
-        ..Transfer::default()
     }
 }
 

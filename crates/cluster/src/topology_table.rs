@@ -58,6 +58,8 @@ pub enum TopologyChangeError {
     TooLarge { bytes: usize },
     #[error("topology table encoding: {reason}")]
     Malformed { reason: String },
+    #[error("only the global cell holds the topology")]
+    NoTable,
 }
 
 impl TopologyTable {

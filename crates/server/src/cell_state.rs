@@ -188,9 +188,7 @@ impl CellState {
         expected_version: u64,
         text: &str,
     ) -> Result<&TopologyTable, TopologyChangeError> {
-        let Some(table) = self.topology.as_mut() else {
-            return Err(TopologyChangeError::Malformed { reason: "only the global cell holds the topology".into() });
-        };
+        let Some(table) = self.topology.as_mut() else { return Err(TopologyChangeError::NoTable) };
         let next = Topology::parse(text).map_err(TopologyChangeError::Invalid)?;
         *table = table.change(expected_version, next)?;
         Ok(table)
@@ -335,42 +333,45 @@ pub fn encode_consensus(cell: CellId, base: &LogBase, state: &CellState) -> Vec<
 /// metadata written before cell states were stored (a bare base record);
 /// what an older format has not is the `initial` topology's.
 pub fn decode_consensus(bytes: &[u8], initial: &Topology) -> Option<(LogBase, Option<CellState>)> {
-    let base = |record: &[u8]| match raft_log::decode(record).ok()? {
-        LogRecord::Base { base, .. } => Some(base),
-        _ => None,
+    let (format, record, state) = split_consensus(bytes)?;
+    let state = match format {
+        Some(format) => Some(CellState::decode(state, format, initial)?),
+        None => None,
     };
-    let format = match bytes.get(..4) {
-        Some(magic) if magic == MAGIC => Format::Current,
-        Some(magic) if magic == MAGIC_WITHOUT_TOPOLOGY => Format::WithoutTopology,
-        Some(magic) if magic == MAGIC_WITHOUT_LEDGERS => Format::WithoutLedgers,
-        Some(magic) if magic == MAGIC_CROSS_WITHOUT_HOLDS => Format::CrossWithoutHolds,
-        Some(magic) if magic == MAGIC_OWNERSHIP_ONLY => Format::OwnershipOnly,
-        _ => return Some((base(bytes)?, None)),
-    };
-    let length = u32::from_le_bytes(bytes.get(4..8)?.try_into().ok()?) as usize;
-    let record = bytes.get(8..8usize.checked_add(length)?)?;
-    let state = CellState::decode(&bytes[8 + length..], format, initial)?;
-    Some((base(record)?, Some(state)))
+    Some((decode_base(record)?, state))
 }
 
 /// The log base of consensus metadata (the state is not decoded); `None` if malformed.
 pub fn decode_consensus_base(bytes: &[u8]) -> Option<LogBase> {
-    let record = match bytes.get(..4) {
-        Some(magic) if FORMATS.contains(&magic) => {
-            let length = u32::from_le_bytes(bytes.get(4..8)?.try_into().ok()?) as usize;
-            bytes.get(8..8usize.checked_add(length)?)?
-        }
-        _ => bytes,
+    decode_base(split_consensus(bytes)?.1)
+}
+
+/// Every format's magic.
+const FORMATS: [([u8; 4], Format); 5] = [
+    (MAGIC, Format::Current),
+    (MAGIC_WITHOUT_TOPOLOGY, Format::WithoutTopology),
+    (MAGIC_WITHOUT_LEDGERS, Format::WithoutLedgers),
+    (MAGIC_CROSS_WITHOUT_HOLDS, Format::CrossWithoutHolds),
+    (MAGIC_OWNERSHIP_ONLY, Format::OwnershipOnly),
+];
+
+/// Consensus metadata's format (`None`: a bare base record, written before
+/// cell states were stored), its base record and its encoded state.
+fn split_consensus(bytes: &[u8]) -> Option<(Option<Format>, &[u8], &[u8])> {
+    let Some(&(_, format)) = FORMATS.iter().find(|(magic, _)| bytes.get(..4) == Some(&magic[..])) else {
+        return Some((None, bytes, &[]));
     };
+    let length = u32::from_le_bytes(bytes.get(4..8)?.try_into().ok()?) as usize;
+    let record = bytes.get(8..8usize.checked_add(length)?)?;
+    Some((Some(format), record, &bytes[8 + length..]))
+}
+
+fn decode_base(record: &[u8]) -> Option<LogBase> {
     match raft_log::decode(record).ok()? {
         LogRecord::Base { base, .. } => Some(base),
         _ => None,
     }
 }
-
-/// Every format's magic.
-const FORMATS: [&[u8]; 5] =
-    [&MAGIC, &MAGIC_WITHOUT_TOPOLOGY, &MAGIC_WITHOUT_LEDGERS, &MAGIC_CROSS_WITHOUT_HOLDS, &MAGIC_OWNERSHIP_ONLY];
 
 /// A cell's state as its store's consensus metadata records it, or the
 /// topology's (index 0, or a store written before cell states were stored).

@@ -1,4 +1,4 @@
-//! What the multi-process tests (`e2e_cluster`, `e2e_gateway`) share: free
+//! What the multi-process tests (`e2e_cluster`, `e2e_gateway`, `e2e_server`) share: free
 //! ports, a seeded generator, gRPC clients, the users' accounts by cell, and
 //! transfers on the tests' ledger.
 

@@ -211,7 +211,7 @@ async fn cluster_membership(State(handle): State<NodeHandle>, JsonBody(body): Js
 /// cell's table (a read inside the caller's region; a stale table costs a
 /// `misrouted` refusal, never a wrong write); a gateway with the table it
 /// routes by.
-async fn cluster_routing<B: Backend>(State(backend): State<B>, Query(watch): Query<RoutingWatch>) -> Response {
+async fn cluster_routing<B: Backend>(State(backend): State<B>, Query(watch): Query<Watch>) -> Response {
     let table = wait_newer(backend.routing_watch(), &watch, RoutingTable::version, || backend.is_running()).await;
     Json(routing_json(&table)).into_response()
 }
@@ -222,7 +222,7 @@ async fn cluster_routing<B: Backend>(State(backend): State<B>, Query(watch): Que
 /// so a watch never holds up a shutdown), answers with the value as it is.
 async fn wait_newer<T>(
     mut receiver: tokio::sync::watch::Receiver<std::sync::Arc<T>>,
-    watch: &RoutingWatch,
+    watch: &Watch,
     version: impl Fn(&T) -> u64,
     running: impl Fn() -> bool,
 ) -> std::sync::Arc<T> {
@@ -252,7 +252,7 @@ const ROUTING_WAIT_SLICE: Duration = Duration::from_millis(500);
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RoutingWatch {
+struct Watch {
     newer_than: Option<u64>,
     wait_ms: Option<u64>,
 }
@@ -284,7 +284,7 @@ async fn cluster_routing_change(State(handle): State<NodeHandle>, JsonBody(body)
 /// The ledger definitions as this node's replica of the global cell has
 /// applied them; `?newer_than=V` waits (up to 25 s, or `wait_ms`) for a
 /// newer version, as the routing watch does.
-async fn cluster_ledgers(State(handle): State<NodeHandle>, Query(watch): Query<RoutingWatch>) -> Response {
+async fn cluster_ledgers(State(handle): State<NodeHandle>, Query(watch): Query<Watch>) -> Response {
     let watched = handle.status().ledgers_watch();
     let table = wait_newer(watched, &watch, LedgerTable::version, || handle.is_running()).await;
     Json(ledgers_json(&table)).into_response()
@@ -319,7 +319,7 @@ async fn cluster_define_ledger(State(handle): State<NodeHandle>, JsonBody(body):
 /// it (what the node places leaders by): `{"version": V, "topology": "<the
 /// file's text>", "leader_preference": {"1": ["hz-a", ...], ...}}`;
 /// `?newer_than=V` is a watch, as for the routing table.
-async fn cluster_topology(State(handle): State<NodeHandle>, Query(watch): Query<RoutingWatch>) -> Response {
+async fn cluster_topology(State(handle): State<NodeHandle>, Query(watch): Query<Watch>) -> Response {
     let watched = handle.status().topology_watch();
     let table = wait_newer(watched, &watch, TopologyTable::version, || handle.is_running()).await;
     Json(topology_json(&table)).into_response()
