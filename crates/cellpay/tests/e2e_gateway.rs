@@ -607,6 +607,13 @@ async fn define_ledger(cluster: &Cluster) {
     assert!(ok && text.contains("was already defined"), "running it again is safe: {text}");
     let (ok, text) = ledgers(&["define", "--id", "840", "--name", "USD", "--asset-scale", "4"]);
     assert!(!ok && text.contains("a definition is final"), "{text}");
+    // `define` waits for every cell's leader; a follower's replica of the
+    // global cell (here node 4, just restarted) may apply it a moment later.
+    for node in 1..=NODES {
+        let url = format!("http://{}/v1/cluster/ledgers?newer_than=1&wait_ms=3000", cluster.node_address(node));
+        let table: serde_json::Value = cluster.http.get(&url).send().await.unwrap().json().await.unwrap();
+        assert_eq!(table["version"], 2, "node {node}: {table}");
+    }
     let (ok, text) = ledgers(&["show"]);
     assert!(ok && text.starts_with("ledger definitions version 2, 2 ledgers (nodes 1,2,3,4,5)\n"), "{text}");
 
