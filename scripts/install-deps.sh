@@ -4,14 +4,20 @@
 # - protoc (Debian's protobuf-compiler): the `raft` crate's build script
 #   compiles its protobuf schema with it. (cellpay's own gRPC schema is
 #   compiled in pure Rust by protox.)
+# - chromium and chromedriver (Debian's chromium and chromium-driver): the
+#   dashboard's browser test (crates/cellpay/tests/e2e_dashboard.rs) drives
+#   headless Chromium over WebDriver.
 set -euo pipefail
 if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
   rustup component add rustfmt clippy
 fi
-if ! command -v protoc >/dev/null 2>&1; then
-  if [ "$(id -u)" -eq 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq protobuf-compiler
-  else
-    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq protobuf-compiler
-  fi
+packages=()
+command -v protoc >/dev/null 2>&1 || packages+=(protobuf-compiler)
+command -v chromium >/dev/null 2>&1 || packages+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || packages+=(chromium-driver)
+if [ "${#packages[@]}" -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}"
 fi

@@ -35,6 +35,38 @@ fn demo_runs_a_workload_and_audits_it() {
     assert!(stdout(&cellpay(&fresh)).contains("10104 created now"));
 }
 
+/// `cellpay demo --drill region`: the region leading the most cells is cut
+/// off under load, every cell commits again (the RTO, printed), and after
+/// the heal every acknowledged transfer is found and money is conserved
+/// (RPO = 0), or the demo exits non-zero.
+#[test]
+fn demo_drill_cuts_a_region_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("demo");
+    let data = data.to_str().unwrap();
+    let args = ["demo", "--data", data, "--base-port", "0", "--rate", "2000", "--drill", "region"];
+    let args = [&args[..], &["--drill-warm-up-s", "4", "--drill-hold-s", "4"]].concat();
+    let output = stdout(&cellpay(&args));
+    let results = output.split("drill results:").nth(1).unwrap_or_else(|| panic!("no drill results: {output}"));
+    println!("drill results:{results}");
+    assert!(results.contains("RPO = 0: nothing acknowledged was lost"), "{output}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(format!("{data}/drill-report.json")).unwrap()).unwrap();
+    assert_eq!(report["passed"], true, "{report}");
+    assert_eq!(report["missing"], 0, "{report}");
+    assert_eq!(report["conserved"], true, "{report}");
+    let acknowledged =
+        report["acknowledged_before"].as_u64().unwrap() + report["acknowledged_during"].as_u64().unwrap();
+    assert!(report["acknowledged_before"].as_u64().unwrap() > 0, "transfers acknowledged before the cut: {report}");
+    assert!(report["acknowledged_during"].as_u64().unwrap() > 0, "and during it: {report}");
+    assert_eq!(report["found"].as_u64().unwrap(), acknowledged, "{report}");
+    let rto = report["rto_ms"].as_f64().expect("an RTO was measured");
+    let cells = report["cells"].as_array().unwrap();
+    assert_eq!(cells.len(), 5, "the global cell and four cells recovered: {report}");
+    assert!(cells.iter().any(|cell| cell["kept"] == false), "the busiest region led a cell: {report}");
+    println!("measured RTO: {rto:.0} ms");
+}
+
 #[test]
 fn bench_refuses_cross_cell_without_a_gateway() {
     let refused = cellpay(&["bench", "--cross-cell", "10", "--address", "127.0.0.1:1"]);

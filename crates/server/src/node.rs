@@ -37,7 +37,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use cellpay_cluster::ledgers::{LedgerDefinition, LedgerTable};
@@ -544,6 +544,19 @@ pub struct NodeHandle {
     node: NodeId,
     queue_requests_max: usize,
     stop: Arc<AtomicU8>,
+    /// The node's peer transport, not kept alive by handles (its snapshot
+    /// receiver's thread ends only when the transport is dropped).
+    transport: Weak<Transport>,
+}
+
+/// A node's link to a peer, as its transport sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerLink {
+    pub peer: NodeId,
+    /// The outbound connection is up.
+    pub connected: bool,
+    /// The link is cut ([`NodeHandle::set_link_blocked`]).
+    pub blocked: bool,
 }
 
 /// Where a request comes from.
@@ -769,6 +782,30 @@ impl NodeHandle {
     pub fn is_running(&self) -> bool {
         self.stop.load(Ordering::Acquire) == RUNNING
     }
+
+    /// Cuts (or restores) this node's link to `peer` both ways as this node
+    /// sees it: messages to it are dropped, and from it (see
+    /// [`Transport::set_blocked`]). How a local cluster's drills emulate a
+    /// network cut; the peer must be told too for a symmetric cut. No-op
+    /// for a node alone or stopped.
+    pub fn set_link_blocked(&self, peer: NodeId, blocked: bool) {
+        if let Some(transport) = self.transport.upgrade() {
+            transport.set_blocked(peer, blocked);
+        }
+    }
+
+    /// This node's links to its peers (none for a node alone or stopped).
+    pub fn peer_links(&self) -> Vec<PeerLink> {
+        let Some(transport) = self.transport.upgrade() else { return Vec::new() };
+        let mut peers = transport.peers();
+        peers.sort_unstable();
+        let links = peers.into_iter().map(|peer| PeerLink {
+            peer,
+            connected: transport.peer_connected(peer),
+            blocked: transport.is_blocked(peer),
+        });
+        links.collect()
+    }
 }
 
 /// The metrics' name of a request's outcome.
@@ -969,6 +1006,7 @@ impl Node {
         let (staged_sender, staged) = bounded::<Staged>(1);
         let receiver = SnapshotReceiver::start(database.clone(), staged_sender);
         let (runtime, transport) = start_transport(&config, inbox_sender, receiver.sender())?;
+        let world_transport = transport.clone();
         let world = Box::new(RealWorld { transport: transport.clone() });
         // A node alone has no peers: nothing to send snapshots to or receive from.
         let shipping = transport.map_or(Shipping::Off, |transport| Shipping::Threads(transport, receiver));
@@ -1008,6 +1046,7 @@ impl Node {
             node: config.node,
             queue_requests_max: config.queue_requests_max,
             stop: stop.clone(),
+            transport: world_transport.as_ref().map_or_else(Weak::new, Arc::downgrade),
         };
         Ok(Node { handle, stop, thread: Some(thread), runtime, recovery })
     }
