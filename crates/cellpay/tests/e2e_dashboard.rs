@@ -187,6 +187,7 @@ async fn the_dashboard_shows_the_cluster_and_runs_a_region_cut() {
     println!("after the heal: {phase}");
     screenshot(&client, "healed").await;
     client.close().await.expect("close the browser");
+    controls_through_the_api(&url).await;
 
     // The demo stops cleanly on SIGTERM and its final audit passes.
     let mut demo = demo;
@@ -201,4 +202,72 @@ async fn the_dashboard_shows_the_cluster_and_runs_a_region_cut() {
         "{}",
         output.join("\n")
     );
+}
+
+/// The JSON API's other controls: refusals, a datacenter cut and its audit,
+/// a planned switchover and back.
+async fn controls_through_the_api(url: &str) {
+    let http = reqwest::Client::new();
+    let post = |path: &str, body: serde_json::Value| {
+        let request = http.post(format!("{url}api/{path}")).json(&body);
+        async move {
+            let response = request.send().await.expect("the dashboard answers");
+            let status = response.status().as_u16();
+            (status, response.json::<serde_json::Value>().await.expect("a JSON answer"))
+        }
+    };
+    let state =
+        || async { http.get(format!("{url}api/state")).send().await.unwrap().json::<serde_json::Value>().await };
+    let (status, answer) = post("heal", serde_json::json!({})).await;
+    assert_eq!(status, 409, "nothing to heal: {answer}");
+    let (status, answer) = post("cut", serde_json::json!({ "target": "datacenter:nowhere" })).await;
+    assert_eq!(status, 400, "{answer}");
+    assert!(answer["error"].as_str().unwrap().contains("sz-a"), "names the datacenters: {answer}");
+
+    let (status, answer) = post("cut", serde_json::json!({ "target": "datacenter:sz-a" })).await;
+    assert_eq!(status, 202, "{answer}");
+    let (status, answer) = post("cut", serde_json::json!({ "target": "region:shanghai" })).await;
+    assert_eq!(status, 409, "one cut at a time: {answer}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while state().await.unwrap()["drill"]["cut"]["rto_ms"].is_null() {
+        assert!(Instant::now() < deadline, "every cell commits again without sz-a");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, answer) = post("heal", serde_json::json!({})).await;
+    assert_eq!(status, 202, "{answer}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let report = loop {
+        let state = state().await.unwrap();
+        let last = &state["drill"]["last"];
+        if state["drill"]["phase"] == "normal" && last["target"] == "datacenter:sz-a" {
+            break last.clone();
+        }
+        assert!(Instant::now() < deadline, "the datacenter drill's audit: {state}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(report["passed"], true, "{report}");
+    println!("datacenter sz-a: RTO {} ms, {} acknowledged transfers found", report["rto_ms"], report["found"]);
+
+    let (status, answer) = post("switchover", serde_json::json!({ "region": "shenzhen" })).await;
+    assert_eq!(status, 202, "{answer}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let state = state().await.unwrap();
+        let events = state["drill"]["events"].as_array().unwrap().clone();
+        let moved = events
+            .iter()
+            .filter_map(|event| event["text"].as_str())
+            .find(|text| text.starts_with("switchover: no leader left in region shenzhen"));
+        if let Some(text) = moved {
+            println!("{text}");
+            let cells = state["cells"].as_array().unwrap();
+            assert!(cells.iter().all(|cell| cell["leader"] != 5), "node 5 is shenzhen's: {cells:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "leaders leave shenzhen: {events:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, answer) = post("switchover", serde_json::json!({ "region": "shenzhen", "back": true })).await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(state().await.unwrap()["drill"]["switched_over"], serde_json::Value::Null);
 }

@@ -163,7 +163,8 @@ pub(super) struct Report {
     pub cells: Vec<Recovery>,
     /// From the heal until every healed replica had caught up (none if it did not).
     pub caught_up_ms: Option<f64>,
-    /// Transfers acknowledged in the ten seconds before the cut, and from the cut until the audit.
+    /// Transfers acknowledged in the ten seconds before the cut (or since the
+    /// last audit, if that ended sooner), and from the cut until the audit.
     pub acknowledged_before: usize,
     pub acknowledged_during: usize,
     /// Acknowledged but not kept for the audit (over its bound): it is partial.

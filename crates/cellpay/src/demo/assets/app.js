@@ -107,7 +107,7 @@ function renderRecovery(state) {
     rpo.className = "big " + (report.passed ? "pass" : "fail");
     const total = report.acknowledged_before + report.acknowledged_during;
     rpoDetail.textContent = fmt(report.found) + " of " + fmt(total) + " acknowledged transfers found (" +
-      fmt(report.acknowledged_before) + " in the 10 s before the cut, " + fmt(report.acknowledged_during) +
+      fmt(report.acknowledged_before) + " in the 10 s before the cut (or since the last audit), " + fmt(report.acknowledged_during) +
       " during it), " + fmt(report.missing) + " missing; money " + (report.conserved ? "conserved" : "NOT conserved") +
       " in every cell; healed replicas caught up in " + fmt(report.caught_up_ms) + " ms" +
       (report.problems.length ? " · " + report.problems.join("; ") : "");
