@@ -1,11 +1,16 @@
 //! `cellpay bench`: a load generator against a running server.
 //!
 //! Creates the accounts (idempotently), then `concurrency` clients each send
-//! batches of transfers back to back until `transfers` have been sent. Reports
-//! transfers/s and batch latency percentiles, writes them as JSON, and checks
-//! at the end that its accounts' debits and credits each grew by exactly the
-//! amount the acknowledged transfers moved, so a fast wrong answer cannot pass.
-//! (It assumes no other client moves money on its ledger meanwhile.)
+//! batches of transfers back to back until `transfers` have been sent (or
+//! `--duration-s` has passed). `--two-phase P` sends P % of them pending,
+//! each posted in its client's next batch (every pending one is posted
+//! before the bench ends). Reports transfers/s, batch latency percentiles
+//! and the CPU seconds spent per million transfers (the whole machine's, from
+//! `/proc/stat`, and the bench's own), writes them as JSON, and checks at the
+//! end that its accounts' debits and credits each grew by exactly the amount
+//! the acknowledged transfers posted and that nothing is left pending, so a
+//! fast wrong answer cannot pass. (It assumes no other client moves money on
+//! its ledger meanwhile.)
 //!
 //! Through a gateway, `--cross-cell P` makes P % of the transfers pay an
 //! account of another cell (a try/confirm/cancel operation between two
@@ -21,7 +26,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Result};
-use cellpay_ledger::{id, Account, CreateAccountResult, CreateTransferResult, Transfer, BATCH_EVENTS_MAX};
+use cellpay_ledger::{
+    id, Account, CreateAccountResult, CreateTransferResult, Transfer, TransferFlags, BATCH_EVENTS_MAX,
+};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
@@ -35,11 +42,20 @@ pub struct BenchArgs {
     #[arg(long, default_value = "127.0.0.1:7300", env = "CELLPAY_ADDRESS")]
     pub address: String,
     /// Accounts to spread transfers over (created first if missing).
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 1_000_000)]
     pub accounts: u64,
-    /// Transfers to send in all.
+    /// Transfers to send in all (with --duration-s: at most).
     #[arg(long, default_value_t = 1_000_000)]
     pub transfers: u64,
+    /// Send for this many seconds (or until --transfers are sent), then
+    /// post the pending transfers still open and stop.
+    #[arg(long)]
+    pub duration_s: Option<u64>,
+    /// The percentage (0 to 100) of transfers sent as two-phase: pending
+    /// first, then posted in the client's next batch (the post counts as a
+    /// transfer too).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub two_phase: u8,
     /// Transfers per request (at most 8190).
     #[arg(long, default_value_t = 8190)]
     pub batch_size: usize,
@@ -89,8 +105,12 @@ pub enum Distribution {
 #[derive(Serialize, Debug)]
 pub struct BenchResult {
     pub accounts: u64,
+    /// Transfers sent: single-phase, pending, and posts of pending.
     pub transfers: u64,
     pub transfers_ok: u64,
+    /// The `--two-phase` percentage asked for, and the pending transfers accepted (each posted later).
+    pub two_phase_percent: u8,
+    pub pending_ok: u64,
     /// Results other than `ok`, counted by code.
     pub transfers_not_ok: BTreeMap<&'static str, u64>,
     /// The `--cross-cell` percentage asked for.
@@ -111,7 +131,50 @@ pub struct BenchResult {
     /// come back to their values before the run (cross-cell credit legs
     /// posted after their decision).
     pub pending_settled_ms: f64,
+    /// CPU seconds the whole machine (cluster and bench) spent per million
+    /// transfers sent, from `/proc/stat`: on a machine running nothing
+    /// else, the cost of a transfer end to end.
+    pub cpu_seconds_per_million_transfers: Option<f64>,
+    /// The bench process's own share of that.
+    pub bench_cpu_seconds_per_million_transfers: Option<f64>,
     pub conserved: bool,
+}
+
+/// CPU time spent so far: the whole machine's busy time (all cores) and
+/// this process's, in seconds; `None` where `/proc` cannot tell.
+#[derive(Clone, Copy)]
+struct CpuTimes {
+    machine: Option<f64>,
+    process: Option<f64>,
+}
+
+/// `/proc`'s clock ticks per second (`USER_HZ`, 100 on Linux).
+const USER_HZ: f64 = 100.0;
+
+impl CpuTimes {
+    fn now() -> CpuTimes {
+        let machine = std::fs::read_to_string("/proc/stat").ok().and_then(|stat| {
+            let line = stat.lines().next()?;
+            let fields: Vec<f64> = line.split_whitespace().skip(1).map_while(|field| field.parse().ok()).collect();
+            // user nice system idle iowait irq softirq steal: busy is all but idle and iowait.
+            let busy: f64 = fields.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum();
+            (fields.len() >= 8).then_some(busy / USER_HZ)
+        });
+        let process = std::fs::read_to_string("/proc/self/stat").ok().and_then(|stat| {
+            // After the command name's closing parenthesis: state is field 3, utime 14 and stime 15.
+            let rest = stat.rsplit_once(')')?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = |at: usize| fields.get(at - 3)?.parse::<f64>().ok();
+            Some((ticks(14)? + ticks(15)?) / USER_HZ)
+        });
+        CpuTimes { machine, process }
+    }
+
+    /// Seconds per million transfers since `before`.
+    fn per_million(self, before: CpuTimes, transfers: u64) -> (Option<f64>, Option<f64>) {
+        let per = |now: Option<f64>, then: Option<f64>| Some((now? - then?) * 1e6 / transfers.max(1) as f64);
+        (per(self.machine, before.machine), per(self.process, before.process))
+    }
 }
 
 /// xorshift64*: small, fast, seeded.
@@ -375,6 +438,16 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// How long a two-phase transfer of the bench may stay pending (it is
+/// posted in its client's next batch, milliseconds later).
+const PENDING_TIMEOUT_S: u32 = 300;
+
+/// Takes up to `wanted` from the transfers left to send; how many it took.
+fn claim(budget: &AtomicU64, wanted: u64) -> u64 {
+    let before = budget.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| Some(left - left.min(wanted)));
+    before.expect("the update always succeeds").min(wanted)
+}
+
 /// The bench's account indexes grouped by cell, with a picker for each group.
 struct Groups {
     groups: Vec<Vec<u64>>,
@@ -406,8 +479,11 @@ impl Groups {
 /// What the clients saw: batch latency (µs), and the transfers by outcome.
 struct Tally {
     latency: Histogram<u64>,
+    sent: u64,
     ok: u64,
+    /// What the accepted transfers posted (a pending one posts nothing until its post).
     amount_ok: u128,
+    pending_ok: u64,
     cross_cell: u64,
     not_ok: BTreeMap<&'static str, u64>,
 }
@@ -415,24 +491,33 @@ struct Tally {
 impl Tally {
     fn new() -> Tally {
         let latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
-        Tally { latency, ok: 0, amount_ok: 0, cross_cell: 0, not_ok: BTreeMap::new() }
+        Tally { latency, sent: 0, ok: 0, amount_ok: 0, pending_ok: 0, cross_cell: 0, not_ok: BTreeMap::new() }
     }
 
-    fn record(&mut self, batch: &[Transfer], results: &[CreateTransferResult]) {
+    /// Counts a batch's results; the pending transfers accepted, to post.
+    fn record(&mut self, batch: &[Transfer], results: &[CreateTransferResult], accepted: &mut Vec<Transfer>) {
+        self.sent += batch.len() as u64;
         for (transfer, result) in batch.iter().zip(results) {
-            if *result == CreateTransferResult::Ok {
-                self.ok += 1;
-                self.amount_ok += transfer.amount;
-            } else {
+            if *result != CreateTransferResult::Ok {
                 *self.not_ok.entry(result.as_str()).or_default() += 1;
+                continue;
+            }
+            self.ok += 1;
+            if transfer.flags.contains(TransferFlags::PENDING) {
+                self.pending_ok += 1;
+                accepted.push(*transfer);
+            } else {
+                self.amount_ok += transfer.amount;
             }
         }
     }
 
     fn add(&mut self, other: Tally) -> Result<()> {
         self.latency.add(other.latency)?;
+        self.sent += other.sent;
         self.ok += other.ok;
         self.amount_ok += other.amount_ok;
+        self.pending_ok += other.pending_ok;
         self.cross_cell += other.cross_cell;
         for (code, count) in other.not_ok {
             *self.not_ok.entry(code).or_default() += count;
@@ -472,43 +557,69 @@ pub async fn bench(args: &BenchArgs) -> Result<BenchResult> {
     };
     // Fresh ids for every run: the high bits are the start time.
     let id_base = u128::from(SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos() as u64) << 64;
-    let batches_total = args.transfers.div_ceil(args.batch_size as u64);
+    let ids_next = Arc::new(AtomicU64::new(1));
+    let budget = Arc::new(AtomicU64::new(args.transfers));
     let batch_next = Arc::new(AtomicU64::new(0));
     let sent = Arc::new(AtomicU64::new(0));
+    let cpu_before = CpuTimes::now();
     let started = Instant::now();
+    let deadline = args.duration_s.map(|seconds| started + Duration::from_secs(seconds));
     let mut workers = Vec::new();
     for worker in 0..args.concurrency {
         let (mut client, groups, args) = (client.clone(), groups.clone(), args.clone());
         let (routes, cell_ids) = (routes.clone(), cell_ids.clone());
-        let (batch_next, sent) = (batch_next.clone(), sent.clone());
+        let (batch_next, sent, ids_next, budget) = (batch_next.clone(), sent.clone(), ids_next.clone(), budget.clone());
         workers.push(tokio::spawn(async move {
             let mut rng = Rng::new(args.seed ^ ((worker as u64 + 1) << 32));
             let mut tally = Tally::new();
             let mut batch = Vec::with_capacity(args.batch_size);
+            // Pending transfers accepted and not posted yet: the next batches post them.
+            let mut open: Vec<Transfer> = Vec::new();
             loop {
-                let number = batch_next.fetch_add(1, Ordering::Relaxed);
-                if number >= batches_total {
+                let stopping = deadline.is_some_and(|deadline| Instant::now() >= deadline);
+                // At least half the batch (one event at least) goes to posts when any are open.
+                let posts_min = open.len().min((args.batch_size / 2).max(1));
+                let wanted = if stopping { 0 } else { (args.batch_size - posts_min) as u64 };
+                let claimed = claim(&budget, wanted);
+                let posts = open.len().min(args.batch_size - claimed as usize);
+                if posts == 0 && claimed == 0 {
                     break;
                 }
-                let first = number * args.batch_size as u64;
-                let count = (args.transfers - first).min(args.batch_size as u64);
+                let number = batch_next.fetch_add(1, Ordering::Relaxed);
+                let mut id = id_base | u128::from(ids_next.fetch_add(posts as u64 + claimed, Ordering::Relaxed));
                 batch.clear();
+                for pending in open.drain(..posts) {
+                    batch.push(Transfer {
+                        id,
+                        pending_id: pending.id,
+                        debit_account_id: pending.debit_account_id,
+                        credit_account_id: pending.credit_account_id,
+                        amount: pending.amount,
+                        flags: TransferFlags::POST_PENDING_TRANSFER,
+                        ..Transfer::default()
+                    });
+                    id += 1;
+                }
                 let cell = (number % groups.groups.len() as u64) as usize;
-                for offset in 0..count {
+                for offset in 0..claimed as usize {
                     // Through a gateway, a batch's transfers take the cells in turn.
-                    let cell = if args.gateway { (cell + offset as usize) % groups.groups.len() } else { cell };
+                    let cell = if args.gateway { (cell + offset) % groups.groups.len() } else { cell };
                     let cross_cell = cross_cell_percent > 0 && rng.below(100) < u64::from(cross_cell_percent);
                     tally.cross_cell += u64::from(cross_cell);
                     let (debit_account_id, credit_account_id) = groups.pair(cell, cross_cell, &mut rng);
+                    let two_phase = args.two_phase > 0 && rng.below(100) < u64::from(args.two_phase);
                     batch.push(Transfer {
-                        id: id_base | u128::from(first + offset + 1),
+                        id,
                         debit_account_id,
                         credit_account_id,
                         amount: 1 + u128::from(rng.below(1000)),
                         ledger: args.ledger,
                         code: 1,
+                        flags: if two_phase { TransferFlags::PENDING } else { TransferFlags::default() },
+                        timeout_s: if two_phase { PENDING_TIMEOUT_S } else { 0 },
                         ..Transfer::default()
                     });
+                    id += 1;
                 }
                 let sent_at = Instant::now();
                 // Straight to the cell's leader when it is known (no forwarding hop).
@@ -519,22 +630,21 @@ pub async fn bench(args: &BenchArgs) -> Result<BenchResult> {
                 };
                 tally.latency.saturating_record(sent_at.elapsed().as_micros() as u64);
                 ensure!(results.len() == batch.len(), "{} results for {} transfers", results.len(), batch.len());
-                tally.record(&batch, &results);
-                sent.fetch_add(count, Ordering::Relaxed);
+                tally.record(&batch, &results, &mut open);
+                sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
             }
             anyhow::Ok(tally)
         }));
     }
     let progress = {
         let sent = sent.clone();
-        let total = args.transfers;
         tokio::spawn(async move {
             let mut last = (Instant::now(), 0u64);
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let now = (Instant::now(), sent.load(Ordering::Relaxed));
                 let rate = (now.1 - last.1) as f64 / (now.0 - last.0).as_secs_f64();
-                eprintln!("transfers: {}/{total} ({rate:.0}/s)", now.1);
+                eprintln!("transfers sent: {} ({rate:.0}/s)", now.1);
                 last = now;
             }
         })
@@ -544,28 +654,86 @@ pub async fn bench(args: &BenchArgs) -> Result<BenchResult> {
         tally.add(worker.await??)?;
     }
     let seconds = started.elapsed().as_secs_f64();
+    let (cpu_seconds_per_million, bench_cpu_seconds_per_million) = CpuTimes::now().per_million(cpu_before, tally.sent);
     progress.abort();
     let (after, settled) = settled_sums(&mut client, args.accounts, before).await?;
     let conserved = conserved(before, after, tally.amount_ok);
     let ms = |quantile: f64| tally.latency.value_at_quantile(quantile) as f64 / 1000.0;
     Ok(BenchResult {
         accounts: args.accounts,
-        transfers: args.transfers,
+        transfers: tally.sent,
         transfers_ok: tally.ok,
+        two_phase_percent: args.two_phase,
+        pending_ok: tally.pending_ok,
         transfers_not_ok: tally.not_ok,
         cross_cell_percent,
         transfers_cross_cell: tally.cross_cell,
-        cross_cell_share: tally.cross_cell as f64 / args.transfers as f64,
+        cross_cell_share: tally.cross_cell as f64 / tally.sent.max(1) as f64,
         batch_size: args.batch_size,
         concurrency: args.concurrency,
         distribution: args.distribution,
         seconds,
-        transfers_per_second: args.transfers as f64 / seconds,
+        transfers_per_second: tally.sent as f64 / seconds,
         batch_latency_ms_p50: ms(0.50),
         batch_latency_ms_p99: ms(0.99),
         batch_latency_ms_p999: ms(0.999),
         batch_latency_ms_max: tally.latency.max() as f64 / 1000.0,
         pending_settled_ms: settled.as_secs_f64() * 1000.0,
+        cpu_seconds_per_million_transfers: cpu_seconds_per_million,
+        bench_cpu_seconds_per_million_transfers: bench_cpu_seconds_per_million,
         conserved,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claims_never_take_more_than_is_left() {
+        let budget = AtomicU64::new(10);
+        assert_eq!(claim(&budget, 4), 4);
+        assert_eq!(claim(&budget, 0), 0);
+        assert_eq!(claim(&budget, 8), 6);
+        assert_eq!(claim(&budget, 8), 0);
+        assert_eq!(budget.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_pending_transfer_posts_nothing_until_its_post() {
+        let mut tally = Tally::new();
+        let mut open = Vec::new();
+        let plain = Transfer { id: 1, amount: 5, ..Transfer::default() };
+        let pending = Transfer { id: 2, amount: 7, flags: TransferFlags::PENDING, ..Transfer::default() };
+        let refused = Transfer { id: 3, amount: 9, ..Transfer::default() };
+        let results = [CreateTransferResult::Ok, CreateTransferResult::Ok, CreateTransferResult::ExceedsCredits];
+        tally.record(&[plain, pending, refused], &results, &mut open);
+        assert_eq!((tally.sent, tally.ok, tally.pending_ok, tally.amount_ok), (3, 2, 1, 5));
+        assert_eq!(open.iter().map(|t| t.id).collect::<Vec<_>>(), [2], "the pending one is to be posted");
+        let post = Transfer { id: 4, pending_id: 2, amount: 7, flags: TransferFlags::POST_PENDING_TRANSFER, ..plain };
+        tally.record(&[post], &[CreateTransferResult::Ok], &mut open);
+        assert_eq!((tally.sent, tally.ok, tally.amount_ok), (4, 3, 12), "the post moves the amount");
+        assert_eq!(tally.not_ok["exceeds_credits"], 1);
+    }
+
+    #[test]
+    fn cpu_times_count_this_process_and_the_machine() {
+        let before = CpuTimes::now();
+        let (process_before, machine_before) = (before.process.expect("/proc/self/stat"), before.machine.unwrap());
+        let started = Instant::now();
+        let mut spin = 0u64;
+        while CpuTimes::now().process.unwrap() - process_before < 0.05 && started.elapsed() < Duration::from_secs(20) {
+            for i in 0..100_000u64 {
+                spin = spin.wrapping_add(std::hint::black_box(i * i));
+            }
+        }
+        let after = CpuTimes::now();
+        let process = after.process.unwrap() - process_before;
+        let machine = after.machine.expect("/proc/stat") - machine_before;
+        assert!(process >= 0.05, "a busy loop shows as this process's CPU time: {process} s");
+        assert!(machine + 0.02 >= process, "the machine's busy time includes it: {machine} s < {process} s");
+        let (machine_per_million, process_per_million) = after.per_million(before, 2_000_000);
+        assert!((process_per_million.unwrap() - process / 2.0).abs() < 1e-9);
+        assert!((machine_per_million.unwrap() - machine / 2.0).abs() < 1e-9);
+    }
 }

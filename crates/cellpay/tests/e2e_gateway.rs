@@ -65,6 +65,8 @@ const PROGRESS_TRANSFERS: u64 = 3_000;
 /// `cellpay bench` at the end: transfers, and the percentage between cells.
 const BENCH_TRANSFERS: u64 = 4_000;
 const BENCH_CROSS_CELL_PERCENT: u64 = 50;
+/// The share of the bench's transfers sent pending, then posted.
+const BENCH_TWO_PHASE_PERCENT: u64 = 20;
 
 // ---------------------------------------------------------------------------
 // The processes: five nodes and two gateways, killed on drop.
@@ -639,6 +641,7 @@ async fn bench_cross_cell(cluster: &Cluster) {
     args.extend(["--cluster".into(), cluster.topology_path.display().to_string()]);
     args.extend(["--accounts".into(), USERS.to_string(), "--transfers".into(), BENCH_TRANSFERS.to_string()]);
     args.extend(["--cross-cell".into(), BENCH_CROSS_CELL_PERCENT.to_string()]);
+    args.extend(["--two-phase".into(), BENCH_TWO_PHASE_PERCENT.to_string()]);
     args.extend(["--output".into(), output_path.display().to_string()]);
     let started = Instant::now();
     let output = tokio::task::spawn_blocking(move || Command::new(env!("CARGO_BIN_EXE_cellpay")).args(&args).output())
@@ -649,15 +652,19 @@ async fn bench_cross_cell(cluster: &Cluster) {
     assert!(output.status.success(), "cellpay bench failed: {}", tail(&stderr, 20));
     let text = std::fs::read_to_string(&output_path).expect("the bench's JSON");
     let result: serde_json::Value = serde_json::from_str(&text).expect("JSON");
-    assert_eq!(result["transfers"], BENCH_TRANSFERS, "{text}");
-    assert_eq!(result["transfers_ok"], BENCH_TRANSFERS, "every transfer applied: {text}");
+    // Every pending transfer accepted was posted: its post is a transfer too.
+    let pending = result["pending_ok"].as_u64().expect("pending_ok");
+    let expected_pending = BENCH_TRANSFERS * BENCH_TWO_PHASE_PERCENT / 100;
+    assert!(pending.abs_diff(expected_pending) < expected_pending / 5, "a fifth two-phase: {text}");
+    assert_eq!(result["transfers"], BENCH_TRANSFERS + pending, "{text}");
+    assert_eq!(result["transfers_ok"], BENCH_TRANSFERS + pending, "every transfer applied: {text}");
     assert_eq!(result["conserved"], true, "{text}");
     let cross_cell = result["transfers_cross_cell"].as_u64().expect("transfers_cross_cell");
     let expected = BENCH_TRANSFERS * BENCH_CROSS_CELL_PERCENT / 100;
     assert!(cross_cell.abs_diff(expected) < expected / 10, "about half between cells: {text}");
     println!(
-        "bench: {BENCH_TRANSFERS} transfers through gateway 2, {cross_cell} between cells, all applied and conserved \
-         (pending settled in {:.1} ms); {:.1} s",
+        "bench: {BENCH_TRANSFERS} transfers through gateway 2, {cross_cell} between cells, {pending} two-phase (and \
+         their posts), all applied and conserved (pending settled in {:.1} ms); {:.1} s",
         result["pending_settled_ms"].as_f64().unwrap_or(f64::NAN),
         started.elapsed().as_secs_f64()
     );
