@@ -109,7 +109,7 @@ impl Cluster {
     /// Sends a request through the gateway, which splits it by cell and
     /// sends the parts to the cells' leaders.
     async fn submit(&self, request: Request) -> Result<Reply> {
-        self.gateway.submit(request).await.map_err(|error| anyhow!("the gateway refused a request: {error}"))
+        submit(&self.gateway, request).await
     }
 
     fn handle(&self, node: NodeId) -> &NodeHandle {
@@ -266,6 +266,11 @@ fn gateway_address(base_port: u16) -> Result<SocketAddr> {
         base => base.checked_add(GATEWAY_PORT_OFFSET).context("--base-port is too high for the gateway's port")?,
     };
     Ok(SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+/// Sends a request through a gateway.
+async fn submit(gateway: &GatewayHandle, request: Request) -> Result<Reply> {
+    gateway.submit(request).await.map_err(|error| anyhow!("the gateway refused a request: {error}"))
 }
 
 /// Resolves once the demo is stopping.

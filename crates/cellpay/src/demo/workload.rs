@@ -354,8 +354,7 @@ pub(super) async fn workload(
             let gateway = cluster.gateway.clone();
             in_flight.spawn(async move {
                 let sent_at = Instant::now();
-                let reply = gateway.submit(Request::CreateTransfers(batch.transfers.clone())).await;
-                let reply = reply.map_err(|error| anyhow!("the gateway refused a request: {error}"));
+                let reply = super::submit(&gateway, Request::CreateTransfers(batch.transfers.clone())).await;
                 Answered { index, batch, reply, elapsed: sent_at.elapsed() }
             });
         }
