@@ -56,6 +56,7 @@
 # for apt-get only and runs PostgreSQL as the current user.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/cluster.sh
 
 settings=" ACCOUNTS CONCURRENCY DURATION_S CELLPAY_TRANSFERS BATCH_SIZE CROSS_CELL TPCB_SCALE INITIAL_BALANCE"
 settings+=" PG_SHARED_BUFFERS PGBENCH_JOBS OUT WORK_BASE CELLPAY_BIN KEEP_WORK READY_TIMEOUT_S SETTLE_S"
@@ -148,21 +149,10 @@ pg_running=""
 pids=()
 
 cleanup() {
-    local status=$? pid waited
+    local status=$?
     set +e
     trap - EXIT INT TERM
-    for pid in "${pids[@]}"; do
-        kill -TERM "$pid" 2>/dev/null
-    done
-    for pid in "${pids[@]}"; do
-        waited=0
-        while kill -0 "$pid" 2>/dev/null && [ "$waited" -lt 100 ]; do
-            sleep 0.2
-            waited=$((waited + 1))
-        done
-        kill -KILL "$pid" 2>/dev/null
-        wait "$pid" 2>/dev/null
-    done
+    pids_stop
     if [ -n "$pg_running" ]; then
         as_pg "$PGBIN/pg_ctl" -D "$PGDATA" -m fast -w -t 60 stop >/dev/null 2>&1 ||
             as_pg "$PGBIN/pg_ctl" -D "$PGDATA" -m immediate -w stop >/dev/null 2>&1
@@ -188,61 +178,6 @@ as_pg() {
     else
         (cd / && "$@")
     fi
-}
-
-# The first of N consecutive free loopback ports, below Linux's ephemeral
-# range (32768 and up) so that no client connection takes one meanwhile.
-free_ports() {
-    python3 - "$1" <<'EOF'
-import random, socket, sys
-n = int(sys.argv[1])
-for _ in range(500):
-    base = random.randrange(20000, 32000 - n)
-    held = []
-    try:
-        for port in range(base, base + n):
-            s = socket.socket()
-            held.append(s)
-            s.bind(("127.0.0.1", port))
-    except OSError:
-        continue
-    finally:
-        for s in held:
-            s.close()
-    print(base)
-    sys.exit(0)
-sys.exit("no free ports")
-EOF
-}
-
-# The share of the machine's CPU time that was busy over 2 s, in %.
-cpu_busy() {
-    local a b
-    a=$(head -n 1 /proc/stat)
-    sleep 2
-    b=$(head -n 1 /proc/stat)
-    # cpu user nice system idle iowait irq softirq steal (guest: inside user)
-    awk -v a="$a" -v b="$b" 'BEGIN {
-        split(a, x); split(b, y)
-        for (i = 2; i <= 9; i++) total += y[i] - x[i]
-        idle = (y[5] + y[6]) - (x[5] + x[6])
-        printf "%d\n", (total > 0 ? 100 * (total - idle) / total + 0.5 : 0)
-    }'
-}
-
-# Before a measured run: with WAIT_QUIET_S, waits (at most that long) until
-# the machine is under QUIET_BUSY_MAX % busy; prints the load average and
-# how busy it is, and warns when other work competes for the CPUs.
-machine_state() {
-    local busy started=$SECONDS
-    busy=$(cpu_busy)
-    while [ "$busy" -ge "$QUIET_BUSY_MAX" ] && [ $((SECONDS - started)) -lt "$WAIT_QUIET_S" ]; do
-        sleep 1
-        busy=$(cpu_busy)
-    done
-    [ "$busy" -lt "$QUIET_BUSY_MAX" ] ||
-        echo "bench-baseline: warning: the machine is $busy % busy before this run: other work competes with it" >&2
-    echo "load average $(cut -d' ' -f1-3 /proc/loadavg), cpu busy ${busy} %"
 }
 
 # --- cellpay: build first (a compile error should fail before the long runs) -
@@ -375,51 +310,9 @@ pg_running=""
 # --- cellpay: a five-node cluster and a gateway on loopback ------------------
 
 cellpay_work="$WORK/cellpay"
-mkdir -p "$cellpay_work"
-cluster="$cellpay_work/cluster.toml"
-base_port=$(free_ports 11)
-gateway="127.0.0.1:$((base_port + 10))"
-"$CELLPAY" ctl init --cells 4 --base-port "$base_port" --no-latency >"$cluster"
-cp "$cluster" "$OUT/logs/cluster.toml"
-log "cellpay: 5 nodes on ports $base_port-$((base_port + 9)), gateway on $gateway, data in $cellpay_work"
-for node in 1 2 3 4 5; do
-    "$CELLPAY" node --cluster "$cluster" --node "$node" --data "$cellpay_work/node$node" \
-        >"$OUT/logs/node$node.log" 2>&1 &
-    pids+=($!)
-done
-"$CELLPAY" gateway --cluster "$cluster" --listen "$gateway" >"$OUT/logs/gateway.log" 2>&1 &
-pids+=($!)
-
-# Ready: every node answers its status, every cell (the global one too) has
-# a replica that is its leader, and the gateway answers /health.
-cluster_ready() {
-    "$CELLPAY" ctl topology --cluster "$cluster" --json 2>/dev/null | python3 -c '
-import json, sys, urllib.request
-statuses = json.load(sys.stdin)
-if not statuses or any(status is None for status in statuses.values()):
-    sys.exit(1)
-cells, led = set(), set()
-for status in statuses.values():
-    for replica in status.get("cells", []):
-        cells.add(replica["cell"])
-        if replica.get("role") == "leader":
-            led.add(replica["cell"])
-if not cells or not cells <= led:
-    sys.exit(1)
-try:
-    urllib.request.urlopen("http://" + sys.argv[1] + "/health", timeout=2).read()
-except Exception:
-    sys.exit(1)' "$gateway"
-}
-started=$SECONDS
-until cluster_ready; do
-    for pid in "${pids[@]}"; do
-        kill -0 "$pid" 2>/dev/null || die "a cellpay process exited while starting: see $OUT/logs/node*.log, gateway.log"
-    done
-    [ $((SECONDS - started)) -lt "$READY_TIMEOUT_S" ] || die "the cluster was not ready after $READY_TIMEOUT_S s"
-    sleep 1
-done
-log "cellpay: cluster ready after $((SECONDS - started)) s; settling $SETTLE_S s"
+cluster_start "$cellpay_work" "$OUT/logs" off
+cluster_wait_ready "$READY_TIMEOUT_S" "$OUT/logs"
+log "cellpay: settling $SETTLE_S s"
 "$CELLPAY" ctl topology --cluster "$cluster" | tee "$OUT/logs/topology.txt"
 sleep "$SETTLE_S"
 
@@ -441,9 +334,7 @@ export ACCOUNTS CONCURRENCY DURATION_S CELLPAY_TRANSFERS BATCH_SIZE CROSS_CELL T
     PG_SHARED_BUFFERS PGBENCH_JOBS OUT pg_version pg_settings pg_transfer_tps pg_tpcb_tps pg_conserved \
     pg_accounts pg_total pg_expected_total pg_transfers pg_moved pg_mismatched pg_negative cellpay_ok \
     load_pg_transfer load_pg_tpcb load_cellpay fstype
-commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
-git diff --quiet HEAD 2>/dev/null || commit="$commit (modified)"
-export commit
+export_commit
 python3 - <<'EOF'
 import json, os, platform, re, time
 

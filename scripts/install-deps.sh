@@ -7,6 +7,8 @@
 # - chromium and chromedriver (Debian's chromium and chromium-driver): the
 #   dashboard's browser test (crates/cellpay/tests/e2e_dashboard.rs) drives
 #   headless Chromium over WebDriver.
+# - make and a C compiler (Debian's make and gcc): the `tikv-jemalloc-sys`
+#   crate builds jemalloc, the binary's allocator, from its C sources.
 set -euo pipefail
 if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
   rustup component add rustfmt clippy
@@ -15,6 +17,8 @@ packages=()
 command -v protoc >/dev/null 2>&1 || packages+=(protobuf-compiler)
 command -v chromium >/dev/null 2>&1 || packages+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || packages+=(chromium-driver)
+command -v make >/dev/null 2>&1 || packages+=(make)
+command -v cc >/dev/null 2>&1 || packages+=(gcc)
 if [ "${#packages[@]}" -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -15,6 +15,15 @@ mod topology_apply;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+/// jemalloc rather than glibc's allocator: a node allocates and frees tens
+/// of megabytes per checkpoint (the delta, the store's write batch, the next
+/// window's buffers). glibc maps each such block fresh and unmaps it on free,
+/// so every checkpoint paid page faults that zero the same memory again (12 %
+/// of the machine's CPU in the five-node benchmark, see BENCHMARKS.md);
+/// jemalloc keeps freed memory for reuse for a few seconds.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// cellpay: a financial-grade payment ledger.
 #[derive(Parser)]
 #[command(name = "cellpay", version, about, propagate_version = true)]

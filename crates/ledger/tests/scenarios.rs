@@ -465,6 +465,35 @@ fn restore_from_checkpoint_gives_the_same_state() {
 }
 
 #[test]
+fn the_state_hash_ignores_the_order_of_accounts_and_sees_every_change() {
+    let mut w = World::new();
+    w.accounts(&[NONE, NONE, NONE]);
+    let pending = Transfer { timeout_s: 30, ..with_flags(transfer(1, 1, 2, 5), TransferFlags::PENDING) };
+    assert_eq!(w.transfers(&[pending, transfer(2, 2, 3, 3)]), [R::Ok, R::Ok]);
+    w.checkpoint();
+    let restore = |accounts: Vec<Account>, pending: Vec<Transfer>, timestamp_last: u64| {
+        Ledger::restore(*w.ledger.config(), accounts, pending, timestamp_last)
+    };
+    let accounts: Vec<Account> = w.history.accounts.values().copied().collect();
+    let timestamp_last = w.history.timestamp_last;
+    let hash = w.ledger.state_hash();
+    // The same state, its accounts loaded in another order (another slot order in memory).
+    let reversed: Vec<Account> = accounts.iter().rev().copied().collect();
+    assert_eq!(restore(reversed, w.history.open_pending(), timestamp_last).state_hash(), hash);
+    // One account's posted credits differ by one unit (its debits too, so that the ledger still balances).
+    let mut changed = accounts.clone();
+    changed[2].credits_posted += 1;
+    changed[2].debits_posted += 1;
+    assert_ne!(restore(changed, w.history.open_pending(), timestamp_last).state_hash(), hash);
+    // One open pending transfer's user data differs.
+    let mut pending_changed = w.history.open_pending();
+    pending_changed[0].user_data_64 += 1;
+    assert_ne!(restore(accounts.clone(), pending_changed, timestamp_last).state_hash(), hash);
+    // Only the last timestamp differs.
+    assert_ne!(restore(accounts, w.history.open_pending(), timestamp_last + 1).state_hash(), hash);
+}
+
+#[test]
 fn a_held_cross_cell_leg_is_the_clients_to_post_and_expires_on_demand() {
     let mut w = World::new();
     w.accounts(&[NONE, NONE, NONE]);
