@@ -46,22 +46,53 @@
 //!
 //! # Atomicity and durability
 //!
-//! [`Store::apply_checkpoint`] puts every record of a delta and the new `meta`
-//! records (checkpoint and consensus) into one `fjall::OwnedWriteBatch` and
-//! commits it with durability `PersistMode::SyncAll`. fjall writes a batch to its journal as a
-//! `Start { item_count, seqno }` entry, the items, and an `End(checksum)`
-//! entry; recovery replays only complete batches whose checksum holds and
-//! truncates a torn last batch, so after a crash either all of a checkpoint
-//! (data and op) is there or none of it. All items of a batch get one sequence
-//! number and become visible to readers together. The commit fsyncs the
-//! journal (`File::sync_all`) before it returns, so a checkpoint is durable
-//! when `apply_checkpoint` returns `Ok`. If the commit fails, fjall poisons
-//! the database: every later write fails, and the caller must reopen the store
-//! (which recovers the last complete checkpoint) before going on. A complete
-//! batch whose checksum fails (damage, not a torn tail) makes fjall refuse to
-//! open: `Store::open` returns [`StoreError::Engine`], never a partial state.
-//! `tests/store_crash.rs` checks all this on torn journal images and by
-//! killing a process that is writing checkpoints.
+//! [`Store::apply_checkpoint`] writes a delta of at least
+//! [`CHECKPOINT_INGEST_TRANSFERS_MIN`] transfers in two steps (a smaller one
+//! goes whole into the batch of step 2, which is then all or nothing by
+//! itself):
+//!
+//! 1. **Ingestion** of the immutable records: `transfers`, `account_transfers`
+//!    and `balances`, each keyspace with fjall's bulk ingestion
+//!    (`Keyspace::start_ingestion`): sorted records go straight into new
+//!    table files, bypassing fjall's journal and memtable. Finishing an
+//!    ingestion fsyncs its table files and directory and registers them in
+//!    the keyspace's version, which is written atomically and fsynced.
+//! 2. **The commit**: the mutable records (`accounts`, `pending_status`,
+//!    `open_pending`) and the new `meta` records (checkpoint and consensus)
+//!    in one `fjall::OwnedWriteBatch`, committed with durability
+//!    `PersistMode::SyncAll`. fjall writes a batch to its journal as a
+//!    `Start { item_count, seqno }` entry, the items, and an `End(checksum)`
+//!    entry; recovery replays only complete batches whose checksum holds and
+//!    truncates a torn last batch. All items of a batch get one sequence
+//!    number and become visible to readers together. The commit fsyncs the
+//!    journal (`File::sync_all`) before it returns, so a checkpoint is durable
+//!    when `apply_checkpoint` returns `Ok`.
+//!
+//! The checkpoint record is the commit point. A crash after step 1 leaves
+//! **leftovers**: records of the ingested keyspaces newer than the committed
+//! checkpoint (`timestamp_last`). Every reader skips them: a transfer read by
+//! id, the history scans (clamped to the committed timestamp), and
+//! [`Store::export`]. So after a crash the store answers exactly as at its
+//! last committed checkpoint. The log's replay then makes the same delta
+//! again (the ledger is deterministic), and its ingestion rewrites the same
+//! keys with the same values; `apply_checkpoint` checks that a leftover
+//! transfer it meets is identical to the one written now, and panics
+//! otherwise.
+//!
+//! Why two steps: the journal and the skip list cost two thirds of a
+//! checkpoint written as one batch (a quarter of the whole machine in the
+//! five-node benchmark, see BENCHMARKS.md), and both are redundant for the
+//! immutable records, which the node's own write-ahead log keeps until the
+//! checkpoint commits.
+//!
+//! If the commit fails, fjall poisons the database: every later write fails,
+//! and the caller must reopen the store (which recovers the last complete
+//! checkpoint) before going on. A complete batch whose checksum fails
+//! (damage, not a torn tail) makes fjall refuse to open: `Store::open`
+//! returns [`StoreError::Engine`], never a partial state.
+//! `tests/store_crash.rs` checks all this on torn journal images, on a
+//! checkpoint stopped between its two steps, and by killing a process that
+//! is writing checkpoints.
 //!
 //! # Snapshots
 //!
@@ -73,8 +104,11 @@
 //! fjall snapshot. A write batch gets one sequence number and is published to
 //! readers after all its items are in, so a checkpoint committed during an
 //! export is entirely in the image or not at all: the image is exactly the
-//! checkpoint it names. The snapshot keeps old versions alive while an export
-//! runs (a slow sink delays their garbage collection, nothing else).
+//! checkpoint it names. Records of the ingested keyspaces newer than that
+//! checkpoint (leftovers, or a checkpoint ingested but not yet committed when
+//! the snapshot was taken) are left out. The snapshot keeps old versions
+//! alive while an export runs (a slow sink delays their garbage collection,
+//! nothing else).
 //!
 //! **Chunk format** (integers little-endian). Each chunk is at most
 //! [`SNAPSHOT_CHUNK_BYTES_MAX`] bytes:
@@ -161,9 +195,11 @@
 //! Before writing, `apply_checkpoint` checks the delta against its contract
 //! (order, timestamps newer than the last checkpoint, no transfer twice) and
 //! looks every new transfer id up (a bloom-filtered miss) to assert it was
-//! never checkpointed. It then adds each keyspace's records to the batch in
-//! key order: fjall's memtable is a skip list, and in-order inserts run about
-//! five times faster than random ones for a million-transfer checkpoint.
+//! never checkpointed (or, if found, that it is an identical leftover: see
+//! "Atomicity and durability"). It then ingests each immutable keyspace's
+//! records in key order (ingestion requires it), and adds the mutable records
+//! to the batch in key order too: fjall's memtable is a skip list, and
+//! in-order inserts run about five times faster than random ones.
 //!
 //! # Errors
 //!
@@ -177,7 +213,7 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -195,6 +231,13 @@ pub const FORMAT_VERSION: u32 = 1;
 /// checkpoint record and one for the consensus metadata). Bounds the memory of one write batch
 /// (roughly 150 bytes an item) and stays far below fjall's `u32` batch length.
 pub const CHECKPOINT_BATCH_ITEMS_MAX: usize = 8 * 1024 * 1024;
+
+/// A checkpoint of at least this many transfers writes its immutable records
+/// by ingestion (see "Atomicity and durability"); a smaller one writes
+/// everything in its one journaled batch, as ingestion's fixed cost (three
+/// new tables, each fsynced with its directory and version) would outweigh
+/// what it saves, and would leave many tiny tables to compact.
+pub const CHECKPOINT_INGEST_TRANSFERS_MIN: usize = 4096;
 
 /// The capacity of fjall's block cache.
 pub const BLOCK_CACHE_SIZE_BYTES: u64 = 256 * 1024 * 1024;
@@ -318,6 +361,12 @@ pub struct Store {
     writer: Mutex<()>,
     /// An [`Importer`] is loading into this store: checkpoints are a bug meanwhile.
     importing: AtomicBool,
+    /// The `timestamp_last` of the last committed checkpoint: records of the
+    /// ingested keyspaces newer than it are left over from a checkpoint that
+    /// did not commit, and readers skip them (see "Write path").
+    timestamp_committed: AtomicU64,
+    /// [`CHECKPOINT_INGEST_TRANSFERS_MIN`], or what a test set.
+    ingest_transfers_min: AtomicUsize,
 }
 
 // The server shares one store between threads.
@@ -457,9 +506,12 @@ impl Store {
             db: db.clone(),
             writer: Mutex::new(()),
             importing: AtomicBool::new(false),
+            timestamp_committed: AtomicU64::new(0),
+            ingest_transfers_min: AtomicUsize::new(CHECKPOINT_INGEST_TRANSFERS_MIN),
         };
         // Refuses another format, and checks the checkpoint record, before anyone relies on it.
         let checkpoint = store.checkpoint()?;
+        store.timestamp_committed.store(checkpoint.timestamp_last, Ordering::Release);
         tracing::info!(
             dir = %database.dir.display(),
             name,
@@ -504,6 +556,33 @@ impl Store {
     /// snapshot carries them. More than [`CONSENSUS_BYTES_MAX`] bytes is an
     /// error, before anything is written.
     pub fn apply_checkpoint_with(&self, op: u64, delta: &CheckpointDelta, consensus: &[u8]) -> Result<(), StoreError> {
+        self.checkpoint_write(op, delta, consensus, true)
+    }
+
+    /// The first half of [`Store::apply_checkpoint_with`] alone, however
+    /// small the delta: the ingestion of its immutable records, and no
+    /// commit, as a crash between the two would leave the store. For crash
+    /// tests: the store must answer as before, and the whole checkpoint must
+    /// apply after it.
+    #[doc(hidden)]
+    pub fn apply_checkpoint_crashing_before_commit(&self, op: u64, delta: &CheckpointDelta) -> Result<(), StoreError> {
+        self.checkpoint_write(op, delta, &[], false)
+    }
+
+    /// For tests: checkpoints of at least `transfers` transfers write by
+    /// ingestion from now on (0: all of them; see [`CHECKPOINT_INGEST_TRANSFERS_MIN`]).
+    #[doc(hidden)]
+    pub fn set_ingest_transfers_min(&self, transfers: usize) {
+        self.ingest_transfers_min.store(transfers, Ordering::Relaxed);
+    }
+
+    fn checkpoint_write(
+        &self,
+        op: u64,
+        delta: &CheckpointDelta,
+        consensus: &[u8],
+        commit: bool,
+    ) -> Result<(), StoreError> {
         if consensus.len() > CONSENSUS_BYTES_MAX {
             return Err(StoreError::ConsensusTooLarge { size: consensus.len() });
         }
@@ -519,17 +598,41 @@ impl Store {
         let items = delta_items_count(delta) + usize::from(consensus_item);
         assert!(items <= CHECKPOINT_BATCH_ITEMS_MAX, "checkpoint of {items} records is over the limit");
         let transfers_by_id = transfers_sorted_by_id(&delta.transfers);
-        self.transfers_check_new(&transfers_by_id)?;
+        self.transfers_check_new(&delta.transfers, &transfers_by_id, previous.timestamp_last)?;
+        let ingest = !commit || delta.transfers.len() >= self.ingest_transfers_min.load(Ordering::Relaxed);
+        let immutable_items = delta_immutable_items_count(delta);
+        let batch_items = items - if ingest { immutable_items } else { 0 };
+        let mut batch =
+            OwnedWriteBatch::with_capacity(self.db.clone(), batch_items).durability(Some(PersistMode::SyncAll));
 
-        // Each keyspace's records go in in key order: inserting into fjall's
-        // memtable (a skip list) in order is several times faster than at random.
-        let mut batch = OwnedWriteBatch::with_capacity(self.db.clone(), items).durability(Some(PersistMode::SyncAll));
-        self.batch_accounts(&mut batch, &delta.accounts);
-        self.batch_transfers(&mut batch, &delta.transfers, &transfers_by_id);
+        // 1. The immutable records, each keyspace in key order: ingested
+        // straight into tables (durable when each ingestion finishes), or,
+        // for a small checkpoint, into the batch.
+        if ingest {
+            self.ingest(&self.transfers, |put| self.transfers_records(&delta.transfers, &transfers_by_id, put))?;
+            self.ingest(&self.account_transfers, |put| account_transfers_records(&delta.transfers, put))?;
+            self.ingest(&self.balances, |put| balances_records(&delta.balances, put))?;
+        } else {
+            self.transfers_records(&delta.transfers, &transfers_by_id, &mut |k, v| {
+                batch_put(&mut batch, &self.transfers, k, v)
+            })?;
+            account_transfers_records(&delta.transfers, &mut |k, v| {
+                batch_put(&mut batch, &self.account_transfers, k, v)
+            })?;
+            balances_records(&delta.balances, &mut |k, v| batch_put(&mut batch, &self.balances, k, v))?;
+        }
         drop(transfers_by_id);
-        self.batch_account_transfers(&mut batch, &delta.transfers);
+        let ingested = started.elapsed();
+        if !commit {
+            return Ok(());
+        }
+
+        // 2. The commit: the mutable records and the checkpoint record in one
+        // journaled, durable batch. Each keyspace's records go in in key
+        // order: inserting into fjall's memtable (a skip list) in order is
+        // several times faster than at random.
+        self.batch_accounts(&mut batch, &delta.accounts);
         self.batch_pending_statuses(&mut batch, &delta.pending_statuses);
-        self.batch_balances(&mut batch, &delta.balances);
         let checkpoint = Checkpoint { op, timestamp_last: delta.timestamp_last };
         batch.insert(&self.meta, KEY_CHECKPOINT, checkpoint_encode(&checkpoint));
         if !consensus.is_empty() {
@@ -537,8 +640,9 @@ impl Store {
         } else if consensus_item {
             batch.remove(&self.meta, KEY_CONSENSUS);
         }
-        assert_eq!(batch.len(), items);
+        assert_eq!(batch.len(), batch_items);
         batch.commit()?;
+        self.timestamp_committed.store(delta.timestamp_last, Ordering::Release);
 
         // Check the meta records right after they are read back.
         let written = self.checkpoint()?;
@@ -551,9 +655,32 @@ impl Store {
             transfers = delta.transfers.len(),
             pending_statuses = delta.pending_statuses.len(),
             balances = delta.balances.len(),
+            ingest,
+            ingest_ms = ingested.as_millis() as u64,
             duration_ms = started.elapsed().as_millis() as u64,
             "checkpoint applied"
         );
+        Ok(())
+    }
+
+    /// Ingests into `keyspace` the records `records` produces (in key order),
+    /// unless it produces none.
+    fn ingest(
+        &self,
+        keyspace: &Keyspace,
+        records: impl FnOnce(&mut RecordPut<'_>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut ingestion = None;
+        records(&mut |key, value| {
+            if ingestion.is_none() {
+                ingestion = Some(keyspace.start_ingestion()?);
+            }
+            ingestion.as_mut().expect("started above").write(key, value)?;
+            Ok(())
+        })?;
+        if let Some(ingestion) = ingestion {
+            ingestion.finish()?;
+        }
         Ok(())
     }
 
@@ -599,12 +726,30 @@ impl Store {
     }
 
     /// Fails (panics) if a transfer of the delta is already checkpointed: a
-    /// transfer is written once, ever. Looks the ids up in id order (`by_id`),
-    /// which keeps the engine's memtable and block reads local.
-    fn transfers_check_new(&self, by_id: &[(u128, u32)]) -> Result<(), StoreError> {
-        for (id, _) in by_id {
-            let exists = self.transfers.contains_key(id.to_be_bytes())?;
-            assert!(!exists, "transfer {id} is already checkpointed");
+    /// transfer is written once, ever. One found that is newer than the last
+    /// checkpoint is left over from a checkpoint that was ingested but never
+    /// committed (a crash between the two); the log's replay must have made
+    /// the very same transfer again, so it must be identical. Looks the ids
+    /// up in id order (`by_id`), which keeps the engine's block reads local.
+    fn transfers_check_new(
+        &self,
+        transfers: &[Transfer],
+        by_id: &[(u128, u32)],
+        timestamp_committed: u64,
+    ) -> Result<(), StoreError> {
+        for (id, index) in by_id {
+            let key = id.to_be_bytes();
+            let Some(value) = self.transfers.get(key)? else {
+                continue;
+            };
+            let found = transfer_decode(&key, &value)?;
+            assert!(found.timestamp > timestamp_committed, "transfer {id} is already checkpointed");
+            let transfer = &transfers[*index as usize];
+            assert!(
+                found == *transfer,
+                "transfer {id} left over from a checkpoint that did not commit differs from the one written now: \
+                 {found:?} then {transfer:?}"
+            );
         }
         Ok(())
     }
@@ -618,40 +763,21 @@ impl Store {
         }
     }
 
-    fn batch_transfers(&self, batch: &mut OwnedWriteBatch, transfers: &[Transfer], by_id: &[(u128, u32)]) {
+    /// The `transfers` records of a delta, in key (id) order.
+    fn transfers_records(
+        &self,
+        transfers: &[Transfer],
+        by_id: &[(u128, u32)],
+        put: &mut RecordPut<'_>,
+    ) -> Result<(), StoreError> {
         let mut payload = [0u8; RECORD_SIZE];
         for (_, index) in by_id {
             let transfer = &transfers[*index as usize];
             let key = transfer.id.to_be_bytes();
             transfer.encode(&mut payload);
-            batch.insert(&self.transfers, key, seal::<RECORD_SIZE, RECORD_VALUE_SIZE>(&key, &payload));
+            put(&key, &seal::<RECORD_SIZE, RECORD_VALUE_SIZE>(&key, &payload))?;
         }
-    }
-
-    /// Indexes every transfer under its debit and its credit account (once if
-    /// they are the same), in key order.
-    fn batch_account_transfers(&self, batch: &mut OwnedWriteBatch, transfers: &[Transfer]) {
-        // (account id, timestamp, transfer id, side): the transfer id is copied
-        // in because reading it from `transfers` in key order would miss the cache.
-        let mut entries: Vec<(u128, u64, u128, u8)> = Vec::with_capacity(transfers.len() * 2);
-        for transfer in transfers {
-            let (debit, credit) = (transfer.debit_account_id, transfer.credit_account_id);
-            if debit == credit {
-                entries.push((debit, transfer.timestamp, transfer.id, SIDE_DEBIT | SIDE_CREDIT));
-            } else {
-                entries.push((debit, transfer.timestamp, transfer.id, SIDE_DEBIT));
-                entries.push((credit, transfer.timestamp, transfer.id, SIDE_CREDIT));
-            }
-        }
-        // Timestamps are unique across transfers (checked), so keys are unique.
-        entries.sort_unstable_by_key(|(account_id, timestamp, _, _)| (*account_id, *timestamp));
-        let mut payload = [0u8; INDEX_SIZE];
-        for (account_id, timestamp, id, side) in entries {
-            let key = history_key(account_id, timestamp);
-            payload[..16].copy_from_slice(&id.to_le_bytes());
-            payload[16] = side;
-            batch.insert(&self.account_transfers, key, seal::<INDEX_SIZE, INDEX_VALUE_SIZE>(&key, &payload));
-        }
+        Ok(())
     }
 
     fn batch_pending_statuses(&self, batch: &mut OwnedWriteBatch, statuses: &[(u128, PendingStatus)]) {
@@ -666,21 +792,27 @@ impl Store {
         }
     }
 
-    fn batch_balances(&self, batch: &mut OwnedWriteBatch, balances: &[AccountBalance]) {
-        let mut by_key: Vec<&AccountBalance> = balances.iter().collect();
-        by_key.sort_unstable_by_key(|balance| (balance.account_id, balance.timestamp));
-        for balance in by_key {
-            let key = history_key(balance.account_id, balance.timestamp);
-            let payload = balance_encode(balance);
-            batch.insert(&self.balances, key, seal::<BALANCE_SIZE, BALANCE_VALUE_SIZE>(&key, &payload));
-        }
+    /// The timestamp range a history scan may read: nothing newer than the
+    /// committed checkpoint (see "Write path").
+    fn committed_range(&self, filter: &AccountFilter) -> Option<(u64, u64)> {
+        let (min, max) = filter.timestamp_range();
+        assert!(min <= max, "filter must be validated: empty timestamp range");
+        let max = max.min(self.timestamp_committed.load(Ordering::Acquire));
+        (min <= max).then_some((min, max))
     }
 
     /// Reads one checkpointed transfer through `reader`. Panics on engine errors and corrupt data.
     fn transfer_read(&self, reader: &impl Readable, id: u128) -> Option<Transfer> {
         let key = id.to_be_bytes();
-        let value = reader.get(&self.transfers, key).unwrap_or_else(|error| fatal_read(KEYSPACE_TRANSFERS, &error));
-        value.map(|value| transfer_decode(&key, &value).unwrap_or_else(|error| panic!("{error}")))
+        let value = reader.get(&self.transfers, key).unwrap_or_else(|error| fatal_read(KEYSPACE_TRANSFERS, &error))?;
+        self.transfer_committed(&key, &value)
+    }
+
+    /// A stored transfer, unless it is left over from a checkpoint that did
+    /// not commit (newer than the committed one): that one is not there yet.
+    fn transfer_committed(&self, key: &[u8], value: &[u8]) -> Option<Transfer> {
+        let transfer = transfer_decode(key, value).unwrap_or_else(|error| panic!("{error}"));
+        (transfer.timestamp <= self.timestamp_committed.load(Ordering::Acquire)).then_some(transfer)
     }
 
     /// One `account_transfers` index entry: the transfer it points at, if it
@@ -745,8 +877,8 @@ impl History for Store {
     /// Panics on an engine error or corrupt data (see the module documentation).
     fn transfer(&self, id: u128) -> Option<Transfer> {
         let key = id.to_be_bytes();
-        let value = self.transfers.get(key).unwrap_or_else(|error| fatal_read(KEYSPACE_TRANSFERS, &error));
-        value.map(|value| transfer_decode(&key, &value).unwrap_or_else(|error| panic!("{error}")))
+        let value = self.transfers.get(key).unwrap_or_else(|error| fatal_read(KEYSPACE_TRANSFERS, &error))?;
+        self.transfer_committed(&key, &value)
     }
 
     /// Panics on an engine error or corrupt data (see the module documentation).
@@ -760,8 +892,9 @@ impl History for Store {
     /// Scans the account's index entries in the timestamp range until `limit`
     /// transfers match: a filter that matches few transfers reads many.
     fn account_transfers(&self, filter: &AccountFilter) -> Vec<Transfer> {
-        let (min, max) = filter.timestamp_range();
-        assert!(min <= max, "filter must be validated: empty timestamp range");
+        let Some((min, max)) = self.committed_range(filter) else {
+            return Vec::new();
+        };
         let snapshot = self.db.snapshot();
         let range = history_key(filter.account_id, min)..=history_key(filter.account_id, max);
         let entries = snapshot.range(&self.account_transfers, range);
@@ -774,8 +907,9 @@ impl History for Store {
 
     /// Panics on an engine error or corrupt data (see the module documentation).
     fn account_balances(&self, filter: &AccountFilter) -> Vec<AccountBalance> {
-        let (min, max) = filter.timestamp_range();
-        assert!(min <= max, "filter must be validated: empty timestamp range");
+        let Some((min, max)) = self.committed_range(filter) else {
+            return Vec::new();
+        };
         let range = history_key(filter.account_id, min)..=history_key(filter.account_id, max);
         let entries = self.balances.range(range);
         let limit = filter.limit as usize;
@@ -855,6 +989,12 @@ impl SnapshotKeyspace {
     fn name(self) -> &'static str {
         KEYSPACE_SUFFIXES[self.index()]
     }
+
+    /// Written by ingestion before the checkpoint commits (see "Write path"):
+    /// may hold records newer than the committed checkpoint.
+    fn ingested(self) -> bool {
+        matches!(self, SnapshotKeyspace::Transfers | SnapshotKeyspace::AccountTransfers | SnapshotKeyspace::Balances)
+    }
 }
 
 const CHUNK_MAGIC: u32 = u32::from_le_bytes(*b"CPSC");
@@ -907,6 +1047,10 @@ impl Store {
         for keyspace in SnapshotKeyspace::ALL {
             for guard in snapshot.iter(self.snapshot_keyspace(keyspace)) {
                 let (key, value) = guard.into_inner().map_err(StoreError::from)?;
+                if keyspace.ingested() && record_timestamp(keyspace, &key, &value)? > checkpoint.timestamp_last {
+                    // Left over from a checkpoint that did not commit (or is committing now).
+                    continue;
+                }
                 snapshot_record_check(keyspace, &key, &value, checkpoint.timestamp_last)?;
                 if let Some(chunk) = writer.record(keyspace, &key, &value) {
                     sink(chunk).map_err(ExportError::Sink)?;
@@ -1084,6 +1228,7 @@ impl Importer<'_> {
             batch.commit()?;
         }
         self.store.db.persist(PersistMode::SyncAll)?;
+        self.store.timestamp_committed.store(checkpoint.timestamp_last, Ordering::Release);
         assert_eq!(self.store.checkpoint()?, checkpoint, "imported checkpoint read back differs");
         assert!(self.store.consensus()? == consensus, "imported consensus read back differs");
         let image =
@@ -1238,7 +1383,21 @@ fn snapshot_record_check(
     value: &[u8],
     timestamp_last: u64,
 ) -> Result<(), StoreError> {
-    let timestamp = match keyspace {
+    let timestamp = record_timestamp(keyspace, key, value)?;
+    if timestamp > timestamp_last {
+        return Err(corrupt(
+            keyspace.name(),
+            key,
+            format!("timestamp {timestamp} is after the checkpoint's {timestamp_last}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks one record of a data keyspace and returns its timestamp (0 for
+/// the keyspaces whose records have none).
+fn record_timestamp(keyspace: SnapshotKeyspace, key: &[u8], value: &[u8]) -> Result<u64, StoreError> {
+    Ok(match keyspace {
         SnapshotKeyspace::Accounts => account_decode(key, value)?.timestamp,
         SnapshotKeyspace::Transfers => transfer_decode(key, value)?.timestamp,
         SnapshotKeyspace::PendingStatus => {
@@ -1260,15 +1419,7 @@ fn snapshot_record_check(
             timestamp
         }
         SnapshotKeyspace::Balances => balance_decode(key, value)?.timestamp,
-    };
-    if timestamp > timestamp_last {
-        return Err(corrupt(
-            keyspace.name(),
-            key,
-            format!("timestamp {timestamp} is after the checkpoint's {timestamp_last}"),
-        ));
-    }
-    Ok(())
+    })
 }
 
 /// The totals at the end of the last chunk.
@@ -1534,11 +1685,66 @@ fn transfers_sorted_by_id(transfers: &[Transfer]) -> Vec<(u128, u32)> {
 }
 
 /// How many batch items `apply_checkpoint` writes for `delta`.
-fn delta_items_count(delta: &CheckpointDelta) -> usize {
+/// Where a record producer puts each (key, value) of a checkpoint, in key
+/// order: into the checkpoint's batch, or into an ingestion.
+type RecordPut<'a> = dyn FnMut(&[u8], &[u8]) -> Result<(), StoreError> + 'a;
+
+/// Adds one record to a checkpoint's batch (a record producer's `put`).
+fn batch_put(batch: &mut OwnedWriteBatch, keyspace: &Keyspace, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+    batch.insert(keyspace, key, value);
+    Ok(())
+}
+
+/// The `account_transfers` records of a delta, in key order: every transfer
+/// under its debit and its credit account (once if they are the same).
+fn account_transfers_records(transfers: &[Transfer], put: &mut RecordPut<'_>) -> Result<(), StoreError> {
+    // (account id, timestamp, transfer id, side): the transfer id is copied
+    // in because reading it from `transfers` in key order would miss the cache.
+    let mut entries: Vec<(u128, u64, u128, u8)> = Vec::with_capacity(transfers.len() * 2);
+    for transfer in transfers {
+        let (debit, credit) = (transfer.debit_account_id, transfer.credit_account_id);
+        if debit == credit {
+            entries.push((debit, transfer.timestamp, transfer.id, SIDE_DEBIT | SIDE_CREDIT));
+        } else {
+            entries.push((debit, transfer.timestamp, transfer.id, SIDE_DEBIT));
+            entries.push((credit, transfer.timestamp, transfer.id, SIDE_CREDIT));
+        }
+    }
+    // Timestamps are unique across transfers (checked), so keys are unique.
+    entries.sort_unstable_by_key(|(account_id, timestamp, _, _)| (*account_id, *timestamp));
+    let mut payload = [0u8; INDEX_SIZE];
+    for (account_id, timestamp, id, side) in entries {
+        let key = history_key(account_id, timestamp);
+        payload[..16].copy_from_slice(&id.to_le_bytes());
+        payload[16] = side;
+        put(&key, &seal::<INDEX_SIZE, INDEX_VALUE_SIZE>(&key, &payload))?;
+    }
+    Ok(())
+}
+
+/// The `balances` records of a delta, in key order.
+fn balances_records(balances: &[AccountBalance], put: &mut RecordPut<'_>) -> Result<(), StoreError> {
+    let mut by_key: Vec<&AccountBalance> = balances.iter().collect();
+    by_key.sort_unstable_by_key(|balance| (balance.account_id, balance.timestamp));
+    for balance in by_key {
+        let key = history_key(balance.account_id, balance.timestamp);
+        let payload = balance_encode(balance);
+        put(&key, &seal::<BALANCE_SIZE, BALANCE_VALUE_SIZE>(&key, &payload))?;
+    }
+    Ok(())
+}
+
+/// How many records of a delta go to the keyspaces that large checkpoints
+/// ingest: `transfers`, `account_transfers` and `balances`.
+fn delta_immutable_items_count(delta: &CheckpointDelta) -> usize {
     let transfers: usize =
         delta.transfers.iter().map(|t| if t.debit_account_id == t.credit_account_id { 2 } else { 3 }).sum();
+    transfers + delta.balances.len()
+}
+
+fn delta_items_count(delta: &CheckpointDelta) -> usize {
     // Plus the checkpoint record.
-    delta.accounts.len() + transfers + 2 * delta.pending_statuses.len() + delta.balances.len() + 1
+    delta.accounts.len() + delta_immutable_items_count(delta) + 2 * delta.pending_statuses.len() + 1
 }
 
 // ------------------------------------------------------------------------------------------------
