@@ -1340,7 +1340,6 @@ fn transfer_exists(t: &Transfer, e: &Transfer) -> CreateTransferResult {
     R::Exists
 }
 
-/// FNV-1a, 64-bit: a small, stable, dependency-free digest (not for security).
 /// A 64-bit hash of one encoded record, eight bytes at a time: a
 /// multiply-xorshift step per word and a final avalanche (the finalizer of
 /// MurmurHash3's 64-bit variant), so that a change in any bit of the record
@@ -1361,6 +1360,7 @@ fn record_hash(bytes: &[u8; crate::RECORD_SIZE]) -> u64 {
     hash ^ (hash >> 33)
 }
 
+/// FNV-1a, 64-bit: a small, stable, dependency-free digest (not for security).
 struct Fnv64(u64);
 
 impl Fnv64 {
