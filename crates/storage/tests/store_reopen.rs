@@ -3,12 +3,11 @@
 
 mod store_support;
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
 use cellpay_ledger::{CheckpointDelta, History, MemoryHistory};
 use cellpay_storage::store::{Checkpoint, Store, StoreError};
-use store_support::{check, Pair, Rng, Workload, WorkloadConfig};
+use store_support::{assert_refused, check, Pair, Rng, Workload, WorkloadConfig};
 
 const DELTAS_PER_OPEN: usize = 8;
 const OPENS_COUNT: usize = 4;
@@ -65,14 +64,7 @@ fn check_refused(expected: &str, deltas: &[CheckpointDelta], op: u64, delta: &Ch
         store.apply_checkpoint(index as u64 + 1, earlier).unwrap();
         model.apply(earlier);
     }
-    let result = catch_unwind(AssertUnwindSafe(|| store.apply_checkpoint(op, delta)));
-    let payload = result.expect_err(expected);
-    let message = payload
-        .downcast_ref::<String>()
-        .map(String::as_str)
-        .or_else(|| payload.downcast_ref::<&str>().copied())
-        .unwrap_or_default();
-    assert!(message.contains(expected), "refused for another reason: {message:?}, expected {expected:?}");
+    assert_refused(expected, || store.apply_checkpoint(op, delta));
     let ids: Vec<u128> = deltas.iter().chain([delta]).flat_map(|d| d.transfers.iter().map(|t| t.id)).collect();
     let mut rng = Rng::new(9);
     check(&store, &model, deltas.len() as u64, &ids, &mut rng, 50);

@@ -310,3 +310,18 @@ fn filter_random(rng: &mut Rng, account_ids: &[u128], timestamp_max: u64) -> Acc
     }
     filter
 }
+
+/// Runs `write`, which must panic with a message containing `expected`
+/// (a write the store refuses as a bug in its caller); fails otherwise.
+pub fn assert_refused<T>(expected: &str, write: impl FnOnce() -> T) {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(write));
+    let Err(payload) = result else {
+        panic!("the store accepted what it must refuse: {expected}");
+    };
+    let message = payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or_default();
+    assert!(message.contains(expected), "refused for another reason: {message:?}, expected {expected:?}");
+}
