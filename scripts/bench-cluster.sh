@@ -34,6 +34,8 @@
 #   LONE_S        seconds of the lone-transfer run (0: skip it)      [10]
 #   PROFILE       1: record the first load with perf                [0]
 #   PERF_FREQ     perf samples per second per CPU                    [499]
+#   NODE_ARGS     extra flags for every `cellpay node`, say
+#                 "--checkpoint-transfers 524288"                   []
 #   OUT           results and logs                                  [target/bench-cluster]
 #   WORK_BASE     parent of the temporary data directories (a disk) [/var/tmp]
 #   CELLPAY_BIN   a cellpay binary to use instead of building one
@@ -186,7 +188,8 @@ if $profiled; then
     fi
 fi
 
-export OUT LATENCIES ACCOUNTS DURATION_S BATCH_SIZE CONCURRENCY CROSS_CELL TWO_PHASE LONE_S fstype
+NODE_ARGS=${NODE_ARGS:-}
+export OUT LATENCIES ACCOUNTS DURATION_S BATCH_SIZE CONCURRENCY CROSS_CELL TWO_PHASE LONE_S NODE_ARGS fstype
 export_commit
 python3 - <<'EOF'
 import json, os, platform
@@ -201,7 +204,8 @@ result = {
     "commit": env["commit"],
     "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "data_filesystem": env["fstype"]},
     "settings": {k.lower(): (env[k] if k == "LATENCIES" else int(env[k])) for k in
-                 ["LATENCIES", "ACCOUNTS", "DURATION_S", "BATCH_SIZE", "CONCURRENCY", "CROSS_CELL", "TWO_PHASE", "LONE_S"]},
+                 ["LATENCIES", "ACCOUNTS", "DURATION_S", "BATCH_SIZE", "CONCURRENCY", "CROSS_CELL", "TWO_PHASE", "LONE_S"]}
+                | {"node_args": env["NODE_ARGS"]},
     "runs": {},
 }
 print()

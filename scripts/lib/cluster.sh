@@ -72,7 +72,9 @@ machine_state() {
 # under WORK) and one `cellpay gateway`, logging to LOGS. LATENCY is `on`
 # (emulated one-way delays of 0.5 ms in a datacenter, 2 ms in a region,
 # 20 ms across regions) or `off`. Sets `cluster` (the cluster file),
-# `gateway` (its address) and appends the processes to `pids`.
+# `gateway` (its address) and appends the processes to `pids`. NODE_ARGS,
+# if set, is split on spaces and passed to every `cellpay node` (say
+# `--checkpoint-transfers 524288`).
 cluster_start() {
     local work=$1 logs=$2 latency=$3 base_port node
     local init_flags=()
@@ -89,7 +91,9 @@ cluster_start() {
     cp "$cluster" "$logs/cluster.toml"
     log "cellpay: 5 nodes on ports $base_port-$((base_port + 9)) (latency $latency), gateway on $gateway, data in $work"
     for node in 1 2 3 4 5; do
-        "$CELLPAY" node --cluster "$cluster" --node "$node" --data "$work/node$node" >"$logs/node$node.log" 2>&1 &
+        # shellcheck disable=SC2086 # NODE_ARGS is a list of words
+        "$CELLPAY" node --cluster "$cluster" --node "$node" --data "$work/node$node" ${NODE_ARGS:-} \
+            >"$logs/node$node.log" 2>&1 &
         pids+=($!)
     done
     "$CELLPAY" gateway --cluster "$cluster" --listen "$gateway" >"$logs/gateway.log" 2>&1 &
