@@ -87,8 +87,15 @@ pub struct NodeConfig {
     pub group_requests_max: usize,
     /// Checkpoint a cell once this many transfers are held in memory.
     pub checkpoint_transfers_max: usize,
-    /// Checkpoint an idle cell that holds any new transfer after this long.
-    pub checkpoint_idle_interval: Duration,
+    /// A cell that applied anything since its last checkpoint checkpoints
+    /// at least this often, however few transfers it holds: this bounds how
+    /// long a quiet cell holds the node's shared log from being truncated,
+    /// and the log a restart replays. Under load the window
+    /// (`checkpoint_transfers_max`) comes first: this must be long enough
+    /// not to cut the window short (at 10 s, a cell taking 7,000 transfers/s
+    /// checkpointed every 70,000 transfers and rewrote most of its accounts
+    /// each time, see BENCHMARKS.md).
+    pub checkpoint_interval_max: Duration,
     /// One Raft tick.
     pub tick_interval: Duration,
     /// Ticks without a leader's heartbeat before a follower campaigns
@@ -122,7 +129,7 @@ impl NodeConfig {
             peer_queue_bytes_max: 64 << 20,
             group_requests_max: 256,
             checkpoint_transfers_max: 1 << 18,
-            checkpoint_idle_interval: Duration::from_secs(10),
+            checkpoint_interval_max: Duration::from_secs(60),
             tick_interval: Duration::from_millis(100),
             election_ticks: 10,
             heartbeat_ticks: 2,
@@ -2160,7 +2167,7 @@ impl Engine {
         self.adopt_ledgers(now, timestamp);
         for cell in self.replicas.keys().copied().collect::<Vec<_>>() {
             let replica = &self.replicas[&cell];
-            let stale = now.saturating_duration_since(replica.checkpoint_last) >= self.config.checkpoint_idle_interval;
+            let stale = now.saturating_duration_since(replica.checkpoint_last) >= self.config.checkpoint_interval_max;
             // Any applied entry counts (accounts, membership, a leader's empty
             // entry): a cell that never checkpoints would hold the node's
             // shared log from being truncated.

@@ -39,7 +39,7 @@ async fn an_idle_cell_does_not_pin_the_log_and_a_truncated_log_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let config = NodeConfig {
         checkpoint_transfers_max: 50_000,
-        checkpoint_idle_interval: Duration::from_secs(1),
+        checkpoint_interval_max: Duration::from_secs(1),
         log_retained_bytes: 0,
         ..NodeConfig::cluster(dir.path(), Arc::new(topology(2)), 1)
     };
@@ -121,7 +121,7 @@ async fn seventy_cells_checkpoint_at_once() {
     .with_ledgers(vec![LedgerDefinition::local()])
     .unwrap();
     let config = NodeConfig {
-        checkpoint_idle_interval: Duration::from_secs(1),
+        checkpoint_interval_max: Duration::from_secs(1),
         ..NodeConfig::cluster(dir.path(), Arc::new(topology), 1)
     };
     let node = Node::start(config).unwrap();

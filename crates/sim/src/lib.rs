@@ -383,7 +383,7 @@ impl Sim {
         // checkpoint and replicas that lag need snapshots.
         let storage = self.storage;
         config.checkpoint_transfers_max = storage.checkpoint_transfers_max;
-        config.checkpoint_idle_interval = std::time::Duration::from_nanos(storage.checkpoint_idle_ns);
+        config.checkpoint_interval_max = std::time::Duration::from_nanos(storage.checkpoint_idle_ns);
         config.log_retained_bytes = storage.log_retained_bytes;
         let world = SimWorld { node, shared: self.shared.clone(), base: self.base, skew_ns: self.skews[&node] };
         let opened = SteppedNode::open(config, Box::new(world));
