@@ -188,7 +188,7 @@ enum Event {
 #[derive(Clone, Copy, Debug)]
 struct Storage {
     checkpoint_transfers_max: usize,
-    checkpoint_idle_ns: u64,
+    checkpoint_interval_max_ns: u64,
     log_retained_bytes: u64,
 }
 
@@ -279,7 +279,7 @@ impl Sim {
         let damage_per_million = if rng.chance(500_000) { 200_000 } else { 0 };
         let storage = Storage {
             checkpoint_transfers_max: [16, 256, 4096][rng.below(3) as usize],
-            checkpoint_idle_ns: [500_000_000, 3_000_000_000, 10_000_000_000][rng.below(3) as usize],
+            checkpoint_interval_max_ns: [500_000_000, 3_000_000_000, 10_000_000_000][rng.below(3) as usize],
             log_retained_bytes: [0, 16 << 10, 64 << 20][rng.below(3) as usize],
         };
         let mut skews = BTreeMap::new();
@@ -383,7 +383,7 @@ impl Sim {
         // checkpoint and replicas that lag need snapshots.
         let storage = self.storage;
         config.checkpoint_transfers_max = storage.checkpoint_transfers_max;
-        config.checkpoint_interval_max = std::time::Duration::from_nanos(storage.checkpoint_idle_ns);
+        config.checkpoint_interval_max = std::time::Duration::from_nanos(storage.checkpoint_interval_max_ns);
         config.log_retained_bytes = storage.log_retained_bytes;
         let world = SimWorld { node, shared: self.shared.clone(), base: self.base, skew_ns: self.skews[&node] };
         let opened = SteppedNode::open(config, Box::new(world));
